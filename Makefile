@@ -1,0 +1,29 @@
+# Every target sets itself up: a virtual environment in .venv with the package and its dev extras.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mvmr-installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_dcor.py --quick
+	$(PY) benchmarks/bench_representations.py --quick
+	$(PY) benchmarks/bench_step.py --quick
+	$(PY) benchmarks/bench_dataloading.py --quick
+
+clean:
+	rm -rf $(VENV) demo-output

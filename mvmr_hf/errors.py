@@ -1,0 +1,13 @@
+"""The one exception type for bad user input.
+
+Every check of something a user passed (a name, a path, a shape, a spec) raises
+:class:`ConfigError` with one sentence that says what was wrong and how to fix it.
+It subclasses :class:`ValueError`, so library callers can catch either; the command
+line catches it, prints the sentence without a traceback and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message says what was wrong and how to fix it."""
