@@ -26,7 +26,7 @@ def run_cli(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None = 
     args = [a for a in args if a != "--debug"]
     try:
         main(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except ConfigError as error:
         if debug:
             raise
         print(f"error: {error}", file=sys.stderr)
