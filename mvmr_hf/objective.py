@@ -1,0 +1,199 @@
+"""The MV-MR objective (paper, section 4.1, eq. 4-10).
+
+    L1 = λ·d(Z, Z̃) + μ·[v(Z) + v(Z̃)]                  (eq. 4-7)
+    L2 = α·[1 - dCor(Z̃, Z)]                            (eq. 8)
+    L3 = Σ_k β_k·[1 - dCor(Z̃, Z*_k)]                   (eq. 9)
+    L  = L1 + L2 + L3                                   (eq. 10)
+
+``Z`` embeds the non-augmented views, ``Z̃`` the augmented ones, and each ``Z*_k`` is a
+representation of the non-augmented views of any shape: a hand-crafted descriptor in
+self-supervised pretraining, a frozen teacher's output in distillation (section 5.2), or
+both. Distance correlation needs no common dimension, so no projection to the teacher's
+space and no labels are involved.
+
+Example::
+
+    >>> loss_fn = MVMRLoss(representation_weights={"teacher": 1.0})
+    >>> out = loss_fn(z, z_aug, {"teacher": teacher_embeddings, "hog": hog_features})
+    >>> out.total.backward(); out.terms   # {"invariance": ..., "variance": ..., "dcor/views": ...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from mvmr_hf.dcor import (
+    CenteredDistances,
+    centered_distances,
+    dcor_from_centered,
+    gather_no_grad,
+    gather_with_grad,
+    min_batch_size,
+)
+
+__all__ = ["SCOPES", "LossOutput", "MVMRLoss", "invariance", "variance_hinge"]
+
+SCOPES = ("global", "local")
+
+
+def invariance(z: Tensor, z_aug: Tensor) -> Tensor:
+    """d(Z, Z̃) = (1/B)·Σ_i ||z_i - z̃_i||² (eq. 4).
+
+    This sums over the embedding dimensions: it is D times ``F.mse_loss``, which averages
+    over them too.
+    """
+    return (z - z_aug).pow(2).sum(dim=1).mean()
+
+
+def variance_hinge(z: Tensor, *, gamma: float = 1.0, eps: float = 1e-4) -> Tensor:
+    """v(Z) = (1/D)·Σ_d max(0, γ - S(z[d], ε)), with S(a, ε) = sqrt(Var(a) + ε) (eq. 5-6).
+
+    Var is the unbiased sample variance along the batch, as in VICReg.
+    """
+    std = torch.sqrt(z.var(dim=0) + eps)
+    return torch.relu(gamma - std).mean()
+
+
+@dataclass
+class LossOutput:
+    """The total loss, its weighted terms (which sum to it) and the raw distance correlations.
+
+    ``terms`` holds ``invariance`` (λ·d), ``variance`` (μ·[v(Z) + v(Z̃)]), ``dcor/views``
+    (α·[1 - dCor(Z̃, Z)]) and one ``dcor/<name>`` (β_k·[1 - dCor(Z̃, Z*_k)]) per
+    representation; ``dcor`` holds the unweighted dCor values under the same names.
+    """
+
+    total: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    dcor: dict[str, Tensor] = field(default_factory=dict)
+
+
+class MVMRLoss(nn.Module):
+    """MV-MR loss of eq. 10: invariance, variance, and distance correlation terms.
+
+    Args:
+        invariance_weight: λ in eq. 7 (paper: 1).
+        variance_weight: μ in eq. 7 (paper: 1).
+        view_weight: α in eq. 8 (paper: 1).
+        representation_weights: β_k in eq. 9 by representation name; names not listed get
+            ``default_representation_weight`` (paper: 1).
+        gamma, eps: margin γ and ε of the variance hinge (paper: 1 and 1e-4).
+        squared: use R² (eq. 11 as printed, the default) or R.
+        unbiased: use the bias-corrected (U-centred) estimator; only defined squared.
+        scope: ``"global"`` computes every term on the batch gathered from all processes
+            (embeddings with gradients), so that with data-parallel gradient averaging the
+            update equals a one-process run on the global batch; ``"local"`` uses each
+            process's own batch, as the paper's original code did.
+
+    Shapes: ``z`` and ``z_aug`` are (B, D); each representation is (B, ...) of any shape.
+    Call with a ``gather`` mapping ``{name: False}`` to keep a very wide representation on
+    the local batch in the global scope (its term then pairs it with the local ``z_aug``).
+    """
+
+    def __init__(
+        self,
+        *,
+        invariance_weight: float = 1.0,
+        variance_weight: float = 1.0,
+        view_weight: float = 1.0,
+        representation_weights: Mapping[str, float] | None = None,
+        default_representation_weight: float = 1.0,
+        gamma: float = 1.0,
+        eps: float = 1e-4,
+        squared: bool = True,
+        unbiased: bool = False,
+        scope: str = "global",
+    ) -> None:
+        super().__init__()
+        if scope not in SCOPES:
+            raise ValueError(f"unknown dCor scope {scope!r}: use one of {', '.join(SCOPES)}")
+        if unbiased and not squared:
+            raise ValueError(
+                "the bias-corrected distance correlation can be negative and is only defined squared: "
+                "use squared=True with unbiased=True"
+            )
+        self.invariance_weight = invariance_weight
+        self.variance_weight = variance_weight
+        self.view_weight = view_weight
+        self.representation_weights = dict(representation_weights or {})
+        self.default_representation_weight = default_representation_weight
+        self.gamma = gamma
+        self.eps = eps
+        self.squared = squared
+        self.unbiased = unbiased
+        self.scope = scope
+
+    @property
+    def min_batch_size(self) -> int:
+        """Smallest (global) batch the chosen estimator is defined for."""
+        return min_batch_size(unbiased=self.unbiased)
+
+    def weight(self, name: str) -> float:
+        """β for the representation called ``name``."""
+        return self.representation_weights.get(name, self.default_representation_weight)
+
+    def forward(
+        self,
+        z: Tensor,
+        z_aug: Tensor,
+        representations: Mapping[str, Tensor] | None = None,
+        gather: Mapping[str, bool] | None = None,
+    ) -> LossOutput:
+        if z.dim() != 2 or z.shape != z_aug.shape:
+            raise ValueError(
+                f"z and z_aug must be (B, D) embeddings of the same shape, got {tuple(z.shape)} and "
+                f"{tuple(z_aug.shape)}"
+            )
+        representations = dict(representations or {})
+        for name, rep in representations.items():
+            if rep.shape[0] != z.shape[0]:
+                raise ValueError(
+                    f"representation {name!r} holds {rep.shape[0]} samples but the embeddings hold "
+                    f"{z.shape[0]}: compute it on the same batch"
+                )
+        gather = dict(gather or {})
+        is_global = self.scope == "global"
+        local_z_aug = z_aug
+        if is_global:
+            z, z_aug = gather_with_grad(z), gather_with_grad(z_aug)
+
+        terms = {
+            "invariance": self.invariance_weight * invariance(z, z_aug),
+            "variance": self.variance_weight
+            * (variance_hinge(z, gamma=self.gamma, eps=self.eps)
+               + variance_hinge(z_aug, gamma=self.gamma, eps=self.eps)),
+        }
+        # The augmented embedding's distance matrix is computed once and reused by every dCor term.
+        centred_aug = centered_distances(z_aug, unbiased=self.unbiased)
+        values = {"dcor/views": self._dcor(centred_aug, z)}
+        terms["dcor/views"] = self.view_weight * (1.0 - values["dcor/views"])
+        # Representations kept on the local batch pair with the local augmented embedding.
+        centred_local_aug = None if is_global else centred_aug
+        for name, rep in representations.items():
+            key = f"dcor/{name}"
+            if is_global and gather.get(name, True):
+                values[key] = self._dcor(centred_aug, gather_no_grad(rep.detach()))
+            else:
+                if centred_local_aug is None:
+                    centred_local_aug = centered_distances(local_z_aug, unbiased=self.unbiased)
+                values[key] = self._dcor(centred_local_aug, rep.detach())
+            terms[key] = self.weight(name) * (1.0 - values[key])
+        total = torch.stack(list(terms.values())).sum()
+        return LossOutput(total=total, terms=terms, dcor=values)
+
+    def _dcor(self, centred_aug: CenteredDistances, other: Tensor) -> Tensor:
+        return dcor_from_centered(
+            centred_aug, centered_distances(other, unbiased=self.unbiased), squared=self.squared
+        )
+
+    def extra_repr(self) -> str:
+        estimator = "bias-corrected" if self.unbiased else "biased"
+        return (
+            f"λ={self.invariance_weight}, μ={self.variance_weight}, α={self.view_weight}, "
+            f"β={self.representation_weights or self.default_representation_weight}, γ={self.gamma}, "
+            f"ε={self.eps}, dCor={'R²' if self.squared else 'R'} {estimator}, scope={self.scope}"
+        )

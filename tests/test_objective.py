@@ -1,0 +1,104 @@
+"""The MV-MR objective (eq. 4-10) against hand computations in NumPy and the `dcor` package."""
+
+from __future__ import annotations
+
+import dcor as dcor_reference
+import numpy as np
+import pytest
+import torch
+
+from mvmr_hf.objective import MVMRLoss, invariance, variance_hinge
+
+
+def _batch(seed=0, batch=12, dim=5):
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+    z_aug = z + 0.3 * torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+    return z, z_aug
+
+
+def test_invariance_is_eq4_by_hand():
+    z = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    z_aug = torch.tensor([[1.0, 0.0], [3.0, 3.0]])
+    # (1/B) Σ ||z_i - z̃_i||² = ((0 + 4) + (9 + 16)) / 2
+    assert invariance(z, z_aug).item() == pytest.approx(14.5)
+
+
+def test_variance_hinge_is_eq5_eq6_by_hand():
+    z = torch.tensor([[0.0, 10.0], [0.5, -10.0], [1.0, 0.0]])
+    # column 0: var = 0.25 -> S = sqrt(0.2501); column 1: var = 100 -> hinge 0.
+    expected = (max(0.0, 1.0 - np.sqrt(0.25 + 1e-4)) + 0.0) / 2
+    assert variance_hinge(z).item() == pytest.approx(expected, rel=1e-6)
+    assert variance_hinge(z, gamma=20.0, eps=0.0).item() == pytest.approx(((20 - 0.5) + (20 - 10)) / 2)
+
+
+@pytest.mark.parametrize(("squared", "unbiased"), [(True, False), (False, False), (True, True)])
+def test_total_and_terms_match_hand_computation(squared, unbiased):
+    z, z_aug = _batch()
+    generator = torch.Generator().manual_seed(1)
+    teacher = torch.randn(12, 3, 4, generator=generator, dtype=torch.float64) + z[:, :1, None]
+    hog = torch.rand(12, 7, generator=generator, dtype=torch.float64)
+    weights = dict(invariance_weight=2.0, variance_weight=3.0, view_weight=0.5)
+    loss_fn = MVMRLoss(**weights, representation_weights={"teacher": 4.0}, squared=squared, unbiased=unbiased)
+    out = loss_fn(z, z_aug, {"teacher": teacher, "hog": hog})
+
+    zn, zan = z.numpy(), z_aug.numpy()
+    if unbiased:
+        reference = dcor_reference.u_distance_correlation_sqr
+    elif squared:
+        reference = dcor_reference.distance_correlation_sqr
+    else:
+        reference = dcor_reference.distance_correlation
+
+    def hinge(a):
+        return np.maximum(0.0, 1.0 - np.sqrt(a.var(axis=0, ddof=1) + 1e-4)).mean()
+
+    expected = {
+        "invariance": 2.0 * ((zn - zan) ** 2).sum(axis=1).mean(),
+        "variance": 3.0 * (hinge(zn) + hinge(zan)),
+        "dcor/views": 0.5 * (1 - reference(zan, zn)),
+        "dcor/teacher": 4.0 * (1 - reference(zan, teacher.reshape(12, -1).numpy())),
+        "dcor/hog": 1.0 * (1 - reference(zan, hog.numpy())),
+    }
+    assert set(out.terms) == set(expected)
+    for name, value in expected.items():
+        assert out.terms[name].item() == pytest.approx(value, abs=1e-9), name
+    assert out.total.item() == pytest.approx(sum(expected.values()), abs=1e-9)
+    assert out.dcor["dcor/hog"].item() == pytest.approx(1 - expected["dcor/hog"], abs=1e-9)
+
+
+def test_gradients_flow_to_embeddings_only():
+    z, z_aug = _batch()
+    z.requires_grad_(True)
+    z_aug.requires_grad_(True)
+    representation = torch.randn(12, 9, dtype=torch.float64, requires_grad=True)
+    MVMRLoss()(z, z_aug, {"r": representation}).total.backward()
+    assert torch.isfinite(z.grad).all()
+    assert z.grad.abs().sum() > 0
+    assert torch.isfinite(z_aug.grad).all()
+    assert z_aug.grad.abs().sum() > 0
+    assert representation.grad is None  # representations are frozen targets
+
+
+def test_local_scope_equals_global_on_one_process():
+    z, z_aug = _batch()
+    reps = {"r": torch.randn(12, 4, dtype=torch.float64)}
+    a = MVMRLoss(scope="global")(z, z_aug, reps, gather={"r": False}).total
+    b = MVMRLoss(scope="local")(z, z_aug, reps).total
+    assert a.item() == pytest.approx(b.item(), abs=1e-12)
+
+
+def test_bad_configuration_and_shapes_raise_clearly():
+    with pytest.raises(ValueError, match="only defined squared"):
+        MVMRLoss(unbiased=True, squared=False)
+    with pytest.raises(ValueError, match="unknown dCor scope"):
+        MVMRLoss(scope="world")
+    z, z_aug = _batch()
+    with pytest.raises(ValueError, match="same shape"):
+        MVMRLoss()(z, z_aug[:, :3])
+    with pytest.raises(ValueError, match="holds 5 samples"):
+        MVMRLoss()(z, z_aug, {"teacher": torch.randn(5, 3)})
+    with pytest.raises(ValueError, match="at least 4 samples"):
+        MVMRLoss(unbiased=True)(z[:3], z_aug[:3])
+    assert MVMRLoss(unbiased=True).min_batch_size == 4
+    assert MVMRLoss().min_batch_size == 2
