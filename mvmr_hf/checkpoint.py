@@ -1,0 +1,171 @@
+"""Resumable training checkpoints: atomic folders, rotation, the latest complete one.
+
+A checkpoint is ``OUTPUT_DIR/checkpoints/step-NNNNNN/`` holding what
+``accelerator.save_state`` writes (``model.safetensors`` with the Student's ``backbone.*``
+and ``projector.*`` keys, optimizer, scheduler, gradient scaler, one RNG file per process),
+one ``dataloader_rank{r}.json`` per process (the position of that process's data stream)
+and ``trainer_state.json`` (step, epoch, number of processes). Every process writes into
+``step-NNNNNN.tmp``; when all have finished, the main process renames it. A folder without
+the ``.tmp`` suffix is therefore complete: a run killed while saving leaves only a ``.tmp``
+folder, which the next save of that step or :func:`remove_partial` deletes. The output
+folder must be on a file system that every process sees (as for ``accelerate``).
+
+Example::
+
+    >>> save_checkpoint(accelerator, "run", step=1000, epoch=0, loader_state=loader.state_dict(), keep=2)
+    >>> state = load_checkpoint(accelerator, latest_checkpoint("run"))
+    >>> loader.load_state_dict(state.loader_state)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from mvmr_hf.errors import ConfigError
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "TRAINER_STATE",
+    "CheckpointState",
+    "checkpoint_path",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "read_trainer_state",
+    "remove_partial",
+    "rotate_checkpoints",
+    "save_checkpoint",
+]
+
+CHECKPOINTS_DIR = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+_PARTIAL_SUFFIX = ".tmp"
+_NAME = re.compile(r"step-(\d{6,})")
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """What a checkpoint holds besides the Accelerate state: where the run stood."""
+
+    path: Path
+    step: int
+    epoch: int
+    loader_state: dict[str, Any]
+
+
+def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
+    """The folder of the checkpoint after optimizer step ``step``: ``checkpoints/step-NNNNNN``."""
+    return Path(output_dir) / CHECKPOINTS_DIR / f"step-{step:06d}"
+
+
+def _is_complete(path: Path) -> bool:
+    return path.is_dir() and _NAME.fullmatch(path.name) is not None and (path / TRAINER_STATE).is_file()
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints in ``output_dir``, oldest first."""
+    folder = Path(output_dir) / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return []
+    complete = [path for path in folder.iterdir() if _is_complete(path)]
+    return sorted(complete, key=lambda path: int(_NAME.fullmatch(path.name).group(1)))
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in ``output_dir``, or None when there is none."""
+    complete = list_checkpoints(output_dir)
+    return complete[-1] if complete else None
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete the oldest complete checkpoints so that at most ``keep`` remain; return the deleted."""
+    complete = list_checkpoints(output_dir)
+    doomed = complete[: max(len(complete) - keep, 0)]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def remove_partial(output_dir: str | os.PathLike) -> None:
+    """Delete the ``.tmp`` folders that a run killed while saving left behind."""
+    folder = Path(output_dir) / CHECKPOINTS_DIR
+    if folder.is_dir():
+        for path in folder.glob(f"step-*{_PARTIAL_SUFFIX}"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    partial = path.with_name(path.name + _PARTIAL_SUFFIX)
+    partial.write_text(json.dumps(content, indent=2))
+    os.replace(partial, path)
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | os.PathLike,
+    *,
+    step: int,
+    epoch: int,
+    loader_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Save the full training state after optimizer step ``step``; call it on every process.
+
+    ``loader_state`` is this process's ``StatefulDataLoader.state_dict()`` (JSON-serialisable).
+    Keeps the newest ``keep`` complete checkpoints. Returns the checkpoint folder.
+    """
+    final = checkpoint_path(output_dir, step)
+    partial = final.with_name(final.name + _PARTIAL_SUFFIX)
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial), safe_serialization=True)
+    _write_json(partial / f"dataloader_rank{accelerator.process_index}.json", loader_state)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes}
+        _write_json(partial / TRAINER_STATE, state)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        rotate_checkpoints(output_dir, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``trainer_state.json`` of checkpoint ``path``; ConfigError when it is not a complete checkpoint."""
+    path = Path(path)
+    if not _is_complete(path):
+        raise ConfigError(
+            f"{path} is not a complete checkpoint folder (checkpoints/step-NNNNNN with {TRAINER_STATE}): "
+            "pass a folder from OUTPUT_DIR/checkpoints, or --resume alone for the latest one"
+        )
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> CheckpointState:
+    """Restore model, optimizer, scheduler, scaler and RNG states from ``path`` on every process.
+
+    Returns the step, epoch and this process's data-loader state to continue from. Raises
+    ConfigError when ``path`` is not a complete checkpoint or was written by a different
+    number of processes (each process's data position only makes sense for that split).
+    """
+    path = Path(path)
+    state = read_trainer_state(path)
+    if state["num_processes"] != accelerator.num_processes:
+        raise ConfigError(
+            f"checkpoint {path} was written by {state['num_processes']} processes but this run has "
+            f"{accelerator.num_processes}: resume with {state['num_processes']} processes"
+        )
+    accelerator.load_state(str(path))
+    loader_state = json.loads((path / f"dataloader_rank{accelerator.process_index}.json").read_text())
+    return CheckpointState(path=path, step=state["step"], epoch=state["epoch"], loader_state=loader_state)
