@@ -1,0 +1,218 @@
+"""The model card of a release: Hub metadata, ``model-index`` results and the body from the template.
+
+The card is always rendered whole from what the release folder holds (``config.json``,
+``training_args.json``, ``run_info.json``, the head descriptions) plus the evaluation results,
+so re-rendering after an evaluation or an alignment never drifts from the folder's content.
+Results live in the card's ``model-index`` (``huggingface_hub.EvalResult``), which is where the
+Hub reads them; :func:`read_results` gets them back for merging.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+TASK_TYPE = "image-classification"
+TASK_NAME = "Image Classification"
+PIPELINE_TAG = "image-feature-extraction"
+# The training CLI's names of the weights of eq. 7-9.
+LOSS_WEIGHT_SYMBOLS = {
+    "invariance_weight": "λ",
+    "variance_weight": "μ",
+    "view_weight": "α",
+    "representation_weights": "β_k",
+}
+TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+
+
+@dataclass
+class CardInfo:
+    """Facts about a run that the card reports; the release keeps them in ``run_info.json``.
+
+    Attributes:
+        step: optimizer steps taken when the release was written.
+        hardware: e.g. ``"8x NVIDIA H100 80GB"``.
+        training_seconds: wall-clock training time.
+        command: the exact command line that reproduces the run.
+        repo_id: the Hub id the release is (or will be) pushed to, used in the loading snippets.
+        license: an SPDX-style Hub licence id.
+    """
+
+    step: int | None = None
+    hardware: str | None = None
+    training_seconds: float | None = None
+    command: str | None = None
+    repo_id: str | None = None
+    license: str = "apache-2.0"
+
+
+@dataclass
+class BackboneInfo:
+    """What the card says about the exported timm backbone."""
+
+    architecture: str
+    num_params: int
+    num_features: int
+    image_size: int
+
+
+def hub_id_or_none(name: str | None) -> str | None:
+    """``name`` when it is a Hub repository id, ``None`` for local paths and non-ids (not linkable)."""
+    if not name or Path(name).expanduser().exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def read_results(readme: str | Path) -> list[EvalResult]:
+    """The ``model-index`` results of an existing card, or ``[]`` when there is no card or no results."""
+    readme = Path(readme)
+    if not readme.is_file():
+        return []
+    return list(ModelCard.load(readme).data.eval_results or [])
+
+
+def merge_results(old: Sequence[EvalResult], new: Sequence[EvalResult]) -> list[EvalResult]:
+    """``old`` with every result that ``new`` measures again replaced, then the new ones appended."""
+    kept = [r for r in old if not any(r.is_equal_except_value(n) for n in new)]
+    return kept + list(new)
+
+
+def results_table(results: Sequence[EvalResult]) -> str:
+    """A Markdown table of the results (accuracies in percent)."""
+    if not results:
+        return "Not evaluated yet: run `mvmr-evaluate --model THIS_FOLDER --update-card ...`."
+    lines = ["| protocol | dataset | split | metric | value |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {r.metric_config or ''} | {r.dataset_name} | {r.dataset_split or ''} | "
+            f"{r.metric_name or r.metric_type} | {r.metric_value} |"
+        )
+    return "\n".join(lines)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "time not recorded"
+    hours, rest = divmod(math.ceil(seconds), 3600)
+    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+
+
+def _loss_weights(training_args: Mapping[str, Any]) -> str:
+    parts = [
+        f"{symbol} = {training_args[key]}"
+        for key, symbol in LOSS_WEIGHT_SYMBOLS.items()
+        if key in training_args and training_args[key] not in (None, "")
+    ]
+    return ", ".join(parts) + " (β_k not listed: 1)" if parts else "see `training_args.json`"
+
+
+def _representations(training_args: Mapping[str, Any]) -> str:
+    teacher = training_args.get("teacher")
+    parts = (
+        [f"teacher `{teacher}` (output `{training_args.get('teacher_output', 'auto')}`)"] if teacher else []
+    )
+    handcrafted = training_args.get("handcrafted") or []
+    if isinstance(handcrafted, str):
+        handcrafted = [h for h in handcrafted.split(",") if h]
+    parts += [f"`{name}`" for name in handcrafted]
+    return ", ".join(parts) or "none (the view terms only)"
+
+
+def _schedule(training_args: Mapping[str, Any], info: CardInfo) -> str:
+    steps = info.step if info.step is not None else training_args.get("max_steps")
+    return (
+        f"{steps if steps is not None else 'unknown'} optimizer steps, batch size "
+        f"{training_args.get('batch_size', 'unknown')}, "
+        f"learning rate {training_args.get('learning_rate', 'unknown')}"
+    )
+
+
+def _alignment_line(alignment: Mapping[str, Any] | None) -> str:
+    if alignment is None:
+        return ""
+    return (
+        f"- **Alignment head**: a ridge-regression map from the backbone features to the normalised image "
+        f"embedding of `{alignment['teacher']}`, fitted on {alignment['num_images']} unlabelled images "
+        f"(held-out cosine {alignment['val_cosine']:.3f}); in `alignment.safetensors` / `alignment.json`, "
+        "used for zero-shot classification.\n"
+    )
+
+
+def render_card(
+    *,
+    backbone: BackboneInfo,
+    training_args: Mapping[str, Any],
+    info: CardInfo,
+    projector: str,
+    alignment: Mapping[str, Any] | None = None,
+    results: Sequence[EvalResult] = (),
+) -> str:
+    """Render the card (YAML metadata with ``model-index``, then the template body) as text.
+
+    ``training_args`` is the run's argument dictionary (``teacher`` is ``None`` for self-supervised
+    pretraining), ``projector`` the projector spec and ``alignment`` the content of ``alignment.json``.
+    The result parses with ``huggingface_hub.ModelCard``.
+    """
+    teacher = training_args.get("teacher")
+    repo_id = info.repo_id or f"ORG/mvmr-{backbone.architecture}"
+    model_name = repo_id.split("/")[-1]
+    tags = [
+        "mvmr",
+        "timm",
+        *(("distillation", "knowledge-distillation") if teacher else ("self-supervised",)),
+    ]
+    dataset_id = hub_id_or_none(training_args.get("dataset"))
+    data = ModelCardData(
+        library_name="timm",
+        pipeline_tag=PIPELINE_TAG,
+        license=info.license,
+        tags=tags,
+        base_model=hub_id_or_none(teacher),
+        datasets=[dataset_id] if dataset_id else None,
+        model_name=model_name if results else None,
+        eval_results=list(results) or None,
+    )
+    if teacher:
+        title = f"{backbone.architecture} distilled from {teacher} with MV-MR"
+        summary = (
+            f"A `timm` **{backbone.architecture}** student trained without labels to match the teacher "
+            f"`{teacher}` by distance correlation (MV-MR knowledge distillation)."
+        )
+    else:
+        title = f"{backbone.architecture} pretrained with MV-MR"
+        summary = f"A `timm` **{backbone.architecture}** pretrained self-supervised with MV-MR (no labels)."
+    hardware = info.hardware or "hardware not recorded"
+    command = info.command or f"mvmr-{'distill' if teacher else 'pretrain'} --config training_args.json"
+    template = Template(TEMPLATE.read_text(encoding="utf-8"))
+    return template.substitute(
+        metadata=data.to_yaml(),
+        title=title,
+        summary=summary,
+        architecture=backbone.architecture,
+        num_params=f"{backbone.num_params / 1e6:.1f} M",
+        num_features=backbone.num_features,
+        image_size=backbone.image_size,
+        representations=_representations(training_args),
+        weights=_loss_weights(training_args),
+        dataset=f"`{training_args.get('dataset', 'unknown')}`",
+        schedule=_schedule(training_args, info),
+        hardware=f"{hardware}, {_duration(info.training_seconds)}",
+        projector=projector,
+        alignment=_alignment_line(alignment),
+        repo_id=repo_id,
+        zero_shot_route=" (for this student, through the alignment head)" if teacher else "",
+        results=results_table(results),
+        command=command,
+    )

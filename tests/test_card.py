@@ -1,0 +1,131 @@
+"""The model card: Hub metadata, model-index results, and the body, parsed back with huggingface_hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from huggingface_hub import EvalResult, ModelCard
+
+from mvmr_hf.card import BackboneInfo, CardInfo, hub_id_or_none, merge_results, read_results, render_card
+
+BACKBONE = BackboneInfo(architecture="resnet50", num_params=23_508_032, num_features=2048, image_size=224)
+DISTILL_ARGS = {
+    "student": "resnet50",
+    "teacher": "openai/clip-vit-base-patch16",
+    "teacher_output": "auto",
+    "dataset": "tanganke/stl10",
+    "handcrafted": "",
+    "batch_size": 512,
+    "learning_rate": 1e-4,
+    "max_steps": 2000,
+    "invariance_weight": 1.0,
+    "variance_weight": 1.0,
+    "view_weight": 1.0,
+    "representation_weights": "teacher=2",
+}
+
+
+def _result(protocol: str, value: float, split: str = "test") -> EvalResult:
+    return EvalResult(
+        task_type="image-classification",
+        task_name="Image Classification",
+        dataset_type="tanganke/stl10",
+        dataset_name="tanganke/stl10",
+        dataset_split=split,
+        metric_type="accuracy",
+        metric_name=f"{protocol} top-1",
+        metric_config=protocol,
+        metric_value=value,
+    )
+
+
+def _write(tmp_path: Path, text: str) -> ModelCard:
+    path = tmp_path / "README.md"
+    path.write_text(text)
+    return ModelCard.load(path)
+
+
+def test_distilled_card_metadata_and_model_index(tmp_path):
+    info = CardInfo(step=2000, hardware="1x NVIDIA H100", training_seconds=5400, repo_id="me/resnet50-kd")
+    results = [_result("linear", 95.6), _result("knn", 93.1)]
+    card = _write(
+        tmp_path,
+        render_card(
+            backbone=BACKBONE,
+            training_args=DISTILL_ARGS,
+            info=info,
+            projector="8192-8192-8192",
+            results=results,
+        ),
+    )
+    data = card.data
+    assert data.library_name == "timm"
+    assert data.pipeline_tag == "image-feature-extraction"
+    assert {"mvmr", "distillation", "knowledge-distillation", "timm"} <= set(data.tags)
+    assert data.base_model == "openai/clip-vit-base-patch16"
+    assert data.datasets == ["tanganke/stl10"]
+    assert data.license == "apache-2.0"
+    assert data.model_name == "resnet50-kd"
+    assert [(r.metric_config, r.metric_value, r.dataset_split) for r in data.eval_results] == [
+        ("linear", 95.6, "test"),
+        ("knn", 93.1, "test"),
+    ]
+    body = card.text
+    assert 'timm.create_model("hf-hub:me/resnet50-kd", pretrained=True)' in body
+    assert 'AutoModel.from_pretrained("me/resnet50-kd")' in body
+    assert "mvmr-distill --config training_args.json" in body
+    assert "2000 optimizer steps, batch size 512" in body
+    assert "1x NVIDIA H100, 1 h 30 min" in body
+    assert "β_k = teacher=2" in body
+    assert "| linear | tanganke/stl10 | test | linear top-1 | 95.6 |" in body
+    assert "23.5 M parameters" in body
+
+
+def test_pretraining_card_has_no_teacher_and_local_paths_are_not_linked(tmp_path):
+    local_dataset = tmp_path / "digits"
+    local_dataset.mkdir()
+    args = {"student": "resnet18", "teacher": None, "dataset": str(local_dataset), "handcrafted": "hog,lsd"}
+    card = _write(
+        tmp_path, render_card(backbone=BACKBONE, training_args=args, info=CardInfo(), projector="64-64")
+    )
+    assert card.data.base_model is None
+    assert card.data.datasets is None  # a local folder is no Hub dataset id
+    assert "self-supervised" in card.data.tags
+    assert "distillation" not in card.data.tags
+    assert card.data.eval_results is None
+    assert "mvmr-pretrain --config training_args.json" in card.text
+    assert "`hog`, `lsd`" in card.text
+    assert "Not evaluated yet" in card.text
+
+
+def test_merge_results_replaces_remeasured_metrics_and_keeps_the_rest():
+    old = [_result("linear", 90.0), _result("knn", 80.0), _result("linear", 91.0, split="validation")]
+    merged = merge_results(old, [_result("linear", 95.0)])
+    assert [(r.metric_config, r.dataset_split, r.metric_value) for r in merged] == [
+        ("knn", "test", 80.0),
+        ("linear", "validation", 91.0),
+        ("linear", "test", 95.0),
+    ]
+
+
+def test_read_results_round_trips_through_the_card(tmp_path):
+    results = [_result("zero-shot", 61.25)]
+    text = render_card(
+        backbone=BACKBONE, training_args=DISTILL_ARGS, info=CardInfo(), projector="8192", results=results
+    )
+    (tmp_path / "README.md").write_text(text)
+    assert read_results(tmp_path / "README.md") == results
+    assert read_results(tmp_path / "missing.md") == []
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("openai/clip-vit-base-patch16", "openai/clip-vit-base-patch16"),
+        ("/no/such/folder", None),
+        (None, None),
+    ],
+)
+def test_hub_id_or_none(name, expected):
+    assert hub_id_or_none(name) == expected
