@@ -1,0 +1,568 @@
+"""A frozen `transformers` vision model as a representation: the teacher of knowledge distillation.
+
+The paper distils a teacher by maximising ``dCor(z̃, r(x))`` between the student's embedding of the
+augmented view and the teacher's output for the non-augmented view (section 5.2; it is one term of
+eq. 9). Here the teacher is any `transformers` vision model, by Hub id or local folder::
+
+    teacher = load_teacher("openai/clip-vit-base-patch16")   # or a folder written by save_pretrained
+    r = teacher(images01)                                     # (B, 512) float32, no grad
+
+**Input.** ``images01`` is the batch of non-augmented views, ``(B, 3, H, W)`` in ``[0, 1]``, on any
+device. The teacher prepares it on that device with its *own* image-processor settings (resize with
+antialiasing, center crop, rescale, normalize: whatever the student uses), read once at load time
+with ``AutoImageProcessor``. ConvNeXt's ``crop_pct`` rule is applied as its processor does. A
+checkpoint without an image-processor config gets a one-line warning and a fallback: resize the
+shorter side to the config's ``image_size`` (224 if absent), center crop a square of that size,
+bicubic, normalised with the OpenAI CLIP statistics for CLIP-family models, mean = std = 0.5 for
+SigLIP and the ImageNet statistics otherwise.
+
+**Output** (always ``(B, D)`` float32, ``output=`` picks it):
+
+========== =====================================================================================
+kind       value
+========== =====================================================================================
+embedding  the image embedding of an image-text model: CLIP's projected ``image_embeds``; SigLIP's
+           pooled output (its attention-pooling head *is* its embedding)
+pooler     the model's ``pooler_output`` (ViT: dense + tanh on CLS; DINOv2: the layer-normed CLS;
+           ConvNeXt: global average pool + LayerNorm; CLIP: the post-LayerNorm CLS, before projection)
+cls        ``last_hidden_state[:, 0]``, the CLS token as the model returns it (for CLIP that is
+           before ``post_layernorm``); an error for models without a CLS token (SigLIP, ConvNeXt)
+mean       the mean of ``last_hidden_state`` over the patch tokens, without CLS, distillation and
+           register tokens; for convolutional models the spatial mean of the last feature map
+tokens     ``last_hidden_state`` flattened: all tokens (prefix tokens included) of a transformer,
+           the whole last feature map of a convolutional model
+========== =====================================================================================
+
+``auto`` resolves, in order, to ``embedding`` for image-text models (CLIP, MetaCLIP 2, SigLIP), to
+``pooler`` when the model returns one *and its weights were in the checkpoint* (a pooler that
+``from_pretrained`` had to initialise randomly, e.g. ViT loaded from a ``ViTForImageClassification``
+checkpoint, is never used; asking for it explicitly is an error), else to ``cls`` when the model has a
+CLS token, else to ``mean``. So DINOv2 and ConvNeXt give ``pooler``, classification ViTs give ``cls``.
+
+Image-text checkpoints load only their image tower (``CLIPVisionModelWithProjection``,
+``SiglipVisionModel``); other vision models load with ``AutoModel``. The model is frozen, kept in
+eval mode and run under ``torch.no_grad()`` (not ``inference_mode``: its outputs enter autograd
+graphs as constants). ``trust_remote_code`` is passed on only when the caller sets it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as tvF
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.image_processing_backends import PilBackend, TorchvisionBackend
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    pil_torch_interpolation_mapping,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_MAPPING_NAMES
+
+from mvmr_hf.errors import ConfigError
+
+OUTPUT_KINDS = ("auto", "embedding", "pooler", "cls", "mean", "tokens")
+
+# Image-text models: the class that holds only the image tower (with its projection, if any).
+IMAGE_TOWERS = {
+    "clip": "CLIPVisionModelWithProjection",
+    "metaclip_2": "MetaClip2VisionModelWithProjection",
+    "siglip": "SiglipVisionModel",
+}
+_FALLBACK_STATS = {
+    "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+    "clip_vision_model": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+    "metaclip_2": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+    "siglip": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD),
+    "siglip_vision_model": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD),
+}
+_PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """The teacher's image-processor settings, applied to ``[0, 1]`` batches with torch ops.
+
+    Exactly one of ``shortest_edge`` (resize the shorter side, keep the aspect ratio) and
+    ``resize_to`` (``(height, width)``) is set when the processor resizes. ``scale`` multiplies the
+    ``[0, 1]`` input to give what the processor's rescale step gives for 8-bit images (1.0 when it
+    divides by 255, 255.0 when it does not rescale). ``mean``/``std`` are ``None`` when it does not
+    normalize.
+    """
+
+    shortest_edge: int | None
+    resize_to: tuple[int, int] | None
+    crop: tuple[int, int] | None
+    interpolation: str
+    scale: float
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+
+def preprocess(images01: Tensor, settings: PreprocessSettings) -> Tensor:
+    """Resize (antialiased), center crop, rescale and normalize a ``(B, 3, H, W)`` batch on its device.
+
+    Works in float32. The resized image is clamped to ``[0, 1]``, as an 8-bit image is by the
+    processors (bicubic overshoot would otherwise leave values up to 7 gray levels outside). The
+    center crop puts its top-left corner at ``int((size - crop) / 2)`` and pads with zeros when the
+    crop is larger than the image, as the `transformers` image processors do.
+    """
+    x = images01.float()
+    interpolation = tvF.InterpolationMode(settings.interpolation)
+    if settings.shortest_edge is not None:
+        x = tvF.resize(x, [settings.shortest_edge], interpolation=interpolation, antialias=True).clamp(0, 1)
+    elif settings.resize_to is not None:
+        x = tvF.resize(x, list(settings.resize_to), interpolation=interpolation, antialias=True).clamp(0, 1)
+    if settings.crop is not None:
+        (height, width), (crop_h, crop_w) = x.shape[-2:], settings.crop
+        x = tvF.crop(x, int((height - crop_h) / 2), int((width - crop_w) / 2), crop_h, crop_w)
+    if settings.scale != 1.0:
+        x = x * settings.scale
+    if settings.mean is not None and settings.std is not None:
+        x = tvF.normalize(x, list(settings.mean), list(settings.std))
+    return x
+
+
+class Teacher(nn.Module):
+    """A frozen vision model that maps ``[0, 1]`` images to ``(B, D)`` float32 features (see module doc).
+
+    Build it with :func:`load_teacher`. ``tower`` is the vision model, ``projection`` the linear map
+    to an image-text embedding space (CLIP) or ``None``. Follows the representation protocol of
+    ``docs/architecture.md``: ``name``, ``deterministic``, ``gather`` and :meth:`fingerprint`.
+    """
+
+    name = "teacher"
+    deterministic = True
+
+    def __init__(
+        self,
+        tower: PreTrainedModel,
+        projection: nn.Module | None,
+        settings: PreprocessSettings,
+        *,
+        output: str,
+        prefix_tokens: int,
+        model_name_or_path: str,
+        source: dict,
+    ) -> None:
+        super().__init__()
+        self.tower = tower
+        self.projection = projection
+        self.settings = settings
+        self.output = output
+        self.prefix_tokens = prefix_tokens
+        self.model_name_or_path = model_name_or_path
+        # A token grid is wide: the objective then uses the local batch (docs/architecture.md).
+        self.gather = output != "tokens"
+        self._source = source
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> Teacher:
+        """Keep the teacher in eval mode (dropout off, fixed statistics) whatever ``mode`` says."""
+        return super().train(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model weights are stored in (the output is always float32)."""
+        return next(self.tower.parameters()).dtype
+
+    def preprocess(self, images01: Tensor) -> Tensor:
+        """The model's ``pixel_values`` for a ``(B, 3, H, W)`` batch in ``[0, 1]``, see :func:`preprocess`."""
+        if images01.ndim != 4 or images01.shape[1] != 3 or not images01.is_floating_point():
+            raise ConfigError(
+                f"the teacher takes float images of shape (B, 3, H, W) in [0, 1], got a {images01.dtype} "
+                f"tensor of shape {tuple(images01.shape)}: convert the batch first"
+            )
+        return preprocess(images01, self.settings).to(self.dtype)
+
+    @torch.no_grad()
+    def encode(self, pixel_values: Tensor) -> Tensor:
+        """The ``(B, D)`` float32 output of kind :attr:`output` for already-preprocessed ``pixel_values``."""
+        out = _run(self.tower, self.projection, pixel_values)
+        if self.output in ("embedding", "pooler"):
+            features = out[self.output]
+        elif self.output == "cls":
+            features = out["hidden"][:, 0]
+        elif self.output == "mean":
+            hidden = out["hidden"]
+            features = (
+                hidden.mean(dim=(2, 3)) if hidden.ndim == 4 else hidden[:, self.prefix_tokens :].mean(1)
+            )
+        else:
+            features = out["hidden"]
+        return features.flatten(1).float()
+
+    @torch.no_grad()
+    def forward(self, images01: Tensor) -> Tensor:
+        """``(B, D)`` float32 teacher features of a ``(B, 3, H, W)`` batch in ``[0, 1]``, on its device."""
+        return self.encode(self.preprocess(images01))
+
+    def fingerprint(self) -> dict:
+        """What the output depends on, for the exact cache: model, weights version, kind, preprocessing."""
+        return {
+            "model": self.model_name_or_path,
+            **self._source,
+            "output": self.output,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "preprocess": asdict(self.settings),
+        }
+
+
+def load_teacher(
+    name_or_path: str,
+    *,
+    output: str = "auto",
+    revision: str | None = None,
+    token: str | bool | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Teacher:
+    """Load a frozen teacher from a Hub model id or a local folder (see the module docstring).
+
+    Args:
+        name_or_path: a Hub id (``"openai/clip-vit-base-patch16"``) or a folder written by
+            ``save_pretrained`` (``config.json`` + weights, ideally with the image-processor config).
+        output: ``auto``, ``embedding``, ``pooler``, ``cls``, ``mean`` or ``tokens``.
+        revision: Hub branch, tag or commit; ``None`` is the default branch.
+        token: Hub token for gated or private models (``True``: the saved login).
+        trust_remote_code: allow a model that ships its own code (off unless asked).
+        dtype: dtype to hold the weights in (e.g. ``torch.bfloat16``); the output is float32.
+
+    Raises:
+        ConfigError: a missing folder, an unknown or unreachable Hub id, a model that is not a vision
+            model, or an ``output`` the model cannot give.
+    """
+    if output not in OUTPUT_KINDS:
+        raise ConfigError(f"teacher output {output!r} is not known: use one of {', '.join(OUTPUT_KINDS)}")
+    folder = _local_folder(name_or_path)
+    location = str(folder) if folder is not None else name_or_path
+    hub = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
+    with _loading_errors(name_or_path):
+        config = AutoConfig.from_pretrained(location, **hub)
+    tower_class, tower_config = _tower_class(name_or_path, config, trust_remote_code)
+    with _loading_errors(name_or_path), _quiet_transformers():
+        model, info = tower_class.from_pretrained(
+            location, config=tower_config, dtype=dtype, output_loading_info=True, **hub
+        )
+    pooler_loaded = _check_loaded(name_or_path, info["missing_keys"])
+    projection = getattr(model, "visual_projection", None)
+    tower = model.vision_model if projection is not None else model
+    settings = _read_settings(location, config, hub)
+    with torch.no_grad():
+        probe = _run(
+            tower, projection, preprocess(torch.full((1, 3, 224, 224), 0.5), settings).to(model.dtype)
+        )
+    prefix_tokens = _prefix_tokens(model)
+    resolved = _resolve_output(
+        output,
+        probe,
+        name=name_or_path,
+        image_text=config.model_type in IMAGE_TOWERS or projection is not None,
+        pooler_loaded=pooler_loaded,
+        has_cls=prefix_tokens > 0,
+    )
+    return Teacher(
+        tower,
+        projection,
+        settings,
+        output=resolved,
+        prefix_tokens=prefix_tokens,
+        model_name_or_path=name_or_path,
+        source=_local_digest(folder) if folder is not None else _hub_commit(name_or_path, revision),
+    )
+
+
+def _run(tower: nn.Module, projection: nn.Module | None, pixel_values: Tensor) -> dict[str, Tensor | None]:
+    """The raw outputs: ``embedding`` (projected pooler), ``pooler`` and ``hidden`` (last hidden state)."""
+    out = tower(pixel_values=pixel_values)
+    pooler = out.pooler_output
+    embedding = pooler if projection is None or pooler is None else projection(pooler)
+    return {"embedding": embedding, "pooler": pooler, "hidden": out.last_hidden_state}
+
+
+def _local_folder(name_or_path: str) -> Path | None:
+    """The model folder ``name_or_path`` names, ``None`` for a Hub id; raise for a bad path."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"teacher folder {name_or_path!r} has no config.json: pass a folder written by "
+                "save_pretrained (config.json and weights) or a Hub model id"
+            )
+        return path
+    if path.exists():
+        raise ConfigError(f"teacher {name_or_path!r} is a file: pass the folder that holds config.json")
+    if name_or_path.startswith(_PATH_PREFIXES) or name_or_path.count("/") > 1:
+        raise ConfigError(
+            f"teacher folder {name_or_path!r} does not exist: check the path, or pass a Hub model id"
+        )
+    return None
+
+
+@contextmanager
+def _loading_errors(name: str) -> Iterator[None]:
+    """Turn the errors of ``from_pretrained`` into one-line :class:`ConfigError` messages naming ``name``."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(_explain(error, name)) from error
+
+
+def _explain(error: BaseException, name: str) -> str:
+    chain: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+
+    def found(kind: type[BaseException]) -> bool:
+        return any(isinstance(e, kind) for e in chain)
+
+    if found(HFValidationError):
+        return (
+            f"teacher {name!r} is neither a local folder nor a valid Hub model id: check the name or the path"
+        )
+    if found(GatedRepoError):
+        return (
+            f"teacher {name!r} is a gated Hub model you have no access to: accept its terms on "
+            "huggingface.co and log in (`hf auth login`, or pass token=...), or pass a local folder"
+        )
+    if found(RevisionNotFoundError):
+        return f"the requested revision of teacher {name!r} does not exist on the Hub: check the revision"
+    if found(RepositoryNotFoundError):
+        return (
+            f"teacher {name!r} is neither a local folder nor a model on the Hub (or it is private): check "
+            "the name, log in with `hf auth login` for private models, or pass a local folder"
+        )
+    if found(LocalEntryNotFoundError) or found(ConnectionError):
+        return (
+            f"could not download teacher {name!r} from the Hugging Face Hub (offline or no network): pass a "
+            "local folder that holds the model, or connect and log in (`hf auth login`) if it is gated"
+        )
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"could not load teacher {name!r}: {first_line}"
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence the load report: image towers skip text weights on purpose; missing keys are checked here."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _tower_class(
+    name: str, config: PretrainedConfig, trust_remote_code: bool
+) -> tuple[type, PretrainedConfig]:
+    """The class that loads the image tower of ``config``'s model, and the config to give it."""
+    model_type = config.model_type
+    if model_type in IMAGE_TOWERS:
+        tower_config = copy.deepcopy(config.vision_config)
+        if hasattr(config, "projection_dim"):  # the vision sub-config does not always carry it
+            tower_config.projection_dim = config.projection_dim
+        return getattr(transformers, IMAGE_TOWERS[model_type]), tower_config
+    with_projection = [a for a in config.architectures or [] if a.endswith("VisionModelWithProjection")]
+    if with_projection and hasattr(transformers, with_projection[0]):
+        return getattr(transformers, with_projection[0]), config
+    remote = trust_remote_code and "AutoModel" in (getattr(config, "auto_map", None) or {})
+    if model_type in MODEL_FOR_IMAGE_MAPPING_NAMES or model_type.endswith("_vision_model") or remote:
+        return AutoModel, config
+    raise ConfigError(
+        f"teacher {name!r} is a {model_type!r} model, not a vision model: pass a transformers image model "
+        "(e.g. CLIP, SigLIP, DINOv2, ViT, ConvNeXt)"
+    )
+
+
+def _check_loaded(name: str, missing_keys: set[str]) -> bool:
+    """Whether the pooler's weights were loaded; raise when any other weight is missing (random)."""
+    pooler_keys = {key for key in missing_keys if "pooler." in key}
+    others = sorted(missing_keys - pooler_keys)
+    if others:
+        raise ConfigError(
+            f"{len(others)} weights of teacher {name!r} are not in its checkpoint (e.g. {others[0]!r}), so "
+            "it would run partly random: pass a folder or id that holds the full model"
+        )
+    return not pooler_keys
+
+
+def _prefix_tokens(model: nn.Module) -> int:
+    """How many tokens precede the patch tokens: CLS, distillation and register tokens (0 without CLS)."""
+    for module in model.modules():
+        if (
+            getattr(module, "cls_token", None) is not None
+            or getattr(module, "class_embedding", None) is not None
+        ):
+            registers = getattr(module, "register_tokens", None)
+            distillation = getattr(module, "distillation_token", None) is not None
+            return 1 + int(distillation) + (registers.shape[1] if registers is not None else 0)
+    return 0
+
+
+def _resolve_output(
+    requested: str,
+    out: dict[str, Tensor | None],
+    *,
+    name: str,
+    image_text: bool,
+    pooler_loaded: bool,
+    has_cls: bool,
+) -> str:
+    """The output kind ``requested`` resolves to, given the model's outputs ``out`` on a probe image."""
+    has_embedding = image_text and out["embedding"] is not None
+    has_pooler = out["pooler"] is not None and pooler_loaded
+    tokens = out["hidden"].ndim == 3
+    has_cls = tokens and has_cls
+    if requested == "auto":
+        if has_embedding:
+            return "embedding"
+        return "pooler" if has_pooler else ("cls" if has_cls else "mean")
+    if requested == "embedding" and not has_embedding:
+        raise ConfigError(
+            f"teacher {name!r} gives no image-text embedding (only CLIP- and SigLIP-style models do): use "
+            "output='pooler', 'cls', 'mean' or 'tokens' (or 'auto')"
+        )
+    if requested == "pooler" and not has_pooler:
+        reason = (
+            "its pooler weights are not in the checkpoint" if out["pooler"] is not None else "it has none"
+        )
+        raise ConfigError(
+            f"teacher {name!r} gives no usable pooler output ({reason}): use output='cls' or 'mean'"
+        )
+    if requested == "cls" and not has_cls:
+        kind = "has no CLS token" if tokens else "is convolutional (no tokens)"
+        raise ConfigError(f"teacher {name!r} {kind}: use output='pooler', 'mean' or 'tokens'")
+    return requested
+
+
+def _read_settings(name: str, config: PretrainedConfig, hub: dict) -> PreprocessSettings:
+    """The image-processor settings of ``name``, or the documented fallback with a warning."""
+    try:
+        with _quiet_transformers():
+            processor = AutoImageProcessor.from_pretrained(name, **hub)
+    except OSError:
+        return _fallback_settings(name, config)
+    return _settings_from_processor(name, processor)
+
+
+def _settings_from_processor(name: str, processor: object) -> PreprocessSettings:
+    size = processor.size if getattr(processor, "do_resize", False) else None
+    crop_size = processor.crop_size if getattr(processor, "do_center_crop", False) else None
+    shortest = size.shortest_edge if size is not None else None
+    resize_to = (size.height, size.width) if size is not None and size.height and size.width else None
+    crop = (crop_size.height, crop_size.width) if crop_size is not None else None
+    if size is not None and not (shortest or resize_to):
+        raise ConfigError(
+            f"the image processor of teacher {name!r} sets size={size}, which the teacher cannot apply: it "
+            "supports 'shortest_edge' or 'height' and 'width'"
+        )
+    if type(processor).__name__.startswith("ConvNextImageProcessor") and shortest:
+        # ConvNeXt: below 384 px, resize the shorter side to size / crop_pct, then crop size x size;
+        # from 384 px on, warp to size x size.
+        if shortest < 384:
+            shortest, crop = int(shortest / processor.crop_pct), (shortest, shortest)
+        else:
+            shortest, resize_to = None, (shortest, shortest)
+    elif not _standard_pipeline(processor):
+        warnings.warn(
+            f"{type(processor).__name__} has its own preprocessing; the teacher applies only its resize, "
+            "center crop and normalization settings, so its inputs may differ slightly from the processor's",
+            stacklevel=3,
+        )
+    normalize = getattr(processor, "do_normalize", False)
+    return PreprocessSettings(
+        shortest_edge=shortest,
+        resize_to=None if shortest else resize_to,
+        crop=crop,
+        interpolation=_interpolation(getattr(processor, "resample", None)),
+        scale=255.0 * processor.rescale_factor if getattr(processor, "do_rescale", False) else 255.0,
+        mean=_per_channel(processor.image_mean) if normalize else None,
+        std=_per_channel(processor.image_std) if normalize else None,
+    )
+
+
+def _interpolation(resample: object) -> str:
+    """The torchvision interpolation mode of a processor's ``resample`` (PIL code or mode; None: bilinear)."""
+    if resample is None:
+        return tvF.InterpolationMode.BILINEAR.value
+    if isinstance(resample, tvF.InterpolationMode):
+        return resample.value
+    return pil_torch_interpolation_mapping[resample].value
+
+
+def _per_channel(value: float | list[float] | tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * 3
+
+
+def _standard_pipeline(processor: object) -> bool:
+    """True when the processor class keeps the backend's resize / crop / normalize pipeline unchanged."""
+    for cls in type(processor).__mro__:
+        if cls in (TorchvisionBackend, PilBackend):
+            return True
+        if any(name in vars(cls) for name in ("resize", "_preprocess", "preprocess")):
+            return False
+    return False
+
+
+def _fallback_settings(name: str, config: PretrainedConfig) -> PreprocessSettings:
+    vision = getattr(config, "vision_config", None) or config
+    image_size = getattr(vision, "image_size", None) or 224
+    side = image_size if isinstance(image_size, int) else image_size[0]
+    mean, std = _FALLBACK_STATS.get(config.model_type, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    warnings.warn(
+        f"teacher {name!r} has no image-processor config: using {side} px bicubic resize + center crop and "
+        f"mean {tuple(mean)}, std {tuple(std)}; save its processor into the folder to use its own settings",
+        stacklevel=3,
+    )
+    return PreprocessSettings(
+        shortest_edge=side,
+        resize_to=None,
+        crop=(side, side),
+        interpolation="bicubic",
+        scale=1.0,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+
+
+def _local_digest(folder: Path) -> dict:
+    """A digest of the folder's file names, sizes and modification times (cheap, changes with the weights)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.expanduser().rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(
+            f"{path.relative_to(folder.expanduser())}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
+        )
+    return {"files_sha256": digest.hexdigest()}
+
+
+def _hub_commit(name: str, revision: str | None) -> dict:
+    """The commit the cached ``config.json`` of a Hub model came from (its snapshot folder's name)."""
+    cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    return {"commit": Path(cached).parent.name if isinstance(cached, str) else revision}
