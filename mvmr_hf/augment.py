@@ -328,19 +328,23 @@ class ViewAugment(nn.Module):
         return float(width), float(height)
 
     def apply(self, images01: Tensor, params: ViewParams) -> Tensor:
-        """Apply the augmentation with the given per-sample parameters (see :meth:`sample`)."""
+        """Apply the augmentation with the given per-sample parameters (see :meth:`sample`).
+
+        Computed in float32 for 16-bit input (and returned in the input's dtype).
+        """
         check_image_batch(images01, "ViewAugment")
-        size = self.size or images01.shape[-2]
-        device = images01.device
-        batch_index = torch.arange(len(images01), dtype=torch.float64).unsqueeze(1)
-        rois = torch.cat([batch_index, params.crop_boxes.cpu()], dim=1).to(device, images01.dtype)
-        views = roi_align(images01, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        images = images01 if images01.dtype in (torch.float32, torch.float64) else images01.float()
+        size = self.size or images.shape[-2]
+        device = images.device
+        batch_index = torch.arange(len(images), dtype=torch.float64).unsqueeze(1)
+        rois = torch.cat([batch_index, params.crop_boxes.cpu()], dim=1).to(device, images.dtype)
+        views = roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         views = torch.where(params.flip.to(device).view(-1, 1, 1, 1), views.flip(-1), views)
         views = self._color_jitter(views.clamp_(0, 1), params)
         grayscale = params.grayscale.to(device).view(-1, 1, 1, 1)
         views = torch.where(grayscale, TF.rgb_to_grayscale(views, num_output_channels=3), views)
         views = gaussian_blur(views, self.blur_kernel_size(size), params.blur_sigma)
-        return views.clamp_(0, 1)
+        return views.clamp_(0, 1).to(images01.dtype)
 
     @staticmethod
     def _color_jitter(views: Tensor, params: ViewParams) -> Tensor:

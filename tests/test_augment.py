@@ -183,7 +183,7 @@ def test_blur_kernel_is_odd_and_about_a_tenth_of_the_side() -> None:
     assert [augment.blur_kernel_size(s) for s in (224, 96, 64, 32, 8)] == [23, 9, 7, 3, 1]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_output_shape_range_dtype_device(photos: torch.Tensor, dtype: torch.dtype) -> None:
     views = ViewAugment(24)(photos.to(dtype))
     assert views.shape == (3, 3, 24, 24)
