@@ -179,14 +179,13 @@ class ViewParams:
     blur_sigma: Tensor
 
 
-def _check_range(name: str, value: tuple[float, float], low: float, *, strict: bool) -> tuple[float, float]:
-    pair = tuple(float(v) for v in value)
-    ok = len(pair) == 2 and pair[0] <= pair[1] and (pair[0] > low if strict else pair[0] >= low)
-    if not ok:
-        bound = ">" if strict else ">="
-        raise ConfigError(
-            f"ViewAugment {name} must be a (min, max) pair with {bound} {low} <= min <= max, got {value}."
-        )
+def _check_range(name: str, value: tuple[float, float]) -> tuple[float, float]:
+    try:
+        pair = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        pair = ()
+    if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+        raise ConfigError(f"ViewAugment {name} must be a (min, max) pair with 0 < min <= max, got {value!r}.")
     return pair[0], pair[1]
 
 
@@ -245,14 +244,14 @@ class ViewAugment(nn.Module):
                 f"ViewAugment blur_kernel_fraction must be in [0, 1), got {blur_kernel_fraction}."
             )
         self.size = size
-        self.scale = _check_range("scale", scale, 0.0, strict=True)
-        self.ratio = _check_range("ratio", ratio, 0.0, strict=True)
+        self.scale = _check_range("scale", scale)
+        self.ratio = _check_range("ratio", ratio)
         self.flip_p = _check_probability("flip_p", flip_p)
         self.jitter = tuple(float(j) for j in jitter)
         self.jitter_p = _check_probability("jitter_p", jitter_p)
         self.grayscale_p = _check_probability("grayscale_p", grayscale_p)
         self.blur_kernel_fraction = float(blur_kernel_fraction)
-        self.blur_sigma = _check_range("blur_sigma", blur_sigma, 0.0, strict=True)
+        self.blur_sigma = _check_range("blur_sigma", blur_sigma)
 
     def extra_repr(self) -> str:
         return (

@@ -228,6 +228,7 @@ def test_bad_images_raise_config_error(bad) -> None:
     [
         {"size": 0},
         {"scale": (1.0, 0.5)},
+        {"scale": 0.5},
         {"ratio": (0.0, 1.0)},
         {"flip_p": 1.5},
         {"jitter": (0.8, 0.8, 0.8, 0.7)},
