@@ -1,0 +1,571 @@
+"""The single Accelerate training loop of ``mvmr-distill`` and ``mvmr-pretrain``.
+
+One step (paper, sections 4-5): the student embeds the non-augmented view (Z) and the
+augmented view (Z̃) in two forward passes, so that batch-norm statistics stay per view; every
+representation - the teacher, the hand-crafted descriptors - sees the non-augmented view on
+the accelerator under ``no_grad``; the MV-MR loss (eq. 10) compares them, on the batch
+gathered from all processes unless ``--dcor-scope local``. Adam with a linear warm-up and a
+cosine decay steps once per optimizer step.
+
+The data stream is already split across processes by :mod:`mvmr_hf.data`, so the loader is
+*not* given to ``accelerator.prepare`` (which would split it again); batches move to the
+device here, and each process saves its own loader position in every checkpoint. A run
+killed at any moment resumes from its latest complete checkpoint at the same step, data
+position and random state (:mod:`mvmr_hf.checkpoint`).
+
+Outputs in ``OUTPUT_DIR``: ``training_args.json`` (written first), ``metrics.jsonl`` (one JSON
+object per logged step), ``checkpoints/step-NNNNNN/``, ``teacher_cache/`` (``--cache-teacher``)
+and, at the end, the release folder ``student/`` (:func:`mvmr_hf.export.export_student`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch import Tensor, nn
+from torchdata.stateful_dataloader import StatefulDataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from mvmr_hf.card import CardInfo
+from mvmr_hf.checkpoint import (
+    CHECKPOINTS_DIR,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_trainer_state,
+    remove_partial,
+    save_checkpoint,
+)
+from mvmr_hf.data import build_dataloader, load_image_dataset
+from mvmr_hf.errors import ConfigError
+from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, export_student
+from mvmr_hf.objective import MVMRLoss
+from mvmr_hf.representations import build as build_representation
+from mvmr_hf.student import build_student
+from mvmr_hf.teacher_cache import TeacherCache, cache_folder
+
+if TYPE_CHECKING:
+    from mvmr_hf.cli.train import (
+        DataArguments,
+        LossArguments,
+        ModelArguments,
+        TeacherArguments,
+        TrainingArguments,
+    )
+
+__all__ = ["METRICS_FILE", "TrainingError", "train"]
+
+METRICS_FILE = "metrics.jsonl"
+LOGS_DIR = "logs"
+# Arguments that may change when a run is resumed: they do not change what is being trained.
+_CHANGEABLE_ON_RESUME = frozenset(
+    {"resume", "overwrite", "output_dir", "epochs", "max_steps", "num_workers", "checkpoint_every",
+     "keep_checkpoints", "log_with", "log_every", "push_to_hub", "cache_teacher", "mixed_precision"}
+)  # fmt: skip
+
+
+class TrainingError(RuntimeError):
+    """A run that started but could not finish (a non-finite loss); the message says where."""
+
+
+def train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    loss_args: LossArguments,
+    training_args: TrainingArguments,
+    *,
+    teacher: TeacherArguments | None = None,
+) -> Path:
+    """Train a student with the MV-MR objective and write its release folder; return that folder.
+
+    Every check of the arguments, the data set, the student and the teacher happens before
+    anything is written to ``training_args.output_dir``. Call it on every process (``torchrun``
+    or ``accelerate launch``); it raises ConfigError for bad input and TrainingError when the
+    loss stops being finite.
+    """
+    args = _flat_arguments(model_args, teacher, data_args, loss_args, training_args)
+    output_dir = Path(training_args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=training_args.mixed_precision,
+        gradient_accumulation_steps=training_args.grad_accum,
+        log_with=training_args.trackers,
+        project_dir=str(output_dir),
+        # --batch-size is global, so one scheduler step per optimizer step whatever the process count.
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+    device, world = accelerator.device, accelerator.num_processes
+
+    # Check everything, build everything: nothing is written before this block succeeds.
+    criterion = MVMRLoss(
+        invariance_weight=loss_args.invariance_weight,
+        variance_weight=loss_args.variance_weight,
+        view_weight=loss_args.view_weight,
+        representation_weights=loss_args.weights,
+        squared=loss_args.dcor_squared,
+        unbiased=loss_args.dcor_estimator == "unbiased",
+        scope=loss_args.dcor_scope,
+    )
+    batch_size = _per_process_batch(training_args.batch_size, world, criterion.min_batch_size)
+    resume_from = _resume_point(output_dir, training_args, args)
+    set_seed(training_args.seed)  # the same initial weights on every process
+    student = build_student(
+        model_args.student, projector=model_args.projector, image_size=data_args.image_size
+    )
+    representations = _build_representations(model_args, teacher)
+    _check_representation_weights(criterion, representations)
+    _check_local_batch(batch_size, criterion, representations, student)
+    dataset = load_image_dataset(
+        data_args.dataset,
+        config=data_args.dataset_config,
+        split=data_args.split,
+        streaming=data_args.streaming,
+    )
+    set_seed(training_args.seed, device_specific=True)  # per-process random views and augmentations
+    loader, data_stats = build_dataloader(
+        dataset,
+        image_size=data_args.image_size,
+        batch_size=batch_size,
+        rank=accelerator.process_index,
+        world_size=world,
+        shuffle_buffer=data_args.shuffle_buffer,
+        seed=training_args.seed,
+        num_workers=data_args.num_workers,
+        image_column=data_args.image_column,
+        pin_memory=device.type == "cuda",
+    )
+    total_steps = _total_steps(training_args, data_stats, batch_size * world)
+
+    # From here on the output folder is written.
+    _prepare_output_dir(accelerator, output_dir, args, training_args, resume_from)
+    if model_args.sync_batchnorm and world > 1 and device.type == "cuda":
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    optimizer = torch.optim.Adam(
+        student.parameters(), lr=training_args.learning_rate, weight_decay=training_args.weight_decay
+    )
+    warmup = training_args.warmup
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, round(warmup * total_steps if warmup < 1 else warmup), total_steps
+    )
+    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    for representation in representations.values():
+        representation.to(device)
+    cache = _teacher_cache(accelerator, output_dir, teacher, data_args, representations)
+    gather = {
+        name: getattr(representation, "gather", True) for name, representation in representations.items()
+    }
+
+    step, epoch = 0, 0
+    if resume_from is not None:
+        restored = load_checkpoint(accelerator, resume_from)
+        step, epoch = restored.step, restored.epoch
+        loader.load_state_dict(restored.loader_state)  # continues this epoch's stream where it stopped
+        _truncate_metrics(accelerator, output_dir, step)
+    if training_args.log_with:
+        accelerator.init_trackers("mvmr", config={k: v for k, v in args.items() if v is not None})
+    images_per_step = training_args.batch_size * training_args.grad_accum
+    meter = _Meter(accelerator, output_dir, images_per_step=images_per_step, step=step)
+    progress = tqdm(total=total_steps, initial=step, unit="step", disable=not accelerator.is_main_process)
+    saved_step, started = step, time.perf_counter()
+
+    student.train()
+    while step < total_steps and (training_args.max_steps is not None or epoch < training_args.epochs):
+        loader.dataset.set_epoch(epoch)
+        for batch in _until_any_process_runs_out(loader, accelerator):
+            images = batch["image"].to(device, non_blocking=True).float().div_(255)
+            augmented = batch["augmented"].to(device, non_blocking=True).float().div_(255)
+            with accelerator.accumulate(student):
+                z = student(images).embedding  # Z: the non-augmented view
+                z_aug = student(augmented).embedding  # Z̃: a separate pass, its own BN statistics
+                targets = _representation_outputs(accelerator, representations, images, batch["key"], cache)
+                loss = criterion(z, z_aug, targets, gather=gather)
+                accelerator.backward(loss.total)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            meter.add(loss.total, loss.terms, skipped=batch["skipped"], step=step + 1)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update()
+            if step % training_args.log_every == 0:
+                progress.set_postfix(meter.log(step, epoch, scheduler.get_last_lr()[0]))
+            if step % training_args.checkpoint_every == 0:
+                meter.raise_if_not_finite()  # never save a checkpoint after a non-finite loss
+                save_checkpoint(
+                    accelerator,
+                    output_dir,
+                    step=step,
+                    epoch=epoch,
+                    loader_state=loader.state_dict(),
+                    keep=training_args.keep_checkpoints,
+                )
+                saved_step = step
+            if step >= total_steps:
+                break
+        else:  # this epoch's data ran out
+            epoch += 1
+            if cache is not None:
+                _share_cache(accelerator, cache)
+            continue
+        break
+    progress.close()
+    if step % training_args.log_every:
+        meter.log(step, epoch, scheduler.get_last_lr()[0])
+    if saved_step != step:
+        meter.raise_if_not_finite()
+        save_checkpoint(
+            accelerator,
+            output_dir,
+            step=step,
+            epoch=epoch,
+            loader_state=loader.state_dict(),
+            keep=training_args.keep_checkpoints,
+        )
+
+    release = output_dir / RELEASE_DIR
+    if accelerator.is_main_process:
+        print(f"skipped {meter.skipped} images", file=sys.stderr)  # undecodable or degenerate
+        info = CardInfo(
+            step=step,
+            hardware=_hardware(accelerator),
+            training_seconds=time.perf_counter() - started,
+            command=shlex.join(sys.argv),
+            repo_id=training_args.push_to_hub,
+        )
+        export_student(accelerator.unwrap_model(student).eval(), release, training_args=args, card_info=info)
+        if training_args.push_to_hub:
+            from mvmr_hf.hub import push_to_hub
+
+            push_to_hub(release, training_args.push_to_hub)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return release
+
+
+def _flat_arguments(*groups: Any) -> dict[str, Any]:
+    """All argument dataclasses as one flat mapping: ``training_args.json``, a valid config file."""
+    flat: dict[str, Any] = {}
+    for group in groups:
+        if group is not None:
+            flat.update(asdict(group))
+    return flat
+
+
+def _per_process_batch(global_batch: int, world: int, min_batch: int) -> int:
+    if global_batch < min_batch:
+        raise ConfigError(
+            f"--batch-size {global_batch} is too small for the chosen dCor estimator, which needs at least "
+            f"{min_batch} samples: raise --batch-size"
+        )
+    if global_batch % world:
+        raise ConfigError(
+            f"--batch-size {global_batch} is the global batch and must divide evenly over the {world} "
+            f"processes: use a multiple of {world}"
+        )
+    return global_batch // world
+
+
+def _check_local_batch(
+    batch_size: int, criterion: MVMRLoss, representations: dict[str, nn.Module], student: nn.Module
+) -> None:
+    """Terms computed on each process's own batch, and batch norm, need enough samples per process."""
+    local_terms = criterion.scope == "local" or any(
+        not getattr(r, "gather", True) for r in representations.values()
+    )
+    if local_terms and batch_size < criterion.min_batch_size:
+        raise ConfigError(
+            f"each process gets {batch_size} samples but the per-process dCor terms need at least "
+            f"{criterion.min_batch_size}: raise --batch-size or use fewer processes"
+        )
+    if batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
+        raise ConfigError(
+            "each process gets 1 sample, too few for the student's batch norm: raise --batch-size to at "
+            "least 2 per process"
+        )
+
+
+def _build_representations(
+    model_args: ModelArguments, teacher: TeacherArguments | None
+) -> dict[str, nn.Module]:
+    representations: dict[str, nn.Module] = {}
+    if teacher is not None:
+        from mvmr_hf.representations.teacher import load_teacher
+
+        representations["teacher"] = load_teacher(
+            teacher.teacher, output=teacher.teacher_output, trust_remote_code=teacher.trust_remote_code
+        )
+    for name in model_args.handcrafted_names:
+        representations[name] = build_representation(name)
+    return representations
+
+
+def _check_representation_weights(criterion: MVMRLoss, representations: dict[str, nn.Module]) -> None:
+    unknown = sorted(set(criterion.representation_weights) - set(representations))
+    if unknown:
+        active = ", ".join(representations) or "none"
+        raise ConfigError(
+            f"--representation-weights names {', '.join(unknown)}, which this run does not use (its "
+            f"representations: {active}): weight only those"
+        )
+
+
+def _total_steps(training_args: TrainingArguments, data_stats: Any, global_batch: int) -> int:
+    if training_args.max_steps is not None:
+        return training_args.max_steps
+    num_examples = getattr(data_stats, "num_examples", None)
+    if num_examples is None:
+        raise ConfigError(
+            "the data set does not state its number of images, so --epochs cannot be turned into steps: "
+            "pass --max-steps"
+        )
+    steps_per_epoch = num_examples // global_batch // training_args.grad_accum
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"the data set's {num_examples} images make no full optimizer step of {global_batch} x "
+            f"{training_args.grad_accum} images: lower --batch-size or --grad-accum"
+        )
+    return steps_per_epoch * training_args.epochs
+
+
+def _resume_point(output_dir: Path, training_args: TrainingArguments, args: dict[str, Any]) -> Path | None:
+    """The checkpoint to resume from (None: a fresh start), after checking the output folder."""
+    if training_args.resume is None:
+        if list_checkpoints(output_dir) and not training_args.overwrite:
+            raise ConfigError(
+                f"{output_dir} holds the checkpoints of another run: pass --resume to continue it, "
+                "--overwrite to replace it, or another --output-dir"
+            )
+        return None
+    if training_args.resume == "latest":
+        path = latest_checkpoint(output_dir)
+    else:
+        path = Path(training_args.resume)
+        read_trainer_state(path)  # ConfigError unless a complete checkpoint
+    if path is not None:
+        _check_same_run(path.parent.parent / TRAINING_ARGS, args)
+    return path
+
+
+def _check_same_run(saved_args: Path, args: dict[str, Any]) -> None:
+    if not saved_args.is_file():
+        return
+    saved = json.loads(saved_args.read_text())
+    changed = [
+        f"{key}: {saved[key]!r} -> {args[key]!r}"
+        for key in sorted(args.keys() & saved.keys() - _CHANGEABLE_ON_RESUME)
+        if saved[key] != args[key]
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume continues a run trained with other settings ({'; '.join(changed)}): resume with the "
+            "run's own settings (pass its training_args.json) or start a new run"
+        )
+
+
+def _prepare_output_dir(
+    accelerator: Accelerator,
+    output_dir: Path,
+    args: dict[str, Any],
+    training_args: TrainingArguments,
+    resume_from: Path | None,
+) -> None:
+    """Clear a previous run on --overwrite, drop unfinished checkpoints, write training_args.json."""
+    if accelerator.is_main_process:
+        if training_args.overwrite:
+            for name in (CHECKPOINTS_DIR, RELEASE_DIR, LOGS_DIR):
+                shutil.rmtree(output_dir / name, ignore_errors=True)
+            (output_dir / METRICS_FILE).unlink(missing_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial(output_dir)
+        if resume_from is None:
+            (output_dir / METRICS_FILE).unlink(missing_ok=True)
+        (output_dir / TRAINING_ARGS).write_text(json.dumps(args, indent=2))
+    accelerator.wait_for_everyone()
+
+
+def _truncate_metrics(accelerator: Accelerator, output_dir: Path, step: int) -> None:
+    """Drop the metrics a killed run logged after the checkpoint it resumes from."""
+    path = output_dir / METRICS_FILE
+    if accelerator.is_main_process and path.is_file():
+        lines = path.read_text().splitlines()
+        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+
+
+def _teacher_cache(
+    accelerator: Accelerator,
+    output_dir: Path,
+    teacher: TeacherArguments | None,
+    data_args: DataArguments,
+    representations: dict[str, nn.Module],
+) -> TeacherCache | None:
+    if teacher is None or not teacher.cache_teacher:
+        return None
+    fingerprint = {
+        "teacher": representations["teacher"].fingerprint(),
+        "mixed_precision": accelerator.mixed_precision,  # the teacher runs under autocast
+        "image_size": data_args.image_size,
+        "dataset": data_args.dataset,
+        "dataset_config": data_args.dataset_config,
+        "split": data_args.split,
+        "image_column": data_args.image_column,
+    }
+    folder = cache_folder(output_dir, fingerprint)
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return TeacherCache(folder, rank=accelerator.process_index, fingerprint=fingerprint)
+
+
+def _until_any_process_runs_out(loader: StatefulDataLoader, accelerator: Accelerator) -> Iterator[dict]:
+    """The loader's batches while every process still has one.
+
+    Processes can hold different numbers of batches (shards of different sizes, skipped images);
+    a process that went on alone would wait forever in the next collective. The agreement is a
+    tiny all-reduce of a CPU tensor (over gloo), so it never waits for the accelerator.
+    """
+    if accelerator.num_processes == 1:
+        yield from loader
+        return
+    group = None if dist.get_backend() == "gloo" else _cpu_group()
+    batches = iter(loader)
+    while True:
+        batch = next(batches, None)
+        have = torch.tensor([batch is not None], dtype=torch.int32)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN, group=group)
+        if not have.item():
+            return
+        yield batch
+
+
+@functools.cache
+def _cpu_group() -> dist.ProcessGroup:
+    return dist.new_group(backend="gloo")
+
+
+def _share_cache(accelerator: Accelerator, cache: TeacherCache) -> None:
+    """At the end of an epoch every process writes its cached outputs and reads everyone's."""
+    cache.flush()
+    accelerator.wait_for_everyone()
+    cache.refresh()
+
+
+@torch.no_grad()
+def _representation_outputs(
+    accelerator: Accelerator,
+    representations: dict[str, nn.Module],
+    images: Tensor,
+    keys: list[str],
+    cache: TeacherCache | None,
+) -> dict[str, Tensor]:
+    """Every representation of the non-augmented view; the teacher from the cache when it has the batch."""
+    outputs = {}
+    for name, representation in representations.items():
+        if name == "teacher":
+            cached = cache.lookup(keys, images.device) if cache is not None else None
+            if cached is None:
+                with accelerator.autocast():
+                    cached = representation(images)
+                if cache is not None:
+                    cache.store(keys, cached)
+            outputs[name] = cached
+        else:
+            outputs[name] = representation(images)
+    return outputs
+
+
+def _hardware(accelerator: Accelerator) -> str:
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
+    return f"{accelerator.num_processes}x {name}"
+
+
+class _Meter:
+    """Running sums of the loss and its terms, kept on the device and read only when logging.
+
+    It also records, without a host sync, the first step at which each term stopped being
+    finite, so that the run can stop naming the step and the term.
+    """
+
+    def __init__(
+        self, accelerator: Accelerator, output_dir: Path, *, images_per_step: int, step: int
+    ) -> None:
+        self.accelerator = accelerator
+        self.path = output_dir / METRICS_FILE
+        self.images_per_step = images_per_step
+        self.names: list[str] = []
+        self.sums = self.first_bad = torch.zeros(0)
+        self.micro_steps = self.skipped = self.new_skipped = 0
+        self.steps = step  # the optimizer step of the last log
+        self.clock = time.perf_counter()
+
+    def add(self, total: Tensor, terms: dict[str, Tensor], *, skipped: int, step: int) -> None:
+        """Add one micro-step's loss and terms (of optimizer step ``step``) and its skipped images."""
+        values = torch.stack([total.detach(), *(t.detach() for t in terms.values())]).float()
+        if not self.names:
+            self.names = ["loss", *terms]
+            self.sums = torch.zeros_like(values)
+            self.first_bad = torch.full_like(values, math.inf)
+        self.first_bad = torch.where(torch.isfinite(values), self.first_bad, self.first_bad.clamp(max=step))
+        self.sums += values
+        self.micro_steps += 1
+        self.new_skipped += skipped
+
+    def _reduce(self) -> tuple[list[float], list[float], int]:
+        """Over all processes: the mean of each term, the first non-finite step per term, skipped images."""
+        counts = torch.tensor([self.new_skipped], dtype=torch.float32, device=self.sums.device)
+        packed = torch.cat([self.sums / max(self.micro_steps, 1), self.first_bad, counts])
+        gathered = self.accelerator.gather(packed[None]).cpu()
+        n = len(self.names)
+        return (
+            gathered[:, :n].mean(0).tolist(),
+            gathered[:, n : 2 * n].min(0).values.tolist(),
+            int(gathered[:, -1].sum()),
+        )
+
+    def raise_if_not_finite(self) -> None:
+        """Raise TrainingError, naming the step and the term, if any term was ever non-finite."""
+        if self.names:
+            self._check(self._reduce()[1])
+
+    def _check(self, first_bad: list[float]) -> None:
+        step = min(first_bad)
+        if math.isfinite(step):
+            terms = [
+                name for name, s in zip(self.names, first_bad, strict=True) if s == step and name != "loss"
+            ]
+            raise TrainingError(
+                f"the loss became non-finite at step {int(step)} (term {', '.join(terms or ['loss'])}); the "
+                "last good checkpoint is kept: lower --learning-rate or check the data, then --resume"
+            )
+
+    def log(self, step: int, epoch: int, lr: float) -> dict[str, str]:
+        """Write the means since the last log to metrics.jsonl and the trackers; return a short summary."""
+        means, first_bad, new_skipped = self._reduce()
+        self._check(first_bad)
+        self.skipped += new_skipped
+        images_per_s = (step - self.steps) * self.images_per_step / (time.perf_counter() - self.clock)
+        metrics = {"step": step, "epoch": epoch, **dict(zip(self.names, means, strict=True))}
+        metrics.update(lr=lr, images_per_s=images_per_s, skipped=self.skipped)
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as file:
+                file.write(json.dumps(metrics) + "\n")
+        self.accelerator.log(metrics, step=step)
+        self.sums.zero_()
+        self.micro_steps, self.new_skipped, self.steps = 0, 0, step
+        self.clock = time.perf_counter()
+        return {"loss": f"{means[0]:.4f}", "img/s": f"{images_per_s:.0f}"}

@@ -1,0 +1,218 @@
+"""``mvmr-distill`` / ``mvmr-pretrain`` command lines: options, config files, and bad input.
+
+Every bad input must give exit status 2, one line on stderr and no traceback, and must write
+nothing: the run is checked completely before its output folder is created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from accelerate.state import AcceleratorState, GradientState
+
+from mvmr_hf.checkpoint import TRAINER_STATE, checkpoint_path
+from mvmr_hf.cli.train import (
+    DataArguments,
+    LossArguments,
+    PretrainModelArguments,
+    TrainingArguments,
+    distill_main,
+    parse_arguments,
+    pretrain_main,
+)
+from mvmr_hf.sample_data import write_digits
+from mvmr_hf.tiny_models import save_tiny_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN_GROUPS = [PretrainModelArguments, DataArguments, LossArguments, TrainingArguments]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return write_digits(tmp_path_factory.mktemp("data") / "digits", image_size=32)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return save_tiny_teacher("clip", tmp_path_factory.mktemp("teacher") / "clip", image_size=32)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _tiny(digits: Path, output_dir: Path) -> list[str]:
+    return [
+        "--dataset", str(digits), "--output-dir", str(output_dir), "--student", "test_resnet",
+        "--projector", "16-16", "--image-size", "32", "--batch-size", "8", "--max-steps", "1",
+        "--num-workers", "0", "--handcrafted", "lsd",
+    ]  # fmt: skip
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+    }
+
+
+def _fails_cleanly(main, argv: list[str], capsys, folder: Path, match: str) -> str:
+    before = _snapshot(folder)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ")
+    assert "\n" not in err
+    assert "Traceback" not in err
+    assert match in err, err
+    assert _snapshot(folder) == before, "a rejected run must not write anything"
+    return err
+
+
+BAD_PRETRAIN_INPUT = [
+    pytest.param(["--dataset", "/no/such/folder"], "does not exist", id="missing-dataset-path"),
+    pytest.param(["--split", "validation"], "Unknown split 'validation'", id="unknown-split"),
+    pytest.param(["--image-column", "photo"], "'image', 'label'", id="missing-image-column-lists-columns"),
+    pytest.param(["--student", "resnet_does_not_exist"], "resnet_does_not_exist", id="unknown-student"),
+    pytest.param(["--handcrafted", "hog,sift"], "sift", id="unknown-representation"),
+    pytest.param(["--projector", "64-x"], "64-x", id="malformed-projector"),
+    pytest.param(["--batch-size", "1"], "--batch-size 1", id="global-batch-below-2"),
+    pytest.param(
+        ["--batch-size", "3", "--dcor-estimator", "unbiased"],
+        "at least 4",
+        id="global-batch-below-4-unbiased",
+    ),
+    pytest.param(
+        ["--dcor-estimator", "unbiased", "--no-dcor-squared"], "only squared", id="unbiased-not-squared"
+    ),
+    pytest.param(["--representation-weights", "teacher=2"], "teacher", id="weight-for-unused-representation"),
+    pytest.param(["--representation-weights", "lsd:2"], "name=number", id="malformed-weights"),
+    pytest.param(["--learning-rate", "0"], "--learning-rate", id="zero-learning-rate"),
+    pytest.param(["--mixed-precision", "fp8"], "invalid choice", id="bad-choice"),
+    pytest.param(["--resume", "/no/such/checkpoint"], "not a complete checkpoint", id="resume-path-missing"),
+    pytest.param(["--resume", "--overwrite"], "contradict", id="resume-and-overwrite"),
+    pytest.param(["--no-such-option", "1"], "--no-such-option", id="unknown-option"),
+]
+
+
+@pytest.mark.parametrize(("extra", "match"), BAD_PRETRAIN_INPUT)
+def test_bad_pretrain_input_is_one_line_exit_2_and_writes_nothing(digits, tmp_path, capsys, extra, match):
+    _fails_cleanly(pretrain_main, _tiny(digits, tmp_path / "run") + extra, capsys, tmp_path, match)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_teacher_is_rejected(digits, tmp_path, capsys):
+    argv = [*_tiny(digits, tmp_path / "run"), "--teacher", str(tmp_path / "no-teacher")]
+    _fails_cleanly(distill_main, argv, capsys, tmp_path, "no-teacher")
+
+
+def test_a_folder_with_another_runs_checkpoints_is_left_alone(digits, tmp_path, capsys):
+    run = tmp_path / "run"
+    checkpoint = checkpoint_path(run, 5)
+    checkpoint.mkdir(parents=True)
+    (checkpoint / TRAINER_STATE).write_text(json.dumps({"step": 5, "epoch": 0, "num_processes": 1}))
+    (run / "metrics.jsonl").write_text('{"step": 5}\n')
+    _fails_cleanly(pretrain_main, _tiny(digits, run), capsys, tmp_path, "--resume")
+
+
+def test_resuming_with_other_settings_is_rejected(digits, tmp_path, capsys):
+    run = tmp_path / "run"
+    checkpoint = checkpoint_path(run, 5)
+    checkpoint.mkdir(parents=True)
+    (checkpoint / TRAINER_STATE).write_text(json.dumps({"step": 5, "epoch": 0, "num_processes": 1}))
+    (run / "training_args.json").write_text(json.dumps({"student": "resnet18", "max_steps": 3}))
+    err = _fails_cleanly(pretrain_main, [*_tiny(digits, run), "--resume"], capsys, tmp_path, "other settings")
+    assert "student: 'resnet18' -> 'test_resnet'" in err
+    assert "max_steps" not in err
+
+
+def test_config_file_then_flags_override(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "dataset": "d",
+                "output_dir": "o",
+                "batch_size": 32,
+                "learning_rate": "3e-4",
+                "streaming": False,
+                "handcrafted": ["hog", "lsd"],
+                "representation_weights": {"hog": 0.5},
+            }
+        )
+    )
+    model, data, loss, training = parse_arguments(
+        PRETRAIN_GROUPS, [str(config), "--batch-size", "64"], prog="t"
+    )
+    assert (training.batch_size, training.learning_rate, data.streaming) == (64, 3e-4, False)
+    assert (model.handcrafted, loss.representation_weights) == ("hog,lsd", "hog=0.5")
+    json_config = tmp_path / "run.json"
+    json_config.write_text(json.dumps({"dataset": "d", "output_dir": "o", "resume": "latest"}))
+    *_, training = parse_arguments(PRETRAIN_GROUPS, ["--config", str(json_config)], prog="t")
+    assert training.resume == "latest"
+
+
+def test_bad_config_files_are_rejected(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("dataset: d\noutput_dir: o\nbatchsize: 3\n")
+    with pytest.raises(ValueError, match="unknown keys batchsize"):
+        parse_arguments(PRETRAIN_GROUPS, [str(config)], prog="t")
+    with pytest.raises(ValueError, match="does not exist"):
+        parse_arguments(PRETRAIN_GROUPS, ["--config", str(tmp_path / "none.yaml")], prog="t")
+
+
+def test_defaults_follow_the_paper():
+    model, data, loss, training = parse_arguments(
+        PRETRAIN_GROUPS, ["--dataset", "d", "--output-dir", "o"], prog="t"
+    )
+    assert model.handcrafted == "pixels,augmented-pixels,scatnet,hog,lsd"
+    assert (model.student, model.projector, data.streaming) == ("resnet50", "8192-8192-8192", True)
+    assert (training.learning_rate, training.weight_decay) == (1e-4, 1e-6)
+    assert (loss.invariance_weight, loss.variance_weight, loss.view_weight) == (1.0, 1.0, 1.0)
+    assert (loss.dcor_scope, loss.dcor_estimator) == ("global", "biased")
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        distill_main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in (
+        "--student", "--teacher", "--teacher-output", "--dataset", "--dataset-config", "--split",
+        "--image-column", "--streaming", "--image-size", "--batch-size", "--grad-accum", "--epochs",
+        "--max-steps", "--learning-rate", "--warmup", "--handcrafted", "--projector", "--invariance-weight",
+        "--variance-weight", "--view-weight", "--representation-weights", "--dcor-estimator",
+        "--dcor-squared", "--dcor-scope", "--mixed-precision", "--output-dir", "--checkpoint-every",
+        "--keep-checkpoints", "--resume", "--overwrite", "--seed", "--log-with", "--log-every",
+        "--num-workers", "--cache-teacher", "--push-to-hub", "--trust-remote-code", "--debug", "--config",
+    ):  # fmt: skip
+        assert option in text, option
+
+
+def test_the_real_command_line_prints_one_line(digits, tmp_path):
+    """Outside pytest's capture too: no warning, log line or traceback around the error."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "examples" / "pretrain.py"),
+            *_tiny(digits, tmp_path / "run"),
+            "--split",
+            "nope",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("error: ")
+    assert not (tmp_path / "run").exists()
