@@ -1,0 +1,554 @@
+"""Streaming ``datasets`` -> decoded, validated images -> the two views of MV-MR.
+
+Every sample is ``{"image", "augmented", "key"}``: the non-augmented view x (resize the shorter
+side to S, centre crop), the augmented view x̃ (the paper's augmentation of section 7 applied to
+the image first resized so that its shorter side is S), both ``uint8 (3, S, S)`` to halve the
+host-to-device traffic (the training step divides by 255), and a stable key: the blake2b hash of
+the encoded image bytes, identical in every epoch, process and run, so that teacher outputs can
+be cached exactly.
+
+**Decoding.** The image column is read undecoded (``Image(decode=False)``) and decoded here with
+PIL, so that a bad image cannot stop the stream. EXIF orientation is applied. Every mode becomes
+8-bit RGB: grayscale (``1``, ``L``) and ``P``/``CMYK``/``YCbCr``/``LAB``/``HSV`` with PIL's
+conversion; 16-bit (``I;16*``) and 32-bit integer (``I``, which PIL uses for 16-bit data)
+images are read as 16-bit and rounded to ``v / 257`` (65535 -> 255: the full contrast is kept,
+where PIL's own conversion clips everything above 255); float (``F``) images are read as [0, 1]
+and scaled by 255. Images with transparency (alpha, or a transparent palette colour) are
+composited on **white**, not stripped of alpha: the colour under a transparent pixel is arbitrary
+(often black), while white is what the image looks like on a page. An image that cannot be
+decoded (truncated, empty, not an image, an unsupported mode) or that is degenerate (shorter side
+under :data:`MIN_IMAGE_SIDE` pixels, or longer/shorter side over :data:`MAX_ASPECT_RATIO`) is
+**skipped and counted**, never a crash: each batch's ``skipped`` is the number of images its worker
+skipped since its previous batch (the last batch of a worker's epoch also counts those after it),
+so summing ``batch["skipped"]`` over a run counts every skipped image exactly once.
+
+**Order, processes and workers.** A streaming data set is split between processes with
+:func:`datasets.distributed.split_dataset_by_node` (whole shards when the shard count is a
+multiple of the world size, else every ``world_size``-th example) and between DataLoader workers
+by shard (``datasets`` does that). Shard order is reshuffled every epoch from ``(seed, epoch)``;
+rows are shuffled in consecutive blocks of ``shuffle_buffer`` rows. A map-style
+:class:`datasets.Dataset` gets a full permutation per epoch from ``(seed, epoch)``, truncated to
+a multiple of the world size and dealt to processes then workers in turn, so every process
+gets the same number of images and every class in every process (``split_dataset_by_node`` would
+give each process the same contiguous chunk in every epoch). Augmentation randomness comes from
+``(seed, epoch, key)``: it differs between images, epochs and seeds, cannot be shared by two
+workers, and is reproduced exactly by a resumed run.
+
+**Epochs and resuming.** Call ``loader.dataset.set_epoch(epoch)`` before iterating each epoch.
+``loader.state_dict()`` (a :class:`torchdata.stateful_dataloader.StatefulDataLoader`) holds the
+epoch and, for each worker, the position after the last batch it yielded; after
+``loader.load_state_dict(state)`` the next ``iter(loader)`` continues that epoch where the stream
+stopped (calling ``set_epoch`` with another epoch first discards it). ``datasets`` does not save
+the content of its shuffle buffers (a resumed shuffled stream would lose them), so the shuffle
+here is done in blocks whose start is a ``datasets`` state: a resumed stream re-reads the current
+block's encoded rows (at most ``shuffle_buffer``), redraws the same permutation and decodes only
+the rows not yet yielded. Within an epoch no image is seen twice and none is lost, provided the
+run resumes with the same data, world size, ``num_workers``, ``shuffle_buffer`` and seed.
+
+Example::
+
+    dataset = load_image_dataset("uoft-cs/cifar10", split="train")          # streaming
+    loader, stats = build_dataloader(dataset, image_size=224, batch_size=256,
+                                     rank=rank, world_size=world_size, num_workers=8)
+    for epoch in range(epochs):
+        loader.dataset.set_epoch(epoch)
+        for batch in loader:   # {"image": (B,3,S,S) uint8, "augmented": ..., "key": [...], "skipped": int}
+            ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from datasets.distributed import split_dataset_by_node
+from datasets.utils.file_utils import xopen
+from PIL import Image, ImageOps
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchvision.transforms.v2 import functional as TF
+
+from mvmr_hf.augment import ViewAugment, center_view
+from mvmr_hf.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+MIN_IMAGE_SIDE = 8
+"""Images with a shorter side below this are skipped: upscaled to S they carry no structure
+(the smallest common image data sets, the 8x8 digits, MNIST and CIFAR, are at least this big)."""
+
+MAX_ASPECT_RATIO = 20.0
+"""Images whose longer side exceeds this multiple of the shorter side (banners, 1-px lines) are
+skipped: resizing their shorter side to S would make a huge intermediate image."""
+
+KEY_BYTES = 16
+"""Digest size of the blake2b sample key (32 hex characters)."""
+
+IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "picture", "photo", "jpg", "png", "webp")
+"""Column names tried, in order, when a data set has no (or several) ``Image`` features."""
+
+Record = Mapping[str, Any]
+"""One undecoded image as ``datasets`` gives it: ``{"bytes": bytes | None, "path": str | None}``."""
+
+
+class BadImageError(ValueError):
+    """An image that cannot be decoded or is degenerate; the data loader skips and counts it."""
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """What :func:`build_dataloader` knows before iterating.
+
+    Attributes:
+        image_column: the column the images are read from.
+        streaming: whether the data set is a streamed ``IterableDataset``.
+        num_examples: rows in the split over all processes (before skipping bad images), or
+            ``None`` when a stream does not say.
+    """
+
+    image_column: str
+    streaming: bool
+    num_examples: int | None
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _is_local(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` can only be a local path (a Hub id is ``name`` or ``owner/name``)."""
+    return (
+        Path(name_or_path).expanduser().exists()
+        or Path(name_or_path).is_absolute()
+        or name_or_path.startswith((".", "~"))
+        or name_or_path.count("/") > 1
+        or (os.sep != "/" and os.sep in name_or_path)
+    )
+
+
+def _check_choice(kind: str, value: str, available: list[str], dataset: str) -> None:
+    if value not in available:
+        raise ConfigError(f"Unknown {kind} {value!r} for dataset {dataset!r}: choose one of {available}.")
+
+
+def _check_config(path: str, config: str | None, name: str, hub: dict) -> None:
+    """Explain a failed load by the configuration when it is unknown, or missing among several."""
+    configs = datasets.get_dataset_config_names(path, **hub)
+    if config is not None:
+        _check_choice("config", config, configs, name)
+    elif len(configs) > 1 and datasets.get_dataset_default_config_name(path, **hub) is None:
+        raise ConfigError(f"Dataset {name!r} has several configs: pass one of {configs}.")
+
+
+def load_image_dataset(
+    name_or_path: str,
+    *,
+    config: str | None = None,
+    split: str = "train",
+    streaming: bool = True,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
+) -> datasets.IterableDataset | datasets.Dataset:
+    """Open one split of a Hub data set or a local folder with ``datasets.load_dataset``.
+
+    Args:
+        name_or_path: a Hub id (``owner/name``) or a local folder of parquet shards, an image
+            folder, or anything else ``load_dataset(folder)`` understands.
+        config: the data set's configuration (subset), when it has several.
+        split: the split to read; ``streaming=False`` also accepts slices such as ``train[:10%]``.
+        streaming: stream the rows (default) instead of downloading and converting the split.
+        revision: a Hub branch, tag or commit.
+        token: a Hub token for private or gated data sets (default: the logged-in one).
+        cache_dir: where ``datasets`` caches downloads and converted files.
+
+    Raises:
+        ConfigError: a missing local path, an unreachable Hub id (offline, private, gated), an
+            unknown configuration or an unknown split; the message lists the valid choices.
+    """
+    local = _is_local(name_or_path)
+    if local and not Path(name_or_path).expanduser().exists():
+        raise ConfigError(f"Local dataset folder {name_or_path!r} does not exist: check the path.")
+    path = str(Path(name_or_path).expanduser()) if local else name_or_path
+    hub = {"revision": revision, "token": token, "cache_dir": cache_dir}
+    try:
+        if streaming:
+            if any(c in split for c in "[+"):
+                raise ConfigError(f"Split {split!r} is a slice or a sum, which needs streaming=False.")
+            # All splits of a stream are opened lazily, so this costs no more than opening one.
+            splits = datasets.load_dataset(path, config, streaming=True, **hub)
+            _check_choice("split", split, list(splits), name_or_path)
+            return splits[split]
+        # Check the split before load_dataset downloads and converts every split.
+        available = datasets.get_dataset_split_names(path, config, **hub)
+        for part in split.split("+"):
+            _check_choice("split", part.split("[")[0].strip(), available, name_or_path)
+        return datasets.load_dataset(path, config, split=split, **hub)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        _check_config(path, config, name_or_path, hub)
+        raise error
+    except FileNotFoundError as error:
+        if local:
+            raise ConfigError(
+                f"Found no data in {name_or_path!r}: expected parquet shards, an image folder or another "
+                f"format datasets can load ({error})."
+            ) from error
+        raise ConfigError(_unreachable(name_or_path)) from error
+    except ConnectionError as error:
+        raise ConfigError(_unreachable(name_or_path)) from error
+
+
+def _unreachable(name: str) -> str:
+    return (
+        f"Cannot reach dataset {name!r} on the Hugging Face Hub (no network, HF_HUB_OFFLINE=1, a typo, "
+        "or a private/gated data set): check the id, accept its terms on huggingface.co and log in with "
+        "`hf auth login`, or pass a local folder."
+    )
+
+
+def resolve_image_column(features: Mapping[str, Any] | None, image_column: str | None) -> str:
+    """Return the column holding the images.
+
+    ``image_column`` is checked when given. Otherwise the single ``datasets.Image`` feature is
+    used; failing that, the first column named like :data:`IMAGE_COLUMN_NAMES`.
+
+    Raises:
+        ConfigError: the column is missing, or none or several candidates exist; the message lists
+            the columns.
+    """
+    if features is None:
+        raise ConfigError("The dataset does not declare its columns: pass image_column explicitly.")
+    columns = list(features)
+    if image_column is not None:
+        if image_column not in features:
+            raise ConfigError(
+                f"Image column {image_column!r} is not in the dataset: choose one of {columns}."
+            )
+        return image_column
+    image_features = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+    if len(image_features) == 1:
+        return image_features[0]
+    candidates = image_features or columns
+    named = [name for name in IMAGE_COLUMN_NAMES if name in candidates]
+    if named:
+        return named[0]
+    if image_features:
+        raise ConfigError(f"The dataset has several image columns {image_features}: pass image_column.")
+    raise ConfigError(f"Found no image column among {columns}: pass image_column.")
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def image_key(encoded: bytes) -> str:
+    """The stable key of an image: the hex blake2b digest of its encoded bytes (32 characters)."""
+    return hashlib.blake2b(encoded, digest_size=KEY_BYTES).hexdigest()
+
+
+def read_encoded(record: Record) -> bytes:
+    """The encoded bytes of an undecoded ``datasets`` image (embedded bytes, or the file at its path).
+
+    Raises:
+        BadImageError: the record has neither, or the file cannot be read.
+    """
+    if record.get("bytes") is not None:
+        return record["bytes"]
+    path = record.get("path")
+    if path is None:
+        raise BadImageError("the record has neither bytes nor a path")
+    try:
+        with xopen(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise BadImageError(f"cannot read {path}: {error}") from error
+
+
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """An opened PIL image as an ``(H, W, 3)`` uint8 array (see the module docstring for each mode)."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257.0
+        return np.repeat(np.round(values).astype(np.uint8)[..., None], 3, axis=2)
+    if mode == "F":
+        values = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0) * 255.0
+        return np.repeat(np.round(values).astype(np.uint8)[..., None], 3, axis=2)
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def decode_image(encoded: bytes) -> torch.Tensor:
+    """Decode an encoded image to an 8-bit RGB ``(3, H, W)`` tensor, EXIF orientation applied.
+
+    Raises:
+        BadImageError: undecodable, or degenerate (see :data:`MIN_IMAGE_SIDE`,
+            :data:`MAX_ASPECT_RATIO`).
+    """
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            width, height = image.size
+            if min(width, height) < MIN_IMAGE_SIDE:
+                raise BadImageError(f"{width}x{height} px is smaller than {MIN_IMAGE_SIDE} px")
+            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                raise BadImageError(f"{width}x{height} px is longer than {MAX_ASPECT_RATIO}:1")
+            image.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(image))
+    except BadImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        raise BadImageError(f"{type(error).__name__}: {error}") from error
+    return torch.from_numpy(rgb.transpose(2, 0, 1).copy())
+
+
+def _seed(*parts: object) -> int:
+    """A 63-bit seed derived from ``parts`` (stable across processes, unlike ``hash``)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _to_uint8(images01: torch.Tensor) -> torch.Tensor:
+    return images01.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- the iterable
+
+
+class ViewsDataset(torch.utils.data.IterableDataset):
+    """Batches of decoded, validated MV-MR views from one process's part of a ``datasets`` split.
+
+    Built by :func:`build_dataloader` (which documents the batches); see the module docstring for
+    the order, the per-process split, the skipped-image counts and resuming. Batching happens
+    here rather than in the DataLoader so that the images skipped after a worker's last full
+    batch, and those of its dropped incomplete batch, are still counted: each full batch is held
+    until the next one is complete, and the last one also carries the skips that follow it.
+    ``state_dict``/``load_state_dict`` make it resumable by
+    :class:`~torchdata.stateful_dataloader.StatefulDataLoader`.
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.IterableDataset | datasets.Dataset,
+        *,
+        image_column: str,
+        image_size: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        undecoded = dataset.select_columns([image_column])
+        undecoded = undecoded.cast_column(image_column, datasets.Image(decode=False))
+        self.streaming = isinstance(dataset, datasets.IterableDataset)
+        self.source = split_dataset_by_node(undecoded, rank, world_size) if self.streaming else undecoded
+        self.image_column = image_column
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.augment = ViewAugment(image_size)
+        self.epoch = 0
+        self._state = self._start_state()
+        self._resume: dict | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration runs (its shard order, shuffle and augmentations)."""
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        """The epoch and the position after the last batch yielded (in this worker)."""
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue ``state``'s epoch after its last yielded batch on the next iteration."""
+        self.epoch = state["epoch"]
+        self._resume = dict(state)
+
+    def _start_state(self) -> dict:
+        return {"epoch": self.epoch, "block": 0, "block_start": None, "consumed": 0}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        resume, self._resume = self._resume, None
+        self._state = resume if resume is not None and resume["epoch"] == self.epoch else self._start_state()
+        start = {name: value for name, value in self._state.items() if name != "epoch"}
+        position = start
+        records = self._stream_records if self.streaming else self._table_records
+        samples: list[dict] = []
+        skipped = 0
+        held: tuple[list[dict], int, dict] | None = None  # the last full batch, not yet yielded
+        for record, position in records(start, worker, num_workers):
+            try:
+                encoded = read_encoded(record)
+                image = decode_image(encoded)
+            except BadImageError as error:
+                skipped += 1
+                logger.debug("Skipping an image: %s", error)
+                continue
+            key = image_key(encoded)
+            plain, augmented = self._views(image, key)
+            samples.append({"image": plain, "augmented": augmented, "key": key})
+            if len(samples) == self.batch_size:
+                if held is not None:
+                    yield self._emit(*held)
+                held, samples, skipped = (samples, skipped, position), [], 0
+        if held is not None:
+            # The last full batch also reports the skips after it; resuming from it ends the epoch.
+            yield self._emit(held[0], held[1] + skipped, position)
+
+    def _emit(self, samples: list[dict], skipped: int, position: dict) -> dict:
+        self._state = {"epoch": self.epoch, **position}
+        return {
+            "image": torch.stack([s["image"] for s in samples]),
+            "augmented": torch.stack([s["augmented"] for s in samples]),
+            "key": [s["key"] for s in samples],
+            "skipped": skipped,
+        }
+
+    def _views(self, image: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images01 = image.unsqueeze(0).float().div_(255.0)
+        plain = center_view(images01, self.image_size)
+        resized = TF.resize(images01, [self.image_size], antialias=True)
+        generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch, key))
+        augmented = self.augment(resized, generator=generator)
+        return _to_uint8(plain[0]), _to_uint8(augmented[0])
+
+    def _stream_records(self, start: dict, worker: int, num_workers: int) -> Iterator[tuple[Record, dict]]:
+        """This worker's rows in blocks of ``shuffle_buffer``, each block permuted, resumable per block."""
+        stream = self.source
+        # datasets reshuffles the shard order when the epoch is non-zero: derive it from the seed too.
+        stream.set_epoch(1 + _seed(self.seed, self.epoch) % (1 << 31))
+        stream.load_state_dict(start["block_start"])  # None: from the start of the epoch
+        rows = iter(stream)
+        block, block_start, consumed = start["block"], start["block_start"], start["consumed"]
+        while chunk := list(islice(rows, max(1, self.shuffle_buffer))):
+            order = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, worker, block)).permutation(
+                len(chunk)
+            )
+            for position in range(consumed, len(chunk)):
+                row = chunk[order[position]][self.image_column]
+                yield row, {"block": block, "block_start": block_start, "consumed": position + 1}
+            block, block_start, consumed = block + 1, stream.state_dict(), 0
+
+    def _table_records(self, start: dict, worker: int, num_workers: int) -> Iterator[tuple[Record, dict]]:
+        """This worker's rows of a map-style split: one permutation per epoch, dealt to processes, workers."""
+        table = self.source
+        usable = len(table) - len(table) % self.world_size
+        if self.shuffle_buffer > 0:
+            order = np.random.default_rng(_seed(self.seed, self.epoch)).permutation(len(table))[:usable]
+        else:
+            order = np.arange(usable)
+        mine = order[self.rank :: self.world_size][worker::num_workers]
+        for position in range(start["consumed"], len(mine)):
+            row = table[int(mine[position])]
+            yield row[self.image_column], {"block": 0, "block_start": None, "consumed": position + 1}
+
+
+# ----------------------------------------------------------------------------- the loader
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _num_examples(dataset: datasets.IterableDataset | datasets.Dataset) -> int | None:
+    if isinstance(dataset, datasets.Dataset):
+        return len(dataset)
+    splits = dataset.info.splits
+    if splits is None or dataset.split is None or str(dataset.split) not in splits:
+        return None
+    return splits[str(dataset.split)].num_examples or None
+
+
+def build_dataloader(
+    dataset: datasets.IterableDataset | datasets.Dataset,
+    *,
+    image_size: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle_buffer: int = 1000,
+    seed: int = 0,
+    num_workers: int = 0,
+    image_column: str | None = None,
+    pin_memory: bool = False,
+) -> tuple[StatefulDataLoader, DataStats]:
+    """A resumable loader of MV-MR batches for process ``rank`` of ``world_size``.
+
+    Batches are ``{"image": (B,3,S,S) uint8, "augmented": (B,3,S,S) uint8, "key": list[str],
+    "skipped": int}`` with ``B = batch_size`` always (the last incomplete batch of each worker is
+    dropped: distance correlation needs full, equal batches on every process). The number of
+    batches can differ between processes (shards of different sizes, bad images), so the training
+    loop must stop an epoch when any process runs out.
+
+    Args:
+        dataset: one split, from :func:`load_image_dataset` (streamed or map-style).
+        image_size: side S of both views.
+        batch_size: images per batch in this process.
+        rank, world_size: this process and the number of processes.
+        shuffle_buffer: streamed rows shuffled together (0: keep the stored order); for a
+            map-style split any positive value means a full permutation per epoch.
+        seed: seed of the shard order, the shuffles and the augmentations.
+        num_workers: DataLoader worker processes (a stream gives each worker whole shards, so more
+            workers than shards per process leaves some idle).
+        image_column: the image column, or ``None`` to detect it (:func:`resolve_image_column`).
+        pin_memory: pin batches in page-locked memory for faster copies to the GPU.
+
+    Call ``loader.dataset.set_epoch(epoch)`` before each epoch; save ``loader.state_dict()`` with
+    checkpoints and restore it with ``loader.load_state_dict(state)`` (module docstring).
+    """
+    if not isinstance(dataset, datasets.Dataset | datasets.IterableDataset):
+        raise ConfigError(
+            f"Expected one split of a dataset (datasets.Dataset or IterableDataset), got "
+            f"{type(dataset).__name__}: select a split, e.g. dataset['train']."
+        )
+    _check_int("image_size", image_size, MIN_IMAGE_SIDE)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("world_size", world_size, 1)
+    _check_int("num_workers", num_workers, 0)
+    _check_int("shuffle_buffer", shuffle_buffer, 0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ConfigError(f"rank must be an integer in [0, {world_size}), got {rank!r}.")
+    column = resolve_image_column(dataset.features, image_column)
+    stats = DataStats(
+        image_column=column,
+        streaming=isinstance(dataset, datasets.IterableDataset),
+        num_examples=_num_examples(dataset),
+    )
+    if not stats.streaming and len(dataset) // world_size < batch_size:
+        raise ConfigError(
+            f"The split has {len(dataset)} images, fewer than {batch_size} per process for {world_size} "
+            "process(es): lower the batch size or use more data."
+        )
+    views = ViewsDataset(
+        dataset,
+        image_column=column,
+        image_size=image_size,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+    )
+    # The views are batched by the dataset itself (see ViewsDataset), hence batch_size=None.
+    loader = StatefulDataLoader(views, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    return loader, stats

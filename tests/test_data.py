@@ -1,0 +1,422 @@
+"""Data loading on real images written offline: scikit-learn's digits and scikit-image's photographs.
+
+References are independent of the code under test: PIL's own conversions and resizing, numpy
+hand computations, hashlib, scikit-learn's labels and the files on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+from sklearn.datasets import load_digits
+
+from mvmr_hf.data import (
+    BadImageError,
+    build_dataloader,
+    decode_image,
+    image_key,
+    load_image_dataset,
+    resolve_image_column,
+)
+from mvmr_hf.errors import ConfigError
+from mvmr_hf.sample_data import write_digits, write_sample_images
+
+SIZE = 16
+TEST_ROWS = 180  # digits test split with test_fraction=0.1
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Per-image work in the main process is faster on one thread (DataLoader workers use one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return write_digits(tmp_path_factory.mktemp("digits"), image_size=SIZE, test_fraction=0.1)
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory) -> Path:
+    return write_digits(
+        tmp_path_factory.mktemp("digits_if"), image_size=SIZE, fmt="imagefolder", test_fraction=0.1
+    )
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> Path:
+    return write_sample_images(tmp_path_factory.mktemp("samples"), unusual=True, broken=True)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("hf_cache"))
+
+
+def _keys_of_files(paths) -> set[str]:
+    return {hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest() for p in paths}
+
+
+def _all_keys(loader) -> list[str]:
+    return [key for batch in loader for key in batch["key"]]
+
+
+def _one_line_config_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert isinstance(excinfo.value, ConfigError)
+    assert "\n" not in message
+    return message
+
+
+# ----------------------------------------------------------------------------- sample_data
+
+
+def test_write_digits_parquet(digits, cache):
+    shards = sorted(p.name for p in (digits / "data").iterdir())
+    assert shards == [f"{s}-0000{i}-of-00004.parquet" for s in ("test", "train") for i in range(4)]
+    loaded = datasets.load_dataset(str(digits), cache_dir=cache)
+    assert set(loaded) == {"train", "test"}
+    assert loaded["train"].features["label"].names == [str(d) for d in range(10)]
+    assert isinstance(loaded["train"].features["image"], datasets.Image)
+    assert len(loaded["test"]) == TEST_ROWS
+    labels = np.concatenate([loaded["train"]["label"], loaded["test"]["label"]])
+    target = load_digits().target
+    assert np.array_equal(np.bincount(labels), np.bincount(target))
+    # stratified: every class is about 10 % of the test split
+    assert np.abs(np.bincount(loaded["test"]["label"]) - np.bincount(target) * 0.1).max() <= 1
+    first = loaded["test"][0]["image"]
+    assert first.size == (SIZE, SIZE)
+    assert first.mode == "L"
+
+
+def test_write_digits_imagefolder(digits_folder, cache):
+    loaded = datasets.load_dataset(str(digits_folder), cache_dir=cache)
+    assert len(loaded["train"]) + len(loaded["test"]) == 1797
+    assert loaded["test"].features["label"].names == [str(d) for d in range(10)]
+    row = loaded["test"][0]
+    assert row["image"].size == (SIZE, SIZE)
+
+
+def test_write_digits_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ConfigError, match="fmt"):
+        write_digits(tmp_path, fmt="zip")
+    with pytest.raises(ConfigError, match="test_fraction"):
+        write_digits(tmp_path, test_fraction=1.5)
+
+
+def test_write_sample_images(samples):
+    files = sorted((samples / "train").iterdir())
+    assert {"astronaut.jpg", "gradient16.png", "bad_empty.png"} <= {p.name for p in files}
+    modes = {Image.open(p).mode for p in files if not p.name.startswith("bad_")}
+    assert {"RGB", "L", "1", "RGBA", "LA", "P", "I;16", "F", "CMYK"} <= modes
+
+
+# ----------------------------------------------------------------------------- loading and errors
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+@pytest.mark.parametrize("fixture", ["digits", "digits_folder", "samples"])
+def test_load_image_dataset(fixture, streaming, cache, request):
+    folder = request.getfixturevalue(fixture)
+    dataset = load_image_dataset(str(folder), streaming=streaming, cache_dir=cache)
+    assert isinstance(dataset, datasets.IterableDataset if streaming else datasets.Dataset)
+    assert resolve_image_column(dataset.features, None) == "image"
+
+
+def test_missing_local_path_is_named(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ConfigError) as excinfo:
+        load_image_dataset(str(missing))
+    assert str(missing) in _one_line_config_error(excinfo)
+
+
+def test_folder_without_data(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError) as excinfo:
+        load_image_dataset(str(tmp_path / "empty"))
+    assert "empty" in _one_line_config_error(excinfo)
+
+
+def test_unreachable_hub_id(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError) as excinfo:
+        load_image_dataset("mvmr-hf-tests/no-such-dataset")
+    message = _one_line_config_error(excinfo)
+    assert "'mvmr-hf-tests/no-such-dataset'" in message
+    assert "hf auth login" in message
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_unknown_split_lists_splits(digits, cache, streaming):
+    with pytest.raises(ConfigError) as excinfo:
+        load_image_dataset(str(digits), split="validation", streaming=streaming, cache_dir=cache)
+    message = _one_line_config_error(excinfo)
+    assert "'validation'" in message
+    assert "['train', 'test']" in message
+
+
+def test_unknown_config_lists_configs(digits):
+    with pytest.raises(ConfigError) as excinfo:
+        load_image_dataset(str(digits), config="small")
+    assert "'default'" in _one_line_config_error(excinfo)
+
+
+def test_split_slices_need_map_style(digits, cache):
+    with pytest.raises(ConfigError, match="streaming=False"):
+        load_image_dataset(str(digits), split="test[:10]")
+    assert len(load_image_dataset(str(digits), split="test[:10]", streaming=False, cache_dir=cache)) == 10
+
+
+def test_resolve_image_column():
+    image, label = datasets.Image(), datasets.ClassLabel(names=["a", "b"])
+    assert resolve_image_column(datasets.Features({"photo_a": image, "label": label}), None) == "photo_a"
+    webdataset_like = datasets.Features({"jpg": datasets.Value("binary"), "txt": datasets.Value("string")})
+    assert resolve_image_column(webdataset_like, None) == "jpg"
+    assert resolve_image_column(datasets.Features({"img": image, "mask": image}), None) == "img"
+    with pytest.raises(ConfigError) as excinfo:
+        resolve_image_column(datasets.Features({"left": image, "right": image}), None)
+    assert "['left', 'right']" in _one_line_config_error(excinfo)
+    with pytest.raises(ConfigError) as excinfo:
+        resolve_image_column(datasets.Features({"text": datasets.Value("string"), "label": label}), None)
+    assert "['text', 'label']" in _one_line_config_error(excinfo)
+    with pytest.raises(ConfigError) as excinfo:
+        resolve_image_column(datasets.Features({"image": image, "label": label}), "picture")
+    assert "['image', 'label']" in _one_line_config_error(excinfo)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _decoded(path: Path) -> np.ndarray:
+    return decode_image(path.read_bytes()).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize(
+    "name", ["astronaut.jpg", "camera.png", "horse.png", "palette.png", "coffee_cmyk.jpg", "colorwheel.png"]
+)
+def test_modes_match_pil_conversion(samples, name):
+    path = samples / "train" / name
+    expected = np.asarray(Image.open(path).convert("RGB"))
+    assert np.array_equal(_decoded(path), expected)
+
+
+def test_sixteen_bit_keeps_contrast(samples):
+    decoded = _decoded(samples / "train" / "gradient16.png")
+    gradient = np.asarray(Image.open(samples / "train" / "gradient16.png")).astype(np.float64)
+    assert np.array_equal(decoded[..., 0], np.round(gradient / 257.0).astype(np.uint8))
+    assert len(np.unique(decoded)) == 256  # PIL's convert("RGB") clips to about 65 levels
+    assert (decoded[..., 0] == decoded[..., 2]).all()
+
+
+def test_float_image_scaled_from_unit_range(samples):
+    values = np.asarray(Image.open(samples / "train" / "gradient_float.tiff"), dtype=np.float64)
+    expected = np.round(np.clip(values, 0, 1) * 255).astype(np.uint8)
+    assert np.array_equal(_decoded(samples / "train" / "gradient_float.tiff")[..., 1], expected)
+
+
+@pytest.mark.parametrize("name", ["astronaut_rgba.png", "camera_la.png", "logo.png"])
+def test_alpha_composited_on_white(samples, name):
+    rgba = np.asarray(Image.open(samples / "train" / name).convert("RGBA")).astype(np.float64)
+    alpha = rgba[..., 3:] / 255.0
+    expected = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+    assert np.abs(_decoded(samples / "train" / name) - expected).max() <= 1.0
+
+
+def test_transparent_palette_colour_becomes_white(samples):
+    path = samples / "train" / "palette_transparent.png"
+    indices = np.asarray(Image.open(path))
+    decoded = _decoded(path)
+    assert (indices == 0).any()
+    assert (decoded[indices == 0] == 255).all()
+    opaque = np.asarray(Image.open(path).convert("RGB"))[indices != 0]
+    assert np.array_equal(decoded[indices != 0], opaque)
+
+
+def test_exif_orientation_applied(samples):
+    decoded = _decoded(samples / "train" / "rocket_exif_rotated.jpg")
+    rocket = skdata.rocket()
+    assert decoded.shape == rocket.shape
+    assert np.abs(decoded.astype(float) - rocket).mean() < 4.0  # JPEG noise only
+
+
+@pytest.mark.parametrize(
+    "name", ["bad_truncated.jpg", "bad_empty.png", "bad_not_an_image.jpg", "bad_1x1.png", "bad_strip.png"]
+)
+def test_bad_images_raise(samples, name):
+    with pytest.raises(BadImageError):
+        decode_image((samples / "train" / name).read_bytes())
+
+
+def test_key_is_blake2b_of_encoded_bytes():
+    encoded = b"not even an image"
+    assert image_key(encoded) == hashlib.blake2b(encoded, digest_size=16).hexdigest()
+    assert len(image_key(encoded)) == 32
+
+
+# ----------------------------------------------------------------------------- the loader
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_bad_images_skipped_and_counted(samples, cache, streaming, batch_size):
+    files = list((samples / "train").iterdir())
+    good = _keys_of_files(p for p in files if not p.name.startswith("bad_"))
+    dataset = load_image_dataset(str(samples), streaming=streaming, cache_dir=cache)
+    loader, stats = build_dataloader(dataset, image_size=SIZE, batch_size=batch_size, shuffle_buffer=8)
+    batches = list(loader)
+    keys = [key for batch in batches for key in batch["key"]]
+    assert len(keys) == len(set(keys)) == len(good) // batch_size * batch_size
+    assert set(keys) <= good
+    assert sum(batch["skipped"] for batch in batches) == 5  # every bad file, whatever the order
+    assert stats.image_column == "image"
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_batches_shapes_keys_and_views(digits, cache, streaming):
+    dataset = load_image_dataset(str(digits), split="test", streaming=streaming, cache_dir=cache)
+    loader, stats = build_dataloader(dataset, image_size=12, batch_size=8, shuffle_buffer=40)
+    batches = list(loader)
+    assert len(batches) == TEST_ROWS // 8
+    assert stats.num_examples == TEST_ROWS
+    for batch in batches:
+        assert batch["image"].shape == batch["augmented"].shape == (8, 3, 12, 12)
+        assert batch["image"].dtype == batch["augmented"].dtype == torch.uint8
+        assert [type(k) for k in batch["key"]] == [str] * 8
+        assert batch["skipped"] == 0
+    assert not torch.equal(batches[0]["image"], batches[0]["augmented"])
+
+
+def test_non_augmented_view_matches_pil(samples):
+    """The non-augmented view is the shorter side resized with anti-aliasing, then centre-cropped."""
+    astronaut = skdata.astronaut()[:, 64:]  # 512 x 448: the crop offset is a whole pixel
+    folder = samples.parent / "one_image" / "train"
+    folder.mkdir(parents=True)
+    Image.fromarray(astronaut).save(folder / "a.png")
+    loader, _ = build_dataloader(load_image_dataset(str(folder.parent)), image_size=64, batch_size=1)
+    (batch,) = list(loader)
+    resized = Image.fromarray(astronaut).resize((64, 73), Image.Resampling.BILINEAR)
+    expected = np.asarray(resized.crop((0, 4, 64, 68)))
+    view = batch["image"][0].permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(view - expected).max() <= 1
+    assert batch["key"] == [image_key((folder / "a.png").read_bytes())]
+
+
+def test_keys_stable_across_epochs_and_formats(digits, digits_folder, cache):
+    parquet = load_image_dataset(str(digits), split="test", streaming=True)
+    loader, _ = build_dataloader(parquet, image_size=SIZE, batch_size=1, shuffle_buffer=50)
+    first = _all_keys(loader)
+    loader.dataset.set_epoch(1)
+    second = _all_keys(loader)
+    assert first != second  # reshuffled
+    assert sorted(first) == sorted(second)  # the same images
+    assert len(set(first)) == TEST_ROWS
+    table = load_image_dataset(str(digits), split="test", streaming=False, cache_dir=cache)
+    assert set(_all_keys(build_dataloader(table, image_size=SIZE, batch_size=1)[0])) == set(first)
+    assert set(first) == _keys_of_files((digits_folder / "test").rglob("*.png"))
+
+
+def _views_by_key(dataset, *, seed, epoch):
+    loader, _ = build_dataloader(dataset, image_size=SIZE, batch_size=10, seed=seed, shuffle_buffer=20)
+    loader.dataset.set_epoch(epoch)
+    views = {}
+    for batch in loader:
+        for key, plain, augmented in zip(batch["key"], batch["image"], batch["augmented"], strict=True):
+            views[key] = (plain, augmented)
+    return views
+
+
+def test_augmentation_reproducible_and_varied(digits):
+    dataset = load_image_dataset(str(digits), split="test", streaming=True)
+    base = _views_by_key(dataset, seed=0, epoch=0)
+    again = _views_by_key(dataset, seed=0, epoch=0)
+    next_epoch = _views_by_key(dataset, seed=0, epoch=1)
+    other_seed = _views_by_key(dataset, seed=1, epoch=0)
+    for key, (plain, augmented) in base.items():
+        assert torch.equal(again[key][1], augmented)
+        assert torch.equal(next_epoch[key][0], plain)
+        assert torch.equal(other_seed[key][0], plain)
+    changed_by_epoch = sum(not torch.equal(next_epoch[k][1], v[1]) for k, v in base.items())
+    changed_by_seed = sum(not torch.equal(other_seed[k][1], v[1]) for k, v in base.items())
+    assert changed_by_epoch > 0.9 * len(base)
+    assert changed_by_seed > 0.9 * len(base)
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_two_processes_partition_the_data(digits, cache, streaming):
+    dataset = load_image_dataset(str(digits), split="test", streaming=streaming, cache_dir=cache)
+    parts = [
+        set(_all_keys(build_dataloader(dataset, image_size=SIZE, batch_size=1, rank=r, world_size=2)[0]))
+        for r in (0, 1)
+    ]
+    alone = set(_all_keys(build_dataloader(dataset, image_size=SIZE, batch_size=1)[0]))
+    assert not parts[0] & parts[1]
+    assert parts[0] | parts[1] == alone
+    assert len(alone) == TEST_ROWS
+    assert abs(len(parts[0]) - len(parts[1])) <= TEST_ROWS // 4  # whole shards or even halves
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("streaming", [True, False])
+def test_resume_continues_the_epoch(digits, cache, streaming, num_workers):
+    dataset = load_image_dataset(str(digits), split="test", streaming=streaming, cache_dir=cache)
+
+    def loader():
+        built, _ = build_dataloader(
+            dataset, image_size=SIZE, batch_size=8, shuffle_buffer=25, seed=3, num_workers=num_workers
+        )
+        built.dataset.set_epoch(2)
+        return built
+
+    uninterrupted = [batch["key"] for batch in loader()]
+    interrupted = loader()
+    batches = iter(interrupted)
+    seen = [next(batches)["key"] for _ in range(5)]
+    state = interrupted.state_dict()
+    del batches, interrupted
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = [batch["key"] for batch in resumed]
+    keys = [key for batch in seen + rest for key in batch]
+    assert len(keys) == len(set(keys))
+    assert seen + rest == uninterrupted  # nothing lost, nothing repeated, same order
+
+
+def test_build_dataloader_rejects_bad_arguments(digits, cache):
+    table = load_image_dataset(str(digits), split="test", streaming=False, cache_dir=cache)
+    for kwargs, match in [
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 4, "rank": 2, "world_size": 2}, "rank"),
+        ({"batch_size": 4, "image_column": "pixels"}, "pixels"),
+        ({"batch_size": TEST_ROWS}, "fewer than"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            build_dataloader(table, image_size=SIZE, **{"world_size": 2, **kwargs})
+    with pytest.raises(ConfigError, match="split"):
+        build_dataloader(datasets.DatasetDict({"test": table}), image_size=SIZE, batch_size=4)
+
+
+def test_undecodable_record_bytes_do_not_stop_the_stream():
+    encoded = [io.BytesIO() for _ in range(3)]
+    for buffer, shade in zip(encoded, (0, 128, 255), strict=True):
+        Image.new("RGB", (20, 20), (shade, shade, shade)).save(buffer, format="PNG")
+    rows = [{"bytes": b.getvalue(), "path": None} for b in encoded]
+    rows.append({"bytes": b"\x89PNG broken", "path": None})
+    features = datasets.Features({"image": datasets.Image()})
+    table = datasets.Dataset.from_dict({"image": rows}, features=features)
+    loader, _ = build_dataloader(table.to_iterable_dataset(), image_size=SIZE, batch_size=1, shuffle_buffer=0)
+    batches = list(loader)
+    assert [b["key"][0] for b in batches] == [image_key(b.getvalue()) for b in encoded]
+    assert sum(b["skipped"] for b in batches) == 1
