@@ -214,6 +214,24 @@ def test_hub_id_offline_gives_one_line_naming_the_id(monkeypatch: pytest.MonkeyP
     assert "\n" not in message
 
 
+def test_hub_id_loads_from_the_hub_cache_and_names_the_commit(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """The Hub-id path is the real one (from_pretrained with the id), served here by a local cache."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--mvmr-hf-tests--tiny-vit"
+    save_tiny_teacher("vit", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    teacher = load_teacher("mvmr-hf-tests/tiny-vit")
+    assert teacher.output == "cls"
+    assert teacher.fingerprint()["commit"] == commit
+    with pytest.raises(ConfigError, match="offline or no network"):
+        load_teacher("mvmr-hf-tests/tiny-vit", revision="v2")
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [

@@ -333,6 +333,7 @@ def _loading_errors(name: str) -> Iterator[None]:
 
 
 def _explain(error: BaseException, name: str) -> str:
+    """One sentence for a loading error, from the Hub error types anywhere in its cause chain."""
     chain: list[BaseException] = []
     cause: BaseException | None = error
     while cause is not None and len(chain) < 10:
@@ -493,7 +494,7 @@ def _settings_from_processor(name: str, processor: object) -> PreprocessSettings
         warnings.warn(
             f"{type(processor).__name__} has its own preprocessing; the teacher applies only its resize, "
             "center crop and normalization settings, so its inputs may differ slightly from the processor's",
-            stacklevel=3,
+            stacklevel=4,
         )
     normalize = getattr(processor, "do_normalize", False)
     return PreprocessSettings(
@@ -538,7 +539,7 @@ def _fallback_settings(name: str, config: PretrainedConfig) -> PreprocessSetting
     warnings.warn(
         f"teacher {name!r} has no image-processor config: using {side} px bicubic resize + center crop and "
         f"mean {tuple(mean)}, std {tuple(std)}; save its processor into the folder to use its own settings",
-        stacklevel=3,
+        stacklevel=4,
     )
     return PreprocessSettings(
         shortest_edge=side,
