@@ -80,7 +80,7 @@ _CHANGEABLE_ON_RESUME = frozenset(
 
 
 class TrainingError(RuntimeError):
-    """A run that started but could not finish (a non-finite loss); the message says where."""
+    """A run that started but could not finish (a non-finite loss, no data); the message says why."""
 
 
 def train(
@@ -179,54 +179,64 @@ def train(
         accelerator.init_trackers("mvmr", config={k: v for k, v in args.items() if v is not None})
     images_per_step = training_args.batch_size * training_args.grad_accum
     meter = _Meter(accelerator, output_dir, images_per_step=images_per_step, step=step)
-    progress = tqdm(total=total_steps, initial=step, unit="step", disable=not accelerator.is_main_process)
     saved_step, started = step, time.perf_counter()
+    resumed_epoch = epoch if resume_from is not None else None
 
     student.train()
-    while step < total_steps and (training_args.max_steps is not None or epoch < training_args.epochs):
-        loader.dataset.set_epoch(epoch)
-        for batch in _until_any_process_runs_out(loader, accelerator):
-            images = batch["image"].to(device, non_blocking=True).float().div_(255)
-            augmented = batch["augmented"].to(device, non_blocking=True).float().div_(255)
-            with accelerator.accumulate(student):
-                z = student(images).embedding  # Z: the non-augmented view
-                z_aug = student(augmented).embedding  # Z̃: a separate pass, its own BN statistics
-                targets = _representation_outputs(accelerator, representations, images, batch["key"], cache)
-                loss = criterion(z, z_aug, targets, gather=gather)
-                accelerator.backward(loss.total)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            meter.add(loss.total, loss.terms, skipped=batch["skipped"], step=step + 1)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update()
-            if step % training_args.log_every == 0:
-                progress.set_postfix(meter.log(step, epoch, scheduler.get_last_lr()[0]))
-            if step % training_args.checkpoint_every == 0:
-                meter.raise_if_not_finite()  # never save a checkpoint after a non-finite loss
-                save_checkpoint(
-                    accelerator,
-                    output_dir,
-                    step=step,
-                    epoch=epoch,
-                    loader_state=loader.state_dict(),
-                    keep=training_args.keep_checkpoints,
-                )
-                saved_step = step
-            if step >= total_steps:
-                break
-        else:  # this epoch's data ran out
-            epoch += 1
-            if cache is not None:
-                _share_cache(accelerator, cache)
-            continue
-        break
-    progress.close()
-    if step % training_args.log_every:
+    with tqdm(
+        total=total_steps, initial=step, unit="step", disable=not accelerator.is_main_process
+    ) as progress:
+        while step < total_steps and (training_args.max_steps is not None or epoch < training_args.epochs):
+            loader.dataset.set_epoch(epoch)
+            batches = 0
+            for batch in _until_any_process_runs_out(loader, accelerator):
+                batches += 1
+                images = batch["image"].to(device, non_blocking=True).float().div_(255)
+                augmented = batch["augmented"].to(device, non_blocking=True).float().div_(255)
+                with accelerator.accumulate(student):
+                    z = student(images).embedding  # Z: the non-augmented view
+                    z_aug = student(augmented).embedding  # Z̃: a separate pass, its own BN statistics
+                    targets = _representation_outputs(
+                        accelerator, representations, images, batch["key"], cache
+                    )
+                    loss = criterion(z, z_aug, targets, gather=gather)
+                    accelerator.backward(loss.total)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                meter.add(loss.total, loss.terms, skipped=batch["skipped"], step=step + 1)
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                progress.update()
+                if step % training_args.log_every == 0:
+                    progress.set_postfix(meter.log(step, epoch, scheduler.get_last_lr()[0]))
+                if step % training_args.checkpoint_every == 0:
+                    meter.raise_if_not_finite()  # never save a checkpoint after a non-finite loss
+                    save_checkpoint(
+                        accelerator,
+                        output_dir,
+                        step=step,
+                        epoch=epoch,
+                        loader_state=loader.state_dict(),
+                        keep=training_args.keep_checkpoints,
+                    )
+                    saved_step = step
+                if step == total_steps:
+                    break
+            else:  # this epoch's data ran out
+                if batches == 0 and epoch != resumed_epoch:  # a resumed epoch may have no batch left
+                    raise TrainingError(
+                        f"epoch {epoch} gave no full batch of {batch_size} images on some process: "
+                        "lower --batch-size or check the data set"
+                    )
+                epoch += 1
+                if cache is not None:
+                    _share_cache(accelerator, cache)
+
+    if step > meter.steps:
         meter.log(step, epoch, scheduler.get_last_lr()[0])
-    if saved_step != step:
+    if step > saved_step:
         meter.raise_if_not_finite()
         save_checkpoint(
             accelerator,

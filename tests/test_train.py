@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import timm
 import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
 
 from mvmr_hf.checkpoint import (
     TRAINER_STATE,
@@ -16,8 +20,13 @@ from mvmr_hf.checkpoint import (
     remove_partial,
     rotate_checkpoints,
 )
+from mvmr_hf.cli.train import distill_main, pretrain_main
 from mvmr_hf.errors import ConfigError
+from mvmr_hf.objective import MVMRLoss
+from mvmr_hf.representations.teacher import Teacher
+from mvmr_hf.sample_data import write_digits
 from mvmr_hf.teacher_cache import TeacherCache, cache_folder
+from mvmr_hf.tiny_models import save_tiny_teacher
 
 
 def _fake_checkpoint(output_dir, step, *, complete=True):
@@ -83,3 +92,126 @@ def test_teacher_cache_returns_the_stored_outputs_bit_for_bit(tmp_path):
     ]
     with pytest.raises(ValueError, match="one key per sample"):
         reopened.store(["a", "b"], torch.zeros(1, 2))
+
+
+# ----------------------------------------------------------------------------- end-to-end runs
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return write_digits(tmp_path_factory.mktemp("data") / "digits", image_size=32)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return save_tiny_teacher("clip", tmp_path_factory.mktemp("teacher") / "clip", image_size=32)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _tiny(digits, output_dir, *extra):
+    """A run that takes seconds: 32 px digits, a 0.4M-parameter timm ResNet, a 16-16 projector."""
+    return [
+        "--dataset", str(digits), "--output-dir", str(output_dir), "--student", "test_resnet",
+        "--projector", "16-16", "--image-size", "32", "--batch-size", "8", "--num-workers", "0",
+        "--log-every", "1", *extra,
+    ]  # fmt: skip
+
+
+def _metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_end_to_end(digits, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = _tiny(digits, run, "--handcrafted", "hog,lsd", "--max-steps", "3", "--grad-accum", "2",
+                 "--checkpoint-every", "2", "--keep-checkpoints", "1", "--warmup", "0")  # fmt: skip
+    assert pretrain_main(argv) == 0
+    assert "skipped 0 images" in capsys.readouterr().err
+
+    args = json.loads((run / "training_args.json").read_text())
+    assert (args["student"], args["handcrafted"], args["grad_accum"], args["batch_size"]) == (
+        "test_resnet",
+        "hog,lsd",
+        2,
+        8,
+    )
+    metrics = _metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    terms = ["invariance", "variance", "dcor/views", "dcor/hog", "dcor/lsd"]
+    for m in metrics:
+        assert set(m) == {"step", "epoch", "loss", *terms, "lr", "images_per_s", "skipped"}
+        assert m["loss"] == pytest.approx(sum(m[t] for t in terms), rel=1e-5)
+        assert m["images_per_s"] > 0
+        assert m["skipped"] == 0
+        # No warm-up, then a cosine from 1e-4 to 0 over 3 steps, stepped once per optimizer step.
+        assert m["lr"] == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * m["step"] / 3)), abs=1e-12)
+
+    # Checkpoints every 2 steps and at the end, the newest one kept, holding the Student's keys.
+    assert [p.name for p in list_checkpoints(run)] == ["step-000003"]
+    state = read_trainer_state(latest_checkpoint(run))
+    assert (state["step"], state["num_processes"]) == (3, 1)
+    weights = load_file(latest_checkpoint(run) / "model.safetensors")
+    assert {key.split(".")[0] for key in weights} == {"backbone", "projector"}
+
+    # The release folder loads with timm and holds the trained backbone.
+    model = timm.create_model(f"local-dir:{run / 'student'}", pretrained=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[f"backbone.{key}"]), key
+
+
+def test_distill_teacher_cache_gives_the_same_losses(digits, teacher, tmp_path, monkeypatch):
+    calls = []
+    forward = Teacher.forward
+    monkeypatch.setattr(
+        Teacher, "forward", lambda self, images: calls.append(len(images)) or forward(self, images)
+    )
+    # 32 images, 2 batches per epoch, 2 epochs: the second epoch must read the teacher from the cache.
+    common = ["--teacher", str(teacher), "--no-streaming", "--split", "train[:32]", "--batch-size", "16",
+              "--epochs", "2", "--seed", "3"]  # fmt: skip
+    assert distill_main(_tiny(digits, tmp_path / "plain", *common)) == 0
+    assert calls == [16] * 4
+    calls.clear()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    assert distill_main(_tiny(digits, tmp_path / "cached", *common, "--cache-teacher")) == 0
+    assert calls == [16] * 2, "the second epoch ran the teacher instead of reading the cache"
+
+    plain, cached = _metrics(tmp_path / "plain"), _metrics(tmp_path / "cached")
+    assert [m["step"] for m in plain] == [1, 2, 3, 4]
+    assert [m["epoch"] for m in plain] == [0, 0, 1, 1]
+    for a, b in zip(plain, cached, strict=True):
+        for name in ("loss", "invariance", "variance", "dcor/views", "dcor/teacher"):
+            assert a[name] == b[name], name  # bit for bit: the cache stores the teacher's exact outputs
+    (folder,) = (tmp_path / "cached" / "teacher_cache").iterdir()
+    assert len(TeacherCache(folder)) == 32
+    assert json.loads((folder / "fingerprint.json").read_text())["image_size"] == 32
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    digits, tmp_path, capsys, monkeypatch
+):
+    forward, calls = MVMRLoss.forward, []
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 3:  # from optimizer step 3 on
+            out.terms["dcor/lsd"] = out.terms["dcor/lsd"] * math.nan
+            out.total = torch.stack(list(out.terms.values())).sum()
+        return out
+
+    monkeypatch.setattr(MVMRLoss, "forward", poisoned)
+    run = tmp_path / "run"
+    argv = _tiny(digits, run, "--handcrafted", "lsd", "--max-steps", "6", "--checkpoint-every", "2",
+                 "--log-every", "10")  # fmt: skip
+    assert pretrain_main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: the loss became non-finite at step 3 (term dcor/lsd)")
+    assert [p.name for p in list_checkpoints(run)] == ["step-000002"]
+    assert not (run / "student").exists()
