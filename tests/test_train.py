@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import timm
@@ -27,6 +32,8 @@ from mvmr_hf.representations.teacher import Teacher
 from mvmr_hf.sample_data import write_digits
 from mvmr_hf.teacher_cache import TeacherCache, cache_folder
 from mvmr_hf.tiny_models import save_tiny_teacher
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _fake_checkpoint(output_dir, step, *, complete=True):
@@ -215,3 +222,48 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert err.startswith("error: the loss became non-finite at step 3 (term dcor/lsd)")
     assert [p.name for p in list_checkpoints(run)] == ["step-000002"]
     assert not (run / "student").exists()
+
+
+def _run_in_subprocess(argv):
+    script = REPO / "examples" / "pretrain.py"
+    command = [sys.executable, str(script), *argv]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_same_result(digits, tmp_path):
+    """kill -9 after the first checkpoint, then --resume: the final step, losses and weights of an
+    uninterrupted run (deterministic settings: CPU, no data workers, deterministic representations)."""
+    common = ["--handcrafted", "lsd", "--max-steps", "8", "--checkpoint-every", "2",
+              "--keep-checkpoints", "10", "--shuffle-buffer", "64", "--seed", "1"]  # fmt: skip
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert _run_in_subprocess(_tiny(digits, whole, *common)).wait(timeout=600) == 0
+
+    process = _run_in_subprocess(_tiny(digits, killed, *common))
+    first, metrics = checkpoint_path(killed, 2) / TRAINER_STATE, killed / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+
+    def past_first_checkpoint() -> bool:  # and a step logged after it, which the resumed run redoes
+        return first.exists() and metrics.exists() and len(metrics.read_text().splitlines()) >= 3
+
+    while not past_first_checkpoint() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not checkpoint_path(killed, 8).exists()
+    assert _run_in_subprocess([*_tiny(digits, killed, *common), "--resume"]).wait(timeout=600) == 0
+
+    assert (
+        read_trainer_state(latest_checkpoint(killed))["step"]
+        == read_trainer_state(latest_checkpoint(whole))["step"]
+        == 8
+    )
+    expected, resumed = _metrics(whole), _metrics(killed)
+    assert [m["step"] for m in resumed] == list(range(1, 9)), "each step logged once, none lost"
+    for a, b in zip(expected, resumed, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-6)
+    weights_whole = load_file(latest_checkpoint(whole) / "model.safetensors")
+    weights_killed = load_file(latest_checkpoint(killed) / "model.safetensors")
+    for key, value in weights_whole.items():
+        torch.testing.assert_close(weights_killed[key], value, rtol=1e-6, atol=1e-6, msg=key)
