@@ -1,0 +1,673 @@
+"""Evaluation of frozen features: linear probe, kNN and zero-shot classification.
+
+The paper evaluates with a linear classifier on frozen backbone features (section 6, "linear
+evaluation protocol"); we add the kNN protocol of DINO and zero-shot classification through a
+CLIP-style teacher's text tower. Features are extracted once per (model, dataset, split) with
+the model's own preprocessing of the non-augmented view and cached as safetensors.
+
+* :func:`linear_probe`: multinomial logistic regression on standardised features, full-batch
+  L-BFGS, weight decay chosen on a validation split carved from the training split (never the
+  test split); top-1 and top-5.
+* :func:`knn_classify`: cosine similarity, k = 20 nearest training samples, votes weighted by
+  ``exp(similarity / 0.07)`` (DINO's protocol).
+* :func:`zero_shot`: cosine similarity between image embeddings and the text embeddings of
+  ``"a photo of a {label}"`` (:func:`text_embeddings`).
+
+Example::
+
+    encoder = load_encoder("runs/kd/student")
+    train = extract_features(encoder, load_split("./digits", "train"), batch_size=256)
+    test = extract_features(encoder, load_split("./digits", "test"), batch_size=256)
+    linear_probe(train.features, train.labels, test.features, test.labels)   # ProbeResult(top1=..., ...)
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import timm
+import torch
+from huggingface_hub import EvalResult, hf_hub_download, snapshot_download
+from huggingface_hub.errors import HFValidationError, HTTPError
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
+from transformers import AutoModel, AutoTokenizer
+
+from mvmr_hf.align import load_alignment
+from mvmr_hf.augment import center_view
+from mvmr_hf.card import TASK_NAME, TASK_TYPE, hub_id_or_none
+from mvmr_hf.data import BadImageError, decode_image, load_image_dataset, read_encoded, resolve_image_column
+from mvmr_hf.errors import ConfigError
+from mvmr_hf.export import CONFIG, WEIGHTS, is_release, load_release
+from mvmr_hf.representations.teacher import load_teacher
+
+WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+KNN_K = 20
+KNN_TEMPERATURE = 0.07
+PROMPT = "a photo of a {}"
+PROTOCOLS = ("linear", "knn", "zero-shot")
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Top-1 and top-5 accuracy in percent (``top5`` is ``None`` with 5 classes or fewer)."""
+
+    top1: float
+    top5: float | None
+
+
+@dataclass(frozen=True)
+class ProbeResult(Accuracy):
+    """Linear-probe accuracy and the weight decay chosen on the validation split."""
+
+    weight_decay: float = 0.0
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor) -> Accuracy:
+    """Top-1 / top-5 accuracy (percent) of class ``scores`` (N, C) against integer ``labels`` (N,)."""
+    ranked = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    hits = ranked == labels.to(ranked.device)[:, None]
+    top1 = 100.0 * hits[:, 0].float().mean().item()
+    top5 = 100.0 * hits.any(1).float().mean().item() if scores.shape[1] > 5 else None
+    return Accuracy(top1=top1, top5=top5)
+
+
+def _check_features(features: Tensor, labels: Tensor, name: str) -> None:
+    if features.ndim != 2 or labels.ndim != 1 or features.shape[0] != labels.shape[0]:
+        raise ConfigError(
+            f"{name} features must be (N, D) with N labels, "
+            f"got {tuple(features.shape)} and {tuple(labels.shape)}."
+        )
+
+
+def _fit_logistic(
+    features: Tensor, labels: Tensor, classifier: nn.Linear, weight_decay: float, max_iter: int
+) -> nn.Linear:
+    """Minimise mean CE + weight_decay/2·||W||² (bias unpenalised) with full-batch L-BFGS from ``classifier``.
+
+    Returns a trained copy; ``classifier`` (the starting point) is left unchanged.
+    """
+    classifier = copy.deepcopy(classifier).requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        classifier.parameters(),
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-5,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(classifier(features), labels)
+        loss = loss + 0.5 * weight_decay * classifier.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return classifier.requires_grad_(False)
+
+
+def linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    weight_decays: tuple[float, ...] = WEIGHT_DECAYS,
+    val_fraction: float = 0.1,
+    max_iter: int = 300,
+    seed: int = 0,
+) -> ProbeResult:
+    """Linear evaluation: logistic regression on frozen features (paper, section 6.1).
+
+    Features are standardised with the training split's mean and standard deviation. Each weight
+    decay in ``weight_decays`` is fitted on the training split minus a random ``val_fraction``
+    and scored (top-1) on that held-out part, from the largest to the smallest, each fit starting
+    from the previous solution (a warm-started regularisation path); the best one (the largest on
+    ties) is refitted on the whole training split and evaluated on the test split. Pass a single
+    weight decay to skip the search. The objective is ``mean CE + weight_decay/2·||W||²``, i.e. scikit-learn's
+    ``LogisticRegression(C=1 / (N·weight_decay))``.
+    """
+    _check_features(train_features, train_labels, "training")
+    _check_features(test_features, test_labels, "test")
+    mean, std = train_features.mean(0), train_features.std(0, correction=0).clamp_min(1e-6)
+    train_x, test_x = (train_features - mean) / std, (test_features - mean) / std
+    num_classes = int(max(train_labels.max(), test_labels.max()).item()) + 1
+    classifier = nn.Linear(train_x.shape[1], num_classes, device=train_x.device, dtype=train_x.dtype)
+    nn.init.zeros_(classifier.weight)
+    nn.init.zeros_(classifier.bias)
+    best = weight_decays[0]
+    if len(weight_decays) > 1:
+        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed)).to(train_x.device)
+        num_val = max(1, int(len(train_x) * val_fraction))
+        val, fit = order[:num_val], order[num_val:]
+        scores, path = {}, {}
+        for weight_decay in sorted(weight_decays, reverse=True):
+            classifier = _fit_logistic(train_x[fit], train_labels[fit], classifier, weight_decay, max_iter)
+            scores[weight_decay] = topk_accuracy(classifier(train_x[val]), train_labels[val]).top1
+            path[weight_decay] = classifier
+        best = max(sorted(weight_decays, reverse=True), key=scores.__getitem__)
+        classifier = path[best]
+    classifier = _fit_logistic(train_x, train_labels, classifier, best, max_iter)
+    accuracy = topk_accuracy(classifier(test_x), test_labels)
+    return ProbeResult(top1=accuracy.top1, top5=accuracy.top5, weight_decay=best)
+
+
+def knn_scores(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    *,
+    num_classes: int,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Class votes (N_test, C) of the weighted kNN classifier of DINO.
+
+    Each test sample's ``k`` nearest training samples by cosine similarity ``s`` vote for their
+    class with weight ``exp(s / temperature)``.
+    """
+    train = nn.functional.normalize(train_features.float(), dim=1)
+    test = nn.functional.normalize(test_features.float(), dim=1)
+    k = min(k, len(train))
+    votes = []
+    for chunk in test.split(chunk_size):
+        similarity, index = (chunk @ train.T).topk(k, dim=1)
+        weights = (similarity / temperature).exp()
+        votes.append(
+            torch.zeros(len(chunk), num_classes, device=chunk.device).scatter_add_(
+                1, train_labels.to(chunk.device)[index], weights
+            )
+        )
+    return torch.cat(votes)
+
+
+def knn_classify(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+) -> Accuracy:
+    """kNN evaluation (cosine, ``k`` = 20, temperature 0.07): top-1 / top-5 accuracy in percent."""
+    _check_features(train_features, train_labels, "training")
+    _check_features(test_features, test_labels, "test")
+    num_classes = int(max(train_labels.max(), test_labels.max()).item()) + 1
+    votes = knn_scores(
+        train_features, train_labels, test_features, num_classes=num_classes, k=k, temperature=temperature
+    )
+    return topk_accuracy(votes, test_labels)
+
+
+def zero_shot(image_embeddings: Tensor, labels: Tensor, class_embeddings: Tensor) -> Accuracy:
+    """Zero-shot accuracy: each image gets the class whose text embedding has the highest cosine similarity.
+
+    ``image_embeddings`` (N, E) are in the text tower's space (a CLIP-style teacher's image
+    embedding, or a student's features through its alignment head); ``class_embeddings`` (C, E).
+    """
+    _check_features(image_embeddings, labels, "image")
+    if class_embeddings.ndim != 2 or class_embeddings.shape[1] != image_embeddings.shape[1]:
+        raise ConfigError(
+            f"class embeddings {tuple(class_embeddings.shape)} do not match image embeddings "
+            f"{tuple(image_embeddings.shape)}: use the text tower of the same teacher."
+        )
+    images = nn.functional.normalize(image_embeddings.float(), dim=1)
+    classes = nn.functional.normalize(class_embeddings.float(), dim=1)
+    return topk_accuracy(images @ classes.T, labels)
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+class Encoder(nn.Module):
+    """A frozen model as evaluation sees it: ``[0, 1]`` views of side :attr:`view_size` -> ``(B, D)``.
+
+    Images are first brought to a common square :attr:`view_size` with
+    :func:`~mvmr_hf.augment.center_view` (so that they can be batched); ``forward`` then applies
+    the rest of the model's own preprocessing. :attr:`fingerprint` identifies the features (for
+    the cache); :attr:`text_model` names the CLIP-style model whose text tower classifies the
+    features zero-shot, after :attr:`alignment` when a student's head maps them into its space.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        view_size: int,
+        fingerprint: dict[str, Any],
+        crop: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        text_model: str | None = None,
+        alignment: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.view_size = view_size
+        self.crop = crop
+        self.mean, self.std = mean, std
+        self.fingerprint = fingerprint
+        self.text_model = text_model
+        self.alignment = alignment.eval() if alignment is not None else None
+
+    @torch.no_grad()
+    def forward(self, views01: Tensor) -> Tensor:
+        """``(B, D)`` float32 features of ``(B, 3, view_size, view_size)`` views in ``[0, 1]``."""
+        x = TF.center_crop(views01, [self.crop, self.crop]) if self.crop else views01
+        if self.mean is not None and self.std is not None:
+            x = TF.normalize(x, list(self.mean), list(self.std))
+        return self.model(x).flatten(1).float()
+
+
+def _file_digest(paths: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def timm_encoder(model: nn.Module, data_config: Mapping[str, Any], fingerprint: dict[str, Any]) -> Encoder:
+    """An :class:`Encoder` for a timm model without classifier, with timm's eval preprocessing.
+
+    timm resizes the shorter side to ``floor(size / crop_pct)``, center crops ``size`` and
+    normalizes; the antialiased resize of :func:`~mvmr_hf.augment.center_view` stands in for
+    timm's PIL resize.
+    """
+    size = data_config["input_size"][-1]
+    return Encoder(
+        model,
+        view_size=math.floor(size / data_config.get("crop_pct", 1.0)),
+        crop=size,
+        mean=data_config["mean"],
+        std=data_config["std"],
+        fingerprint=fingerprint,
+    )
+
+
+def _release_encoder(folder: Path) -> Encoder:
+    model, data_config = load_release(folder)
+    encoder = timm_encoder(model, data_config, {"release": _file_digest([folder / CONFIG, folder / WEIGHTS])})
+    alignment = load_alignment(folder)
+    if alignment is not None:
+        encoder.alignment, encoder.text_model = alignment[0].eval(), alignment[1].teacher
+    return encoder
+
+
+def _teacher_encoder(name_or_path: str, output: str) -> Encoder:
+    teacher = load_teacher(name_or_path, output=output)
+    settings = teacher.settings
+    sizes = [settings.shortest_edge, *(settings.resize_to or ()), *(settings.crop or ())]
+    return Encoder(
+        teacher,
+        view_size=max(s for s in sizes if s),
+        fingerprint=teacher.fingerprint(),
+        text_model=name_or_path,
+    )
+
+
+def load_encoder(name_or_path: str, *, teacher_output: str = "auto") -> Encoder:
+    """The :class:`Encoder` for ``--model``: a release folder, a transformers model, a timm name or a Hub id.
+
+    * a release folder (``config.json`` in timm format): its backbone, and its alignment head when fitted;
+    * a ``transformers`` model folder or Hub id: :func:`~mvmr_hf.representations.teacher.load_teacher`
+      with ``teacher_output``;
+    * a timm model name (``resnet50.a1_in1k``): timm's pretrained weights, without classifier;
+    * a Hub id whose ``config.json`` is in timm format (a pushed release): downloaded, then as a folder.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return _release_encoder(path) if is_release(path) else _teacher_encoder(name_or_path, teacher_output)
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ConfigError(f"--model {name_or_path} is not an existing folder: check the path.")
+    if timm.is_model(name_or_path.split(".")[0]) and "/" not in name_or_path:
+        model = timm.create_model(name_or_path, pretrained=True, num_classes=0)
+        data_config = timm.data.resolve_model_data_config(model)
+        return timm_encoder(model, data_config, {"timm": name_or_path, "version": timm.__version__})
+    try:
+        config = json.loads(Path(hf_hub_download(name_or_path, CONFIG)).read_text())
+        if "pretrained_cfg" not in config:
+            return _teacher_encoder(name_or_path, teacher_output)
+        folder = snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"])
+    except (OSError, HTTPError, HFValidationError) as error:
+        raise ConfigError(
+            f"--model {name_or_path} is neither a folder, a timm model name nor a reachable Hub model "
+            f"({type(error).__name__}): check the name, or pass a local folder."
+        ) from None
+    return _release_encoder(Path(folder))
+
+
+# ----------------------------------------------------------------------------- features
+
+
+@dataclass
+class FeatureSet:
+    """Frozen features of a split in row order: ``features`` (N, D) float32, ``labels`` (N,) int64, on CPU.
+
+    ``labels`` is all -1 when the split was read without a label column. ``skipped`` counts the
+    images that could not be decoded (see :mod:`mvmr_hf.data`); they are left out together with
+    their labels.
+    """
+
+    features: Tensor
+    labels: Tensor
+    skipped: int = 0
+
+
+def class_names(features: Mapping[str, Any] | None, label_column: str) -> list[str] | None:
+    """The class names of ``label_column`` (a ``ClassLabel``), ``None`` for plain integer ids.
+
+    Raises ConfigError, listing the columns, when the column is missing or does not hold class ids.
+    """
+    columns = list(features or {})
+    if features is None or label_column not in features:
+        raise ConfigError(
+            f"label column {label_column!r} is not in the dataset: "
+            f"choose one of {columns} with --label-column."
+        )
+    feature = features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
+        return None
+    raise ConfigError(
+        f"label column {label_column!r} holds {feature}, not integer class ids: "
+        f"choose the class column among {columns} with --label-column."
+    )
+
+
+class _Views(torch.utils.data.IterableDataset):
+    """``(row, center view, label)`` for the rows of a split (``view`` None when it cannot be decoded).
+
+    DataLoader worker ``w`` of ``n`` reads rows ``w, w + n, ...``; the row index lets the caller
+    restore the split's order whatever the number of workers.
+    """
+
+    def __init__(self, split: datasets.Dataset, image_column: str, label_column: str | None, view_size: int):
+        super().__init__()
+        columns = [image_column] + ([label_column] if label_column else [])
+        self.split = split.select_columns(columns).cast_column(image_column, datasets.Image(decode=False))
+        self.image_column, self.label_column, self.view_size = image_column, label_column, view_size
+
+    def __iter__(self) -> Iterator[tuple[int, Tensor | None, int]]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for index in range(worker, len(self.split), num_workers):
+            row = self.split[index]
+            label = int(row[self.label_column]) if self.label_column else -1
+            try:
+                image = decode_image(read_encoded(row[self.image_column]))
+            except BadImageError:
+                yield index, None, label
+                continue
+            yield index, center_view(image.unsqueeze(0).float().div_(255.0), self.view_size)[0], label
+
+
+def _collate(samples: list[tuple[int, Tensor | None, int]]) -> tuple[Tensor, Tensor | None, Tensor, int]:
+    good = [s for s in samples if s[1] is not None]
+    return (
+        torch.tensor([index for index, _, _ in good], dtype=torch.long),
+        torch.stack([view for _, view, _ in good]) if good else None,
+        torch.tensor([label for _, _, label in good], dtype=torch.long),
+        len(samples) - len(good),
+    )
+
+
+def _cache_path(cache_dir: Path, fingerprint: Mapping[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+    return cache_dir / f"{digest[:24]}.safetensors"
+
+
+def _read_cache(path: Path) -> FeatureSet:
+    stored = load_file(path)
+    with safe_open(str(path), framework="pt") as file:
+        skipped = int(file.metadata()["skipped"])
+    return FeatureSet(stored["features"], stored["labels"], skipped)
+
+
+def _write_cache(path: Path, result: FeatureSet) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    tensors = {"features": result.features.contiguous(), "labels": result.labels.contiguous()}
+    save_file(tensors, partial, metadata={"skipped": str(result.skipped)})
+    os.replace(partial, path)
+
+
+def extract_features(
+    encoder: Encoder,
+    split: datasets.Dataset,
+    *,
+    image_column: str | None = None,
+    label_column: str | None = "label",
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+) -> FeatureSet:
+    """Frozen features of every image of ``split`` (no augmentation: the center view), in row order.
+
+    ``split`` is a map-style ``datasets.Dataset`` (``load_image_dataset(..., streaming=False)``).
+    With ``cache_dir``, the result is stored as ``<hash>.safetensors`` keyed by the encoder's
+    fingerprint, its view size, the columns and the split's ``datasets`` fingerprint (which
+    changes with the data), and read back on the next call. ``label_column=None`` reads
+    unlabelled images (labels -1); a labelled split must not contain -1 labels.
+    """
+    if not isinstance(split, datasets.Dataset):
+        raise ConfigError("extract_features needs a map-style split: load it with streaming=False.")
+    column = resolve_image_column(split.features, image_column)
+    if label_column is not None:
+        class_names(split.features, label_column)
+    identity = {
+        "encoder": encoder.fingerprint,
+        "view_size": encoder.view_size,
+        "columns": [column, label_column],
+        "split": split._fingerprint,
+    }
+    cached = _cache_path(Path(cache_dir).expanduser(), identity) if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        return _read_cache(cached)
+    loader = torch.utils.data.DataLoader(
+        _Views(split, column, label_column, encoder.view_size),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
+    encoder.to(device)
+    rows, features, labels, skipped = [], [], [], 0
+    for batch_rows, views, batch_labels, bad in loader:
+        skipped += bad
+        if views is not None:
+            rows.append(batch_rows)
+            features.append(encoder(views.to(device)).cpu())
+            labels.append(batch_labels)
+    if not features:
+        raise ConfigError("no image of the split could be decoded: check the dataset and --image-column.")
+    order = torch.cat(rows).argsort()
+    result = FeatureSet(torch.cat(features)[order], torch.cat(labels)[order], skipped)
+    if label_column is not None and (result.labels < 0).any():
+        raise ConfigError("the split has unlabelled images (label -1): evaluate on a labelled split.")
+    if cached is not None:
+        _write_cache(cached, result)
+    return result
+
+
+# ----------------------------------------------------------------------------- zero-shot text
+
+
+def text_embeddings(
+    model_name_or_path: str, names: Sequence[str], *, device: str | torch.device = "cpu"
+) -> Tensor:
+    """``(C, E)`` text embeddings of ``"a photo of a {name}"`` from a CLIP-style model's text tower."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        model = AutoModel.from_pretrained(model_name_or_path).eval().to(device)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot load the text tower and tokenizer of {model_name_or_path} ({type(error).__name__}): "
+            "zero-shot needs a CLIP-style model with its tokenizer."
+        ) from None
+    if not hasattr(model, "get_text_features"):
+        raise ConfigError(f"{model_name_or_path} has no text tower: zero-shot needs a CLIP-style model.")
+    tokens = tokenizer(
+        [PROMPT.format(name) for name in names],
+        padding="max_length",
+        truncation=True,
+        max_length=model.config.text_config.max_position_embeddings,
+        return_tensors="pt",
+    ).to(device)
+    with torch.no_grad():
+        output = model.get_text_features(**tokens)
+    return getattr(output, "pooler_output", output).float().cpu()
+
+
+# ----------------------------------------------------------------------------- the protocols together
+
+
+@dataclass(frozen=True)
+class ProtocolResult:
+    """One protocol's accuracy (percent) and how it was obtained (``detail``)."""
+
+    protocol: str
+    top1: float
+    top5: float | None
+    detail: str = ""
+
+
+def parse_protocols(text: str) -> tuple[str, ...]:
+    """``"linear,knn"`` -> ``("linear", "knn")``; ConfigError naming the valid protocols otherwise."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in PROTOCOLS]
+    if unknown or not names:
+        raise ConfigError(
+            f"unknown protocol {', '.join(unknown) or repr(text)}: use a comma-separated subset of "
+            f"{','.join(PROTOCOLS)}."
+        )
+    return names
+
+
+def evaluate(
+    encoder: Encoder,
+    dataset: str,
+    *,
+    config: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+    image_column: str | None = None,
+    label_column: str = "label",
+    protocols: Sequence[str] = ("linear", "knn"),
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[ProtocolResult]:
+    """Run ``protocols`` on ``dataset`` (a Hub id or a local folder) with ``encoder``'s frozen features.
+
+    ``linear`` and ``knn`` fit on ``train_split`` and report on ``test_split``; ``zero-shot``
+    only reads ``test_split`` and needs an encoder with a text model (a CLIP-style teacher, or a
+    release with an alignment head). Features are extracted once per split (and cached in
+    ``cache_dir``).
+    """
+    parse_protocols(",".join(protocols))
+    if "zero-shot" in protocols and encoder.text_model is None:
+        raise ConfigError(
+            "zero-shot needs a CLIP-style teacher or a student release with an alignment head: "
+            "fit one with `mvmr-align`."
+        )
+    extract = functools.partial(
+        extract_features,
+        encoder,
+        image_column=image_column,
+        label_column=label_column,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        cache_dir=cache_dir,
+    )
+    test_data = load_image_dataset(dataset, config=config, split=test_split, streaming=False)
+    test = extract(test_data)
+    results = []
+    if "linear" in protocols or "knn" in protocols:
+        train = extract(load_image_dataset(dataset, config=config, split=train_split, streaming=False))
+        if "linear" in protocols:
+            probe = linear_probe(train.features, train.labels, test.features, test.labels)
+            results.append(
+                ProtocolResult(
+                    "linear", probe.top1, probe.top5, f"L-BFGS, weight decay {probe.weight_decay:g}"
+                )
+            )
+        if "knn" in protocols:
+            knn = knn_classify(train.features, train.labels, test.features, test.labels)
+            results.append(
+                ProtocolResult("knn", knn.top1, knn.top5, f"cosine, k={KNN_K}, T={KNN_TEMPERATURE}")
+            )
+    if "zero-shot" in protocols:
+        names = class_names(test_data.features, label_column)
+        num_classes = len(names) if names else int(test.labels.max()) + 1
+        classes = text_embeddings(encoder.text_model, names or [str(i) for i in range(num_classes)])
+        images = test.features
+        if encoder.alignment is not None:
+            with torch.no_grad():
+                images = encoder.alignment.cpu()(images)
+        accuracy = zero_shot(images, test.labels, classes)
+        route = "via alignment head" if encoder.alignment is not None else "image embedding"
+        results.append(
+            ProtocolResult("zero-shot", accuracy.top1, accuracy.top5, f"{route}, prompt '{PROMPT}'")
+        )
+    return results
+
+
+def to_eval_results(
+    results: Sequence[ProtocolResult], *, dataset: str, config: str | None, split: str
+) -> list[EvalResult]:
+    """The results as ``huggingface_hub.EvalResult`` entries of the card's ``model-index``."""
+    dataset_id = hub_id_or_none(dataset) or Path(dataset).name
+    entries = []
+    for result in results:
+        for k, value in ((1, result.top1), (5, result.top5)):
+            if value is None:
+                continue
+            entries.append(
+                EvalResult(
+                    task_type=TASK_TYPE,
+                    task_name=TASK_NAME,
+                    dataset_type=dataset_id,
+                    dataset_name=dataset_id,
+                    dataset_config=config,
+                    dataset_split=split,
+                    metric_type="accuracy",
+                    metric_name=f"{result.protocol} top-{k}",
+                    metric_config=result.protocol,
+                    metric_value=round(value, 2),
+                )
+            )
+    return entries
+
+
+def format_table(results: Sequence[ProtocolResult]) -> str:
+    """A plain-text table of the results for the terminal."""
+    rows = [("protocol", "top-1", "top-5", "detail")]
+    for r in results:
+        rows.append((r.protocol, f"{r.top1:.2f}", "-" if r.top5 is None else f"{r.top5:.2f}", r.detail))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
