@@ -1,11 +1,11 @@
 """Streaming ``datasets`` -> decoded, validated images -> the two views of MV-MR.
 
-Every sample is ``{"image", "augmented", "key"}``: the non-augmented view x (resize the shorter
-side to S, centre crop), the augmented view x̃ (the paper's augmentation of section 7 applied to
-the image first resized so that its shorter side is S), both ``uint8 (3, S, S)`` to halve the
-host-to-device traffic (the training step divides by 255), and a stable key: the blake2b hash of
-the encoded image bytes, identical in every epoch, process and run, so that teacher outputs can
-be cached exactly.
+A batch holds, for each image, the non-augmented view x (shorter side resized to S, centre crop)
+in ``"image"``, the augmented view x̃ (the paper's augmentation of section 7 applied to the image
+first resized so that its shorter side is S) in ``"augmented"``, both ``uint8 (B, 3, S, S)`` to
+halve the host-to-device traffic (the training step divides by 255), and in ``"key"`` a stable
+key: the blake2b hash of the encoded image bytes, identical in every epoch, process and run, so
+that teacher outputs can be cached exactly.
 
 **Decoding.** The image column is read undecoded (``Image(decode=False)``) and decoded here with
 PIL, so that a bad image cannot stop the stream. EXIF orientation is applied. Every mode becomes
@@ -37,13 +37,14 @@ workers, and is reproduced exactly by a resumed run.
 **Epochs and resuming.** Call ``loader.dataset.set_epoch(epoch)`` before iterating each epoch.
 ``loader.state_dict()`` (a :class:`torchdata.stateful_dataloader.StatefulDataLoader`) holds the
 epoch and, for each worker, the position after the last batch it yielded; after
-``loader.load_state_dict(state)`` the next ``iter(loader)`` continues that epoch where the stream
-stopped (calling ``set_epoch`` with another epoch first discards it). ``datasets`` does not save
-the content of its shuffle buffers (a resumed shuffled stream would lose them), so the shuffle
-here is done in blocks whose start is a ``datasets`` state: a resumed stream re-reads the current
-block's encoded rows (at most ``shuffle_buffer``), redraws the same permutation and decodes only
-the rows not yet yielded. Within an epoch no image is seen twice and none is lost, provided the
-run resumes with the same data, world size, ``num_workers``, ``shuffle_buffer`` and seed.
+``loader.load_state_dict(state)`` the next ``iter(loader)`` continues the saved epoch where the
+stream stopped, whatever ``set_epoch`` said (the loop numbers the following epochs as usual).
+``datasets`` does not save the content of its shuffle buffers (a resumed shuffled stream would
+lose them), so the shuffle here is done in blocks whose start is a ``datasets`` state: a resumed
+stream re-reads the current block's encoded rows (at most ``shuffle_buffer``), redraws the same
+permutation and decodes only the rows not yet yielded. Within an epoch no image is seen twice
+and none is lost, provided the run resumes with the same data, world size, ``num_workers``,
+``shuffle_buffer`` and seed.
 
 Example::
 
@@ -310,7 +311,9 @@ def decode_image(encoded: bytes) -> torch.Tensor:
             rgb = _to_rgb(ImageOps.exif_transpose(image))
     except BadImageError:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+    except Exception as error:
+        # PIL's decoders raise many types on corrupt input (OSError, SyntaxError, struct.error,
+        # IndexError, DecompressionBombError, ...): any of them means "skip this image".
         raise BadImageError(f"{type(error).__name__}: {error}") from error
     return torch.from_numpy(rgb.transpose(2, 0, 1).copy())
 
@@ -335,7 +338,8 @@ class ViewsDataset(torch.utils.data.IterableDataset):
     the order, the per-process split, the skipped-image counts and resuming. Batching happens
     here rather than in the DataLoader so that the images skipped after a worker's last full
     batch, and those of its dropped incomplete batch, are still counted: each full batch is held
-    until the next one is complete, and the last one also carries the skips that follow it.
+    until the next one is complete, and the last one also carries the skips that follow it (a
+    worker that never fills a batch has nothing to report them with).
     ``state_dict``/``load_state_dict`` make it resumable by
     :class:`~torchdata.stateful_dataloader.StatefulDataLoader`.
     """
@@ -356,7 +360,7 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         undecoded = dataset.select_columns([image_column])
         undecoded = undecoded.cast_column(image_column, datasets.Image(decode=False))
         self.streaming = isinstance(dataset, datasets.IterableDataset)
-        self.source = split_dataset_by_node(undecoded, rank, world_size) if self.streaming else undecoded
+        self.source = undecoded
         self.image_column = image_column
         self.image_size = image_size
         self.batch_size = batch_size
@@ -390,7 +394,6 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         resume, self._resume = self._resume, None
         self._state = resume if resume is not None and resume["epoch"] == self.epoch else self._start_state()
         start = {name: value for name, value in self._state.items() if name != "epoch"}
-        position = start
         records = self._stream_records if self.streaming else self._table_records
         samples: list[dict] = []
         skipped = 0
@@ -433,16 +436,18 @@ class ViewsDataset(torch.utils.data.IterableDataset):
 
     def _stream_records(self, start: dict, worker: int, num_workers: int) -> Iterator[tuple[Record, dict]]:
         """This worker's rows in blocks of ``shuffle_buffer``, each block permuted, resumable per block."""
-        stream = self.source
+        # A fresh split per iteration: datasets keeps its epoch in a tensor shared by all DataLoader
+        # workers, which would race if two workers set it at once.
+        stream = split_dataset_by_node(self.source, self.rank, self.world_size)
         # datasets reshuffles the shard order when the epoch is non-zero: derive it from the seed too.
         stream.set_epoch(1 + _seed(self.seed, self.epoch) % (1 << 31))
-        stream.load_state_dict(start["block_start"])  # None: from the start of the epoch
+        if start["block_start"] is not None:
+            stream.load_state_dict(start["block_start"])
         rows = iter(stream)
         block, block_start, consumed = start["block"], start["block_start"], start["consumed"]
         while chunk := list(islice(rows, max(1, self.shuffle_buffer))):
-            order = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, worker, block)).permutation(
-                len(chunk)
-            )
+            rng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, worker, block))
+            order = rng.permutation(len(chunk))
             for position in range(consumed, len(chunk)):
                 row = chunk[order[position]][self.image_column]
                 yield row, {"block": block, "block_start": block_start, "consumed": position + 1}
@@ -508,8 +513,9 @@ def build_dataloader(
         shuffle_buffer: streamed rows shuffled together (0: keep the stored order); for a
             map-style split any positive value means a full permutation per epoch.
         seed: seed of the shard order, the shuffles and the augmentations.
-        num_workers: DataLoader worker processes (a stream gives each worker whole shards, so more
-            workers than shards per process leaves some idle).
+        num_workers: DataLoader worker processes, each single-threaded (0 decodes and augments in
+            the training process, one image at a time; a stream gives each worker whole shards, so
+            more workers than shards per process leaves some idle).
         image_column: the image column, or ``None`` to detect it (:func:`resolve_image_column`).
         pin_memory: pin batches in page-locked memory for faster copies to the GPU.
 
