@@ -428,8 +428,9 @@ class ViewsDataset(torch.utils.data.IterableDataset):
 
     def _views(self, image: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         images01 = image.unsqueeze(0).float().div_(255.0)
-        plain = center_view(images01, self.image_size)
+        # Resize once; center_view's own resize of an image whose shorter side is already S is a no-op.
         resized = TF.resize(images01, [self.image_size], antialias=True)
+        plain = center_view(resized, self.image_size)
         generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch, key))
         augmented = self.augment(resized, generator=generator)
         return _to_uint8(plain[0]), _to_uint8(augmented[0])
