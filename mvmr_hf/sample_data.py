@@ -21,9 +21,12 @@ Example::
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
+import datasets
 import numpy as np
 from PIL import Image
 
@@ -60,6 +63,18 @@ def _split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> dict[
     return {"train": np.asarray(train), "test": np.asarray(test)}
 
 
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silence the progress bar ``Dataset.to_parquet`` draws for every shard."""
+    was_disabled = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.utils.enable_progress_bars()
+
+
 def write_digits(
     folder: str | Path,
     *,
@@ -84,9 +99,9 @@ def write_digits(
         test_fraction: share of the 1,797 digits in the ``test`` split, in (0, 1).
         num_shards: parquet files per split (ignored for ``"imagefolder"``).
         seed: seed of the train/test split.
-    """
-    import datasets
 
+    Needs scikit-learn (in the ``dev`` extra) for the digits and the stratified split.
+    """
     if fmt not in ("parquet", "imagefolder"):
         raise ConfigError(f"Unknown digits format {fmt!r}: use fmt='parquet' or fmt='imagefolder'.")
     if image_size < 8:
@@ -118,7 +133,8 @@ def write_digits(
         (folder / "data").mkdir(parents=True, exist_ok=True)
         for shard in range(num_shards):
             name = f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
-            table.shard(num_shards, shard, contiguous=True).to_parquet(str(folder / "data" / name))
+            with _no_progress_bars():
+                table.shard(num_shards, shard, contiguous=True).to_parquet(str(folder / "data" / name))
     return folder
 
 
