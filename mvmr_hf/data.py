@@ -228,7 +228,10 @@ def resolve_image_column(features: Mapping[str, Any] | None, image_column: str |
             the columns.
     """
     if features is None:
-        raise ConfigError("The dataset does not declare its columns: pass image_column explicitly.")
+        raise ConfigError(
+            "The dataset does not declare its column types: cast its image column first, e.g. "
+            "dataset.cast_column('image', datasets.Image())."
+        )
     columns = list(features)
     if image_column is not None:
         if image_column not in features:
@@ -258,6 +261,9 @@ def image_key(encoded: bytes) -> str:
 
 def read_encoded(record: Record) -> bytes:
     """The encoded bytes of an undecoded ``datasets`` image (embedded bytes, or the file at its path).
+
+    Remote paths (an image folder streamed from the Hub) are opened with ``datasets``' ``xopen``,
+    which uses the logged-in Hub token.
 
     Raises:
         BadImageError: the record has neither, or the file cannot be read.
