@@ -1,0 +1,104 @@
+"""The training loop on 2 CPU processes (torchrun, gloo) against 1 process on the same global batch.
+
+Map-style data in stored order (``--no-streaming --shuffle-buffer 0``) is dealt to the processes
+in turn, so the global batch of step k holds the same images with 1 or 2 processes, and their
+augmentations depend only on (seed, epoch, image). Every term of the objective is a function of
+the *set* of samples in the global batch (dCor, variance and the MSE are invariant to a common
+permutation), so with ``--dcor-scope global`` the losses and the update must agree. CPU processes
+cannot synchronise batch norm, so the student here has none: timm's ``test_convnext`` (LayerNorm)
+and a one-layer projector.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mvmr_hf.checkpoint import latest_checkpoint, read_trainer_state
+from mvmr_hf.sample_data import write_digits
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = str(REPO / "examples" / "pretrain.py")
+TERMS = ("loss", "invariance", "variance", "dcor/views", "dcor/lsd")
+SHIFT_ONLY = "backbone.head.norm.bias"
+"""The bias of the last LayerNorm only shifts z and z̃ by the same vector, which no term of the
+objective sees: its true gradient is 0, so Adam's normalised first steps turn float rounding
+into updates of ±lr in both runs alike. Every other weight agrees (measured: within 3e-8)."""
+
+
+def _launch(argv: list[str], processes: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    if processes == 1:
+        command = [sys.executable, PRETRAIN, *argv]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={processes}", PRETRAIN, *argv]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _args(dataset: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--dataset", str(dataset), "--output-dir", str(output_dir), "--student", "test_convnext",
+        "--projector", "16", "--image-size", "32", "--handcrafted", "lsd", "--batch-size", "8",
+        "--num-workers", "0", "--log-every", "1", "--checkpoint-every", "1", "--keep-checkpoints", "5",
+        *extra,
+    ]  # fmt: skip
+
+
+def _metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return write_digits(tmp_path_factory.mktemp("data") / "digits", image_size=32)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_on_the_global_batch(digits, tmp_path):
+    extra = ("--no-streaming", "--split", "train[:64]", "--shuffle-buffer", "0", "--max-steps", "2")
+    _launch(_args(digits, tmp_path / "one", *extra), processes=1)
+    _launch(_args(digits, tmp_path / "two", *extra), processes=2)
+
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2]
+    for a, b in zip(one, two, strict=True):
+        for term in TERMS:
+            assert b[term] == pytest.approx(a[term], rel=1e-5, abs=1e-6), (a["step"], term)
+    assert read_trainer_state(latest_checkpoint(tmp_path / "two"))["num_processes"] == 2
+    weights_one = load_file(latest_checkpoint(tmp_path / "one") / "model.safetensors")
+    weights_two = load_file(latest_checkpoint(tmp_path / "two") / "model.safetensors")
+    assert weights_one.keys() == weights_two.keys()
+    for key, value in weights_one.items():
+        if key == SHIFT_ONLY:
+            continue
+        torch.testing.assert_close(weights_two[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_processes_with_different_amounts_of_data_stop_the_epoch_together(digits, tmp_path):
+    """Two parquet shards of 40 and 8 images: one process gets 10 batches of 4, the other 2."""
+    folder = tmp_path / "uneven" / "data"
+    folder.mkdir(parents=True)
+    table = datasets.load_dataset(str(digits), split="train").select(range(48))
+    table.select(range(40)).to_parquet(str(folder / "train-00000-of-00002.parquet"))
+    table.select(range(40, 48)).to_parquet(str(folder / "train-00001-of-00002.parquet"))
+    # The split size, as a Hub data set card states it, turns --epochs into a number of steps.
+    card = "---\ndataset_info:\n  splits:\n  - name: train\n    num_examples: 48\n---\n"
+    (folder.parent / "README.md").write_text(card)
+
+    run = tmp_path / "run"
+    _launch(_args(folder.parent, run, "--epochs", "1"), processes=2)
+    assert [m["step"] for m in _metrics(run)] == [1, 2]
+    assert read_trainer_state(latest_checkpoint(run))["step"] == 2
+    assert (run / "student" / "model.safetensors").is_file()
