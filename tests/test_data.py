@@ -300,10 +300,10 @@ def test_batches_shapes_keys_and_views(digits, cache, streaming):
     assert not torch.equal(batches[0]["image"], batches[0]["augmented"])
 
 
-def test_non_augmented_view_matches_pil(samples):
+def test_non_augmented_view_matches_pil(tmp_path):
     """The non-augmented view is the shorter side resized with anti-aliasing, then centre-cropped."""
     astronaut = skdata.astronaut()[:, 64:]  # 512 x 448: the crop offset is a whole pixel
-    folder = samples.parent / "one_image" / "train"
+    folder = tmp_path / "one_image" / "train"
     folder.mkdir(parents=True)
     Image.fromarray(astronaut).save(folder / "a.png")
     loader, _ = build_dataloader(load_image_dataset(str(folder.parent)), image_size=64, batch_size=1)
