@@ -35,7 +35,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import DataLoaderConfiguration, LoggerType, ProjectConfiguration, set_seed
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import Tensor, nn
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
@@ -53,7 +56,8 @@ from mvmr_hf.checkpoint import (
 )
 from mvmr_hf.data import build_dataloader, load_image_dataset
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, export_student
+from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, export_student, is_release
+from mvmr_hf.hub import push_to_hub
 from mvmr_hf.objective import MVMRLoss
 from mvmr_hf.representations import build as build_representation
 from mvmr_hf.student import build_student
@@ -100,11 +104,14 @@ def train(
     """
     args = _flat_arguments(model_args, teacher, data_args, loss_args, training_args)
     output_dir = Path(training_args.output_dir)
+    _check_trackers(training_args.trackers)
     accelerator = Accelerator(
         mixed_precision=training_args.mixed_precision,
         gradient_accumulation_steps=training_args.grad_accum,
         log_with=training_args.trackers,
-        project_dir=str(output_dir),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_DIR)
+        ),
         # --batch-size is global, so one scheduler step per optimizer step whatever the process count.
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
@@ -122,6 +129,7 @@ def train(
     )
     batch_size = _per_process_batch(training_args.batch_size, world, criterion.min_batch_size)
     resume_from = _resume_point(output_dir, training_args, args)
+    _check_release_target(output_dir / RELEASE_DIR, training_args)
     set_seed(training_args.seed)  # the same initial weights on every process
     student = build_student(
         model_args.student, projector=model_args.projector, image_size=data_args.image_size
@@ -258,12 +266,11 @@ def train(
             repo_id=training_args.push_to_hub,
         )
         export_student(accelerator.unwrap_model(student).eval(), release, training_args=args, card_info=info)
-        if training_args.push_to_hub:
-            from mvmr_hf.hub import push_to_hub
-
-            push_to_hub(release, training_args.push_to_hub)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if training_args.push_to_hub and accelerator.is_main_process:
+        # After the other processes have finished: a failed push (ConfigError) leaves the release in place.
+        push_to_hub(release, training_args.push_to_hub)
     return release
 
 
@@ -274,6 +281,22 @@ def _flat_arguments(*groups: Any) -> dict[str, Any]:
         if group is not None:
             flat.update(asdict(group))
     return flat
+
+
+def _check_trackers(trackers: list[str] | str | None) -> None:
+    """Accelerate would silently drop a tracker whose package is missing: refuse it instead."""
+    if not isinstance(trackers, list):
+        return
+    known = LoggerType.list()
+    for name in trackers:
+        if name not in known:
+            raise ConfigError(
+                f"--log-with {name!r} is not an Accelerate tracker: use one of {', '.join(known)}"
+            )
+        if LoggerType(name) not in get_available_trackers():
+            raise ConfigError(
+                f"--log-with {name} needs its package, which is not installed: pip install {name}"
+            )
 
 
 def _per_process_batch(global_batch: int, world: int, min_batch: int) -> int:
@@ -369,6 +392,27 @@ def _resume_point(output_dir: Path, training_args: TrainingArguments, args: dict
     if path is not None:
         _check_same_run(path.parent.parent / TRAINING_ARGS, args)
     return path
+
+
+def _check_release_target(release: Path, training_args: TrainingArguments) -> None:
+    """Fail now, not after training, when the release cannot be written or pushed."""
+    if (
+        release.exists()
+        and any(release.iterdir())
+        and not is_release(release)
+        and not training_args.overwrite
+    ):
+        raise ConfigError(
+            f"{release} exists and is not a release folder, so the trained student could not be written "
+            "there: move it away or choose another --output-dir"
+        )
+    if training_args.push_to_hub:
+        try:
+            validate_repo_id(training_args.push_to_hub)
+        except HFValidationError:
+            raise ConfigError(
+                f"--push-to-hub {training_args.push_to_hub!r} is not a Hub repository id: write user/name"
+            ) from None
 
 
 def _check_same_run(saved_args: Path, args: dict[str, Any]) -> None:

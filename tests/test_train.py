@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import timm
 import torch
@@ -137,7 +138,8 @@ def _metrics(output_dir):
 def test_pretrain_end_to_end(digits, tmp_path, capsys):
     run = tmp_path / "run"
     argv = _tiny(digits, run, "--handcrafted", "hog,lsd", "--max-steps", "3", "--grad-accum", "2",
-                 "--checkpoint-every", "2", "--keep-checkpoints", "1", "--warmup", "0")  # fmt: skip
+                 "--checkpoint-every", "2", "--keep-checkpoints", "1", "--warmup", "0",
+                 "--log-with", "tensorboard")  # fmt: skip
     assert pretrain_main(argv) == 0
     assert "skipped 0 images" in capsys.readouterr().err
 
@@ -158,6 +160,8 @@ def test_pretrain_end_to_end(digits, tmp_path, capsys):
         assert m["skipped"] == 0
         # No warm-up, then a cosine from 1e-4 to 0 over 3 steps, stepped once per optimizer step.
         assert m["lr"] == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * m["step"] / 3)), abs=1e-12)
+
+    assert list((run / "logs").rglob("events.out.tfevents.*")), "the tensorboard tracker wrote nothing"
 
     # Checkpoints every 2 steps and at the end, the newest one kept, holding the Student's keys.
     assert [p.name for p in list_checkpoints(run)] == ["step-000003"]
@@ -198,6 +202,17 @@ def test_distill_teacher_cache_gives_the_same_losses(digits, teacher, tmp_path, 
     (folder,) = (tmp_path / "cached" / "teacher_cache").iterdir()
     assert len(TeacherCache(folder)) == 32
     assert json.loads((folder / "fingerprint.json").read_text())["image_size"] == 32
+
+
+def test_a_failed_push_keeps_the_release_and_says_how_to_retry(digits, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    run = tmp_path / "run"
+    argv = _tiny(digits, run, "--handcrafted", "lsd", "--max-steps", "1", "--push-to-hub", "someone/student")
+    assert pretrain_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: cannot push")
+    assert "mvmr-push" in err
+    timm.create_model(f"local-dir:{run / 'student'}", pretrained=True)
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(

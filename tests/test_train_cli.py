@@ -100,6 +100,8 @@ BAD_PRETRAIN_INPUT = [
     pytest.param(["--resume", "/no/such/checkpoint"], "not a complete checkpoint", id="resume-path-missing"),
     pytest.param(["--resume", "--overwrite"], "contradict", id="resume-and-overwrite"),
     pytest.param(["--no-such-option", "1"], "--no-such-option", id="unknown-option"),
+    pytest.param(["--log-with", "tensorbored"], "not an Accelerate tracker", id="unknown-tracker"),
+    pytest.param(["--push-to-hub", "not a repo id"], "not a Hub repository id", id="bad-hub-id"),
 ]
 
 
@@ -121,6 +123,13 @@ def test_a_folder_with_another_runs_checkpoints_is_left_alone(digits, tmp_path, 
     (checkpoint / TRAINER_STATE).write_text(json.dumps({"step": 5, "epoch": 0, "num_processes": 1}))
     (run / "metrics.jsonl").write_text('{"step": 5}\n')
     _fails_cleanly(pretrain_main, _tiny(digits, run), capsys, tmp_path, "--resume")
+
+
+def test_a_release_folder_that_is_not_a_release_is_left_alone(digits, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "student").mkdir(parents=True)
+    (run / "student" / "notes.txt").write_text("mine")
+    _fails_cleanly(pretrain_main, _tiny(digits, run), capsys, tmp_path, "is not a release folder")
 
 
 def test_resuming_with_other_settings_is_rejected(digits, tmp_path, capsys):
