@@ -143,7 +143,7 @@ def train(
         split=data_args.split,
         streaming=data_args.streaming,
     )
-    set_seed(training_args.seed, device_specific=True)  # per-process random views and augmentations
+    set_seed(training_args.seed, device_specific=True)  # e.g. augmented-pixels: per-process random draws
     loader, data_stats = build_dataloader(
         dataset,
         image_size=data_args.image_size,
@@ -190,6 +190,13 @@ def train(
     saved_step, started = step, time.perf_counter()
     resumed_epoch = epoch if resume_from is not None else None
 
+    def checkpoint(step: int, epoch: int) -> int:
+        meter.raise_if_not_finite()  # never save a checkpoint after a non-finite loss
+        state = loader.state_dict()  # this process's position in its data stream
+        save_checkpoint(accelerator, output_dir, step=step, epoch=epoch, loader_state=state,
+                        keep=training_args.keep_checkpoints)  # fmt: skip
+        return step
+
     student.train()
     with tqdm(
         total=total_steps, initial=step, unit="step", disable=not accelerator.is_main_process
@@ -220,16 +227,7 @@ def train(
                 if step % training_args.log_every == 0:
                     progress.set_postfix(meter.log(step, epoch, scheduler.get_last_lr()[0]))
                 if step % training_args.checkpoint_every == 0:
-                    meter.raise_if_not_finite()  # never save a checkpoint after a non-finite loss
-                    save_checkpoint(
-                        accelerator,
-                        output_dir,
-                        step=step,
-                        epoch=epoch,
-                        loader_state=loader.state_dict(),
-                        keep=training_args.keep_checkpoints,
-                    )
-                    saved_step = step
+                    saved_step = checkpoint(step, epoch)
                 if step == total_steps:
                     break
             else:  # this epoch's data ran out
@@ -245,15 +243,7 @@ def train(
     if step > meter.steps:
         meter.log(step, epoch, scheduler.get_last_lr()[0])
     if step > saved_step:
-        meter.raise_if_not_finite()
-        save_checkpoint(
-            accelerator,
-            output_dir,
-            step=step,
-            epoch=epoch,
-            loader_state=loader.state_dict(),
-            keep=training_args.keep_checkpoints,
-        )
+        checkpoint(step, epoch)
 
     release = output_dir / RELEASE_DIR
     if accelerator.is_main_process:

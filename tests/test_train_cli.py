@@ -26,6 +26,7 @@ from mvmr_hf.cli.train import (
     parse_arguments,
     pretrain_main,
 )
+from mvmr_hf.representations.teacher import OUTPUT_KINDS
 from mvmr_hf.sample_data import write_digits
 from mvmr_hf.tiny_models import save_tiny_teacher
 
@@ -204,6 +205,11 @@ def test_help_documents_every_option(capsys):
         "--num-workers", "--cache-teacher", "--push-to-hub", "--trust-remote-code", "--debug", "--config",
     ):  # fmt: skip
         assert option in text, option
+    help_of_teacher_output = " ".join(
+        text.split("--teacher-output TEACHER_OUTPUT")[1].split("--cache")[0].split()
+    )
+    for kind in OUTPUT_KINDS:
+        assert kind in help_of_teacher_output, kind
 
 
 def test_the_real_command_line_prints_one_line(digits, tmp_path):

@@ -139,8 +139,8 @@ class TeacherArguments:
     )
     teacher_output: str = _opt(
         "auto",
-        "Which teacher output to match: 'auto' (the projected image embedding when the model has one, else "
-        "the pooled output) or another output kind the teacher loader accepts.",
+        "Teacher output to match: auto (the image embedding of image-text models, else the pooled output, "
+        "else the CLS token, else the token mean), embedding, pooler, cls, mean or tokens.",
     )
     cache_teacher: bool = _opt(
         False,
@@ -382,7 +382,7 @@ def _pretrain(argv: Sequence[str]) -> None:
 
 
 def _run(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None) -> int:
-    """:func:`run_cli`, plus: a run that fails after it started (non-finite loss, failed push) exits 1."""
+    """:func:`run_cli`, plus: a run that fails after it started (TrainingError) exits with status 1."""
     from mvmr_hf.train import TrainingError
 
     try:
@@ -395,10 +395,10 @@ def _run(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None) -> i
 
 
 def distill_main(argv: Sequence[str] | None = None) -> int:
-    """``mvmr-distill``: label-free distillation of a transformers teacher into a timm student."""
+    """mvmr-distill: label-free distillation of a transformers teacher into a timm student (MV-MR)."""
     return _run(_distill, argv)
 
 
 def pretrain_main(argv: Sequence[str] | None = None) -> int:
-    """``mvmr-pretrain``: MV-MR self-supervised pretraining with hand-crafted representations."""
+    """mvmr-pretrain: MV-MR self-supervised pretraining of a timm student with hand-crafted descriptors."""
     return _run(_pretrain, argv)
