@@ -13,9 +13,21 @@ device here, and each process saves its own loader position in every checkpoint.
 killed at any moment resumes from its latest complete checkpoint at the same step, data
 position and random state (:mod:`mvmr_hf.checkpoint`).
 
-Outputs in ``OUTPUT_DIR``: ``training_args.json`` (written first), ``metrics.jsonl`` (one JSON
-object per logged step), ``checkpoints/step-NNNNNN/``, ``teacher_cache/`` (``--cache-teacher``)
-and, at the end, the release folder ``student/`` (:func:`mvmr_hf.export.export_student`).
+Outputs in ``OUTPUT_DIR``: ``training_args.json`` (all arguments, written first; a valid config
+file), ``metrics.jsonl``, ``checkpoints/step-NNNNNN/``, ``teacher_cache/`` (``--cache-teacher``),
+``logs/`` (``--log-with``) and, at the end, the release folder ``student/``
+(:func:`mvmr_hf.export.export_student`). ``metrics.jsonl`` holds one JSON object per logged step:
+``step``, ``epoch``, ``loss`` and every weighted term of the objective (``invariance``,
+``variance``, ``dcor/views``, ``dcor/<representation>``) averaged over the steps since the
+previous line and over the processes, ``lr``, ``images_per_s`` (global) and ``skipped`` (images
+that could not be decoded since the run (re)started). The loss is read from the device only at
+these logging steps and at checkpoints.
+
+Example (what ``mvmr-pretrain`` does)::
+
+    >>> from mvmr_hf.cli.train import DataArguments, LossArguments, PretrainModelArguments, TrainingArguments
+    >>> train(PretrainModelArguments(student="resnet18"), DataArguments(dataset="./digits", image_size=32),
+    ...       LossArguments(), TrainingArguments(output_dir="runs/ssl", batch_size=64, max_steps=100))
 """
 
 from __future__ import annotations
@@ -54,7 +66,7 @@ from mvmr_hf.checkpoint import (
     remove_partial,
     save_checkpoint,
 )
-from mvmr_hf.data import build_dataloader, load_image_dataset
+from mvmr_hf.data import DataStats, build_dataloader, load_image_dataset
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, export_student, is_release
 from mvmr_hf.hub import push_to_hub
@@ -290,6 +302,7 @@ def _check_trackers(trackers: list[str] | str | None) -> None:
 
 
 def _per_process_batch(global_batch: int, world: int, min_batch: int) -> int:
+    """Each process's share of the global --batch-size."""
     if global_batch < min_batch:
         raise ConfigError(
             f"--batch-size {global_batch} is too small for the chosen dCor estimator, which needs at least "
@@ -347,10 +360,11 @@ def _check_representation_weights(criterion: MVMRLoss, representations: dict[str
         )
 
 
-def _total_steps(training_args: TrainingArguments, data_stats: Any, global_batch: int) -> int:
+def _total_steps(training_args: TrainingArguments, data_stats: DataStats, global_batch: int) -> int:
+    """Optimizer steps of the run: --max-steps, else --epochs passes over the data set's images."""
     if training_args.max_steps is not None:
         return training_args.max_steps
-    num_examples = getattr(data_stats, "num_examples", None)
+    num_examples = data_stats.num_examples
     if num_examples is None:
         raise ConfigError(
             "the data set does not state its number of images, so --epochs cannot be turned into steps: "
@@ -386,12 +400,7 @@ def _resume_point(output_dir: Path, training_args: TrainingArguments, args: dict
 
 def _check_release_target(release: Path, training_args: TrainingArguments) -> None:
     """Fail now, not after training, when the release cannot be written or pushed."""
-    if (
-        release.exists()
-        and any(release.iterdir())
-        and not is_release(release)
-        and not training_args.overwrite
-    ):
+    if release.exists() and any(release.iterdir()) and not is_release(release):  # even with --overwrite
         raise ConfigError(
             f"{release} exists and is not a release folder, so the trained student could not be written "
             "there: move it away or choose another --output-dir"

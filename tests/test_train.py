@@ -204,6 +204,17 @@ def test_distill_teacher_cache_gives_the_same_losses(digits, teacher, tmp_path, 
     assert json.loads((folder / "fingerprint.json").read_text())["image_size"] == 32
 
 
+def test_overwrite_replaces_a_previous_run_but_keeps_the_teacher_cache(digits, tmp_path):
+    run = tmp_path / "run"
+    _fake_checkpoint(run, 5)
+    (run / "metrics.jsonl").write_text('{"step": 5}\n')
+    (run / "teacher_cache" / "0123").mkdir(parents=True)
+    assert pretrain_main(_tiny(digits, run, "--handcrafted", "lsd", "--max-steps", "1", "--overwrite")) == 0
+    assert [p.name for p in list_checkpoints(run)] == ["step-000001"]
+    assert [m["step"] for m in _metrics(run)] == [1]
+    assert (run / "teacher_cache" / "0123").is_dir()
+
+
 def test_a_failed_push_keeps_the_release_and_says_how_to_retry(digits, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     run = tmp_path / "run"
