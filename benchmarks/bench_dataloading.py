@@ -29,7 +29,7 @@ from mvmr_hf.data import build_dataloader, decode_image, load_image_dataset, rea
 SIZES = (64, 224)
 QUICK_SIZES = (224,)
 IMAGES = 1024
-QUICK_IMAGES = 192
+QUICK_IMAGES = 128
 BATCH = 32
 PROJECTED_WORKERS = 16  # the GPU configuration of bench_step has 16 CPU cores
 SPLIT_IMAGES = 16
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> None:
     notes += [
         f"{count} JPEG images of about 500 x 375 px in 8 parquet shards, batch {BATCH}, streaming, shuffle "
         "buffer 1000; rates exclude the first batch",
-        "decode / views: ms per image on one thread, in-process, best of up to 5 passes over "
+        "decode / views: ms per image on one thread, in-process, best of repeated passes over "
         f"{SPLIT_IMAGES} images",
     ]
     columns = [

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -206,13 +205,9 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass(frozen=True)
 class Timing:
-    """Wall-clock seconds of repeated calls after warm-up."""
+    """Wall-clock seconds of repeated calls after warm-up; ``best`` is their minimum."""
 
     seconds: tuple[float, ...]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
 
     @property
     def best(self) -> float:
@@ -223,18 +218,19 @@ def time_call(
     fn: Callable[[], object],
     device: torch.device,
     *,
-    repeats: int = 5,
-    warmup: int = 1,
     budget_s: float = 10.0,
+    max_repeats: int = 100,
+    warmup: int = 1,
 ) -> Timing:
-    """Time ``fn()`` ``repeats`` times after ``warmup`` calls, synchronizing the device around each.
+    """Time ``fn()`` after ``warmup`` calls, synchronizing the device around each call.
 
-    Repeats stop early (after at least one timed call) once ``budget_s`` seconds are spent;
-    a warm-up call that alone takes ``budget_s`` is the single sample, so that very large
-    cells cost one call.
+    Calls repeat until ``budget_s`` seconds are spent (at least one timed call, at most
+    ``max_repeats``); a warm-up call that alone takes ``budget_s`` is the single sample, so that
+    very large cells cost one call. Report :attr:`Timing.best`: on a shared machine the minimum
+    is the call least disturbed by other processes.
     """
     seconds: list[float] = []
-    for index in range(warmup + repeats):
+    for index in range(warmup + max_repeats):
         synchronize(device)
         start = time.perf_counter()
         fn()
