@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
+from transformers import CLIPModel, CLIPProcessor
 
 from mvmr_hf.align import fit_alignment, load_alignment, save_alignment
+from mvmr_hf.cli.release import align_main, evaluate_main
+from mvmr_hf.data import load_image_dataset
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.evaluate import knn_classify, linear_probe, topk_accuracy, zero_shot
+from mvmr_hf.evaluate import (
+    evaluate,
+    extract_features,
+    knn_classify,
+    linear_probe,
+    load_encoder,
+    topk_accuracy,
+    zero_shot,
+)
+from mvmr_hf.export import export_student
+from mvmr_hf.sample_data import write_digits
+from mvmr_hf.student import build_student
+from mvmr_hf.tiny_models import save_tiny_teacher
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +130,202 @@ def test_alignment_head_is_sklearn_ridge_on_normalised_targets(tmp_path):
 def test_alignment_rejects_mismatched_rows():
     with pytest.raises(ConfigError, match="same images"):
         fit_alignment(torch.randn(50, 4), torch.randn(40, 3))
+
+
+# ----------------------------------------------------------------------------- end to end on digits
+
+
+def _digit_tensors(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = load_image_dataset(str(folder), split=split, streaming=False)
+    images = np.stack([np.array(image.convert("RGB")) for image in rows["image"]])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, torch.tensor(rows["label"])
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return write_digits(tmp_path_factory.mktemp("digits"), image_size=32)
+
+
+@pytest.fixture(scope="module")
+def clip_teacher(digits, tmp_path_factory) -> Path:
+    """A tiny CLIP whose projections are solved in closed form so that zero-shot works on digits.
+
+    Both towers stay random; the visual projection is the least-squares map from the pooled image
+    features of the training digits to one-hot class vectors, the text projection maps the pooled
+    features of "a photo of a {digit}" exactly onto the same one-hot vectors.
+    """
+    folder = save_tiny_teacher("clip", tmp_path_factory.mktemp("clip"), image_size=32)
+    model, processor = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+    rows = load_image_dataset(str(digits), split="train", streaming=False)
+    pixels = processor(images=[image.convert("RGB") for image in rows["image"]], return_tensors="pt")
+    prompts = processor(text=[f"a photo of a {d}" for d in range(10)], return_tensors="pt", padding=True)
+    width = model.config.projection_dim
+    with torch.no_grad():
+        image_pooled = model.vision_model(pixel_values=pixels["pixel_values"]).pooler_output
+        text_pooled = model.text_model(**prompts).pooler_output
+        one_hot = torch.eye(10, width)
+        model.visual_projection.weight.copy_(
+            torch.linalg.lstsq(image_pooled, one_hot[rows["label"]]).solution.T
+        )
+        model.text_projection.weight.copy_(torch.linalg.pinv(text_pooled).matmul(one_hot).T)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _supervised_vit(digits: Path, epochs: int) -> torch.nn.Module:
+    """timm's tiny test_vit trained on the digits training split with labels (a few seconds)."""
+    torch.manual_seed(0)
+    student = build_student("test_vit", projector="none", image_size=32)
+    if epochs:
+        images, labels = _digit_tensors(digits, "train")
+        head = torch.nn.Linear(student.feature_dim, 10)
+        optimizer = torch.optim.AdamW([*student.parameters(), *head.parameters()], lr=3e-3)
+        student.train()
+        for _ in range(epochs):
+            for batch in torch.randperm(len(images)).split(64):
+                loss = torch.nn.functional.cross_entropy(head(student(images[batch]).features), labels[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    return student.eval()
+
+
+@pytest.fixture(scope="module")
+def releases(digits, clip_teacher, tmp_path_factory) -> dict[str, Path]:
+    """Release folders of the supervised student (as if distilled from the CLIP) and of a random init."""
+    root = tmp_path_factory.mktemp("releases")
+    args = {"student": "test_vit", "projector": "none", "teacher": str(clip_teacher), "dataset": str(digits)}
+    return {
+        name: export_student(_supervised_vit(digits, epochs), root / name, training_args=args)
+        for name, epochs in (("supervised", 8), ("random", 0))
+    }
+
+
+def _card_results(folder: Path) -> dict[str, float]:
+    return {r.metric_name: r.metric_value for r in ModelCard.load(folder / "README.md").data.eval_results}
+
+
+def test_probe_on_a_supervised_student_beats_random_init_and_matches_sklearn(
+    digits, releases, tmp_path, capsys
+):
+    cache = tmp_path / "cache"
+    common = [
+        "--dataset",
+        str(digits),
+        "--protocol",
+        "linear,knn",
+        "--cache-dir",
+        str(cache),
+        "--update-card",
+    ]
+    for folder in releases.values():
+        assert evaluate_main(["--model", str(folder), *common]) == 0
+    table = capsys.readouterr().out
+    assert "linear" in table
+    assert "knn" in table
+    trained, untrained = _card_results(releases["supervised"]), _card_results(releases["random"])
+    assert trained["linear top-1"] > untrained["linear top-1"] + 3
+    assert trained["knn top-1"] > untrained["knn top-1"] + 8
+    assert trained["linear top-1"] > 90
+
+    # the same cached features through scikit-learn
+    encoder = load_encoder(str(releases["supervised"]))
+    train, test = (
+        extract_features(encoder, load_image_dataset(str(digits), split=s, streaming=False), cache_dir=cache)
+        for s in ("train", "test")
+    )
+    splits = [t.numpy() for t in (train.features, train.labels, test.features, test.labels)]
+    chosen = linear_probe(train.features, train.labels, test.features, test.labels).weight_decay
+    assert trained["linear top-1"] == pytest.approx(_sklearn_probe_accuracy(*splits, chosen), abs=1.0)
+    assert trained["knn top-1"] == pytest.approx(_sklearn_knn_accuracy(*splits), abs=1.0)
+
+
+def test_teacher_zero_shot_matches_transformers_clip(digits, clip_teacher):
+    (result,) = evaluate(load_encoder(str(clip_teacher)), str(digits), protocols=["zero-shot"])
+    model, processor = (
+        CLIPModel.from_pretrained(clip_teacher).eval(),
+        CLIPProcessor.from_pretrained(clip_teacher),
+    )
+    rows = load_image_dataset(str(digits), split="test", streaming=False)
+    inputs = processor(
+        text=[f"a photo of a {d}" for d in range(10)],
+        images=[image.convert("RGB") for image in rows["image"]],
+        return_tensors="pt",
+        padding=True,
+    )
+    with torch.no_grad():
+        predictions = model(**inputs).logits_per_image.argmax(1)
+    reference = 100.0 * (predictions == torch.tensor(rows["label"])).float().mean().item()
+    assert result.top1 == pytest.approx(reference, abs=1.0)
+    assert result.top1 > 30  # the closed-form projections make it a real classifier
+
+
+def test_align_then_student_zero_shot_approaches_the_teacher(
+    digits, clip_teacher, releases, tmp_path, capsys
+):
+    folder = releases["supervised"]
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert align_main(["--model", str(folder), "--dataset", str(digits), *cache]) == 0
+    assert "held-out cosine" in capsys.readouterr().out
+    _, info = load_alignment(folder)
+    assert (info.teacher, info.num_images) == (str(clip_teacher), 1437)
+    assert "Alignment head" in (folder / "README.md").read_text()
+
+    argv = [
+        "--model",
+        str(folder),
+        "--dataset",
+        str(digits),
+        "--protocol",
+        "zero-shot",
+        "--update-card",
+        *cache,
+    ]
+    assert evaluate_main(argv) == 0
+    student = _card_results(folder)["zero-shot top-1"]
+    (teacher,) = evaluate(load_encoder(str(clip_teacher)), str(digits), protocols=["zero-shot"])
+    assert student > 30  # chance is 10
+    assert student > teacher.top1 - 25
+
+
+def test_features_are_read_back_from_the_cache(digits, releases, tmp_path, monkeypatch):
+    encoder = load_encoder(str(releases["random"]))
+    split = load_image_dataset(str(digits), split="test", streaming=False)
+    first = extract_features(encoder, split, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    monkeypatch.setattr(encoder, "forward", lambda views: pytest.fail("features were recomputed"))
+    second = extract_features(encoder, split, cache_dir=tmp_path)
+    assert torch.equal(first.features, second.features)
+    assert torch.equal(second.labels, torch.tensor(split["label"]))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--protocol", "linear,svm"], "unknown protocol svm"),
+        (
+            ["--label-column", "digit"],
+            "label column 'digit' is not in the dataset: choose one of ['image', 'label']",
+        ),
+        (["--image-column", "photo"], "'photo' is not in the dataset"),
+    ],
+)
+def test_evaluate_bad_input_is_one_line_and_exit_2(digits, releases, extra, message, capsys):
+    argv = ["--model", str(releases["random"]), "--dataset", str(digits), "--cache-dir", "", *extra]
+    assert evaluate_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert message in err
+
+
+def test_evaluate_missing_model_folder_is_one_line(digits, tmp_path, capsys):
+    assert evaluate_main(["--model", str(tmp_path / "nope"), "--dataset", str(digits)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "is not an existing folder" in err
+
+
+def test_zero_shot_without_text_tower_or_alignment_says_how_to_fix(digits, releases, capsys):
+    argv = ["--model", str(releases["random"]), "--dataset", str(digits), "--protocol", "zero-shot"]
+    assert evaluate_main(argv) == 2
+    assert "mvmr-align" in capsys.readouterr().err

@@ -83,7 +83,9 @@ class DataArguments:
     batch_size: int = _opt(256, "Images per forward pass.")
     num_workers: int = _opt(0, "Data-loading worker processes (decoding and resizing).")
     device: str | None = _opt(None, "Device to run the models on; default cuda when available, else cpu.")
-    cache_dir: str = _opt(DEFAULT_CACHE, "Folder caching extracted features per model, data set and split.")
+    cache_dir: str = _opt(
+        DEFAULT_CACHE, "Folder caching extracted features per model, data set and split; empty for no cache."
+    )
 
 
 @dataclass
@@ -169,7 +171,7 @@ def _evaluate(argv: Sequence[str]) -> None:
         batch_size=data.batch_size,
         device=data.device or _default_device(),
         num_workers=data.num_workers,
-        cache_dir=data.cache_dir,
+        cache_dir=data.cache_dir or None,
     )
     print(format_table(results))
     if args.update_card:
@@ -199,7 +201,7 @@ def _align(argv: Sequence[str]) -> None:
         "batch_size": data.batch_size,
         "device": data.device or _default_device(),
         "num_workers": data.num_workers,
-        "cache_dir": data.cache_dir,
+        "cache_dir": data.cache_dir or None,
     }
     student = extract_features(load_encoder(str(folder)), split, **options)
     target = extract_features(load_encoder(teacher, teacher_output="embedding"), split, **options)
