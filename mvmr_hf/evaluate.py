@@ -13,18 +13,23 @@ the model's own preprocessing of the non-augmented view and cached as safetensor
 * :func:`zero_shot`: cosine similarity between image embeddings and the text embeddings of
   ``"a photo of a {label}"`` (:func:`text_embeddings`).
 
+:func:`load_encoder` turns ``--model`` (a release folder, a Hub id, a timm name, a transformers
+model) into an :class:`Encoder`; :func:`extract_features` runs it over a split; :func:`evaluate`
+runs the protocols and :func:`to_eval_results` makes the card's ``model-index`` entries.
+
 Example::
 
     encoder = load_encoder("runs/kd/student")
-    train = extract_features(encoder, load_split("./digits", "train"), batch_size=256)
-    test = extract_features(encoder, load_split("./digits", "test"), batch_size=256)
-    linear_probe(train.features, train.labels, test.features, test.labels)   # ProbeResult(top1=..., ...)
+    results = evaluate(encoder, "./digits", protocols=["linear", "knn"], cache_dir="features-cache")
+    print(format_table(results))
+
+    split = load_image_dataset("./digits", split="train", streaming=False)
+    train = extract_features(encoder, split)                    # FeatureSet(features, labels, skipped)
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 import math
@@ -217,6 +222,17 @@ def knn_classify(
     return topk_accuracy(votes, test_labels)
 
 
+def zero_shot_scores(image_embeddings: Tensor, class_embeddings: Tensor) -> Tensor:
+    """Cosine similarities (N, C) between image embeddings (N, E) and class text embeddings (C, E)."""
+    if class_embeddings.ndim != 2 or class_embeddings.shape[1] != image_embeddings.shape[1]:
+        raise ConfigError(
+            f"class embeddings {tuple(class_embeddings.shape)} do not match image embeddings "
+            f"{tuple(image_embeddings.shape)}: use the text tower of the same teacher."
+        )
+    images = nn.functional.normalize(image_embeddings.float(), dim=1)
+    return images @ nn.functional.normalize(class_embeddings.float(), dim=1).T
+
+
 def zero_shot(image_embeddings: Tensor, labels: Tensor, class_embeddings: Tensor) -> Accuracy:
     """Zero-shot accuracy: each image gets the class whose text embedding has the highest cosine similarity.
 
@@ -224,14 +240,7 @@ def zero_shot(image_embeddings: Tensor, labels: Tensor, class_embeddings: Tensor
     embedding, or a student's features through its alignment head); ``class_embeddings`` (C, E).
     """
     _check_features(image_embeddings, labels, "image")
-    if class_embeddings.ndim != 2 or class_embeddings.shape[1] != image_embeddings.shape[1]:
-        raise ConfigError(
-            f"class embeddings {tuple(class_embeddings.shape)} do not match image embeddings "
-            f"{tuple(image_embeddings.shape)}: use the text tower of the same teacher."
-        )
-    images = nn.functional.normalize(image_embeddings.float(), dim=1)
-    classes = nn.functional.normalize(class_embeddings.float(), dim=1)
-    return topk_accuracy(images @ classes.T, labels)
+    return topk_accuracy(zero_shot_scores(image_embeddings, class_embeddings), labels)
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -286,12 +295,14 @@ def _file_digest(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def timm_encoder(model: nn.Module, data_config: Mapping[str, Any], fingerprint: dict[str, Any]) -> Encoder:
+def timm_encoder(
+    model: nn.Module, data_config: Mapping[str, Any], fingerprint: dict[str, Any], **heads: Any
+) -> Encoder:
     """An :class:`Encoder` for a timm model without classifier, with timm's eval preprocessing.
 
     timm resizes the shorter side to ``floor(size / crop_pct)``, center crops ``size`` and
     normalizes; the antialiased resize of :func:`~mvmr_hf.augment.center_view` stands in for
-    timm's PIL resize.
+    timm's PIL resize. ``heads`` (``text_model``, ``alignment``) are passed to the encoder.
     """
     size = data_config["input_size"][-1]
     return Encoder(
@@ -301,16 +312,16 @@ def timm_encoder(model: nn.Module, data_config: Mapping[str, Any], fingerprint: 
         mean=data_config["mean"],
         std=data_config["std"],
         fingerprint=fingerprint,
+        **heads,
     )
 
 
 def _release_encoder(folder: Path) -> Encoder:
     model, data_config = load_release(folder)
-    encoder = timm_encoder(model, data_config, {"release": _file_digest([folder / CONFIG, folder / WEIGHTS])})
     alignment = load_alignment(folder)
-    if alignment is not None:
-        encoder.alignment, encoder.text_model = alignment[0].eval(), alignment[1].teacher
-    return encoder
+    heads = {"alignment": alignment[0], "text_model": alignment[1].teacher} if alignment else {}
+    fingerprint = {"release": _file_digest([folder / CONFIG, folder / WEIGHTS])}
+    return timm_encoder(model, data_config, fingerprint, **heads)
 
 
 def _teacher_encoder(name_or_path: str, output: str) -> Encoder:
@@ -592,21 +603,20 @@ def evaluate(
             "zero-shot needs a CLIP-style teacher or a student release with an alignment head: "
             "fit one with `mvmr-align`."
         )
-    extract = functools.partial(
-        extract_features,
-        encoder,
-        image_column=image_column,
-        label_column=label_column,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        cache_dir=cache_dir,
-    )
+    options = {
+        "image_column": image_column,
+        "label_column": label_column,
+        "batch_size": batch_size,
+        "device": device,
+        "num_workers": num_workers,
+        "cache_dir": cache_dir,
+    }
     test_data = load_image_dataset(dataset, config=config, split=test_split, streaming=False)
-    test = extract(test_data)
+    test = extract_features(encoder, test_data, **options)
     results = []
     if "linear" in protocols or "knn" in protocols:
-        train = extract(load_image_dataset(dataset, config=config, split=train_split, streaming=False))
+        train_data = load_image_dataset(dataset, config=config, split=train_split, streaming=False)
+        train = extract_features(encoder, train_data, **options)
         if "linear" in protocols:
             probe = linear_probe(train.features, train.labels, test.features, test.labels)
             results.append(
@@ -621,18 +631,33 @@ def evaluate(
             )
     if "zero-shot" in protocols:
         names = class_names(test_data.features, label_column)
-        num_classes = len(names) if names else int(test.labels.max()) + 1
-        classes = text_embeddings(encoder.text_model, names or [str(i) for i in range(num_classes)])
-        images = test.features
-        if encoder.alignment is not None:
-            with torch.no_grad():
-                images = encoder.alignment.cpu()(images)
-        accuracy = zero_shot(images, test.labels, classes)
-        route = "via alignment head" if encoder.alignment is not None else "image embedding"
-        results.append(
-            ProtocolResult("zero-shot", accuracy.top1, accuracy.top5, f"{route}, prompt '{PROMPT}'")
-        )
+        names = names or [str(i) for i in range(int(test.labels.max()) + 1)]
+        classes = text_embeddings(encoder.text_model, names, device=device)
+        if encoder.alignment is None:
+            accuracy = zero_shot(test.features, test.labels, classes)
+            results.append(ProtocolResult("zero-shot", accuracy.top1, accuracy.top5, f"prompt '{PROMPT}'"))
+        else:
+            teacher_encoder = load_encoder(encoder.text_model, teacher_output="embedding")
+            teacher = extract_features(teacher_encoder, test_data, **options)
+            results.append(_aligned_zero_shot(encoder.alignment, test, teacher.features, classes))
     return results
+
+
+def _aligned_zero_shot(
+    alignment: nn.Module, test: FeatureSet, teacher: Tensor, classes: Tensor
+) -> ProtocolResult:
+    """Zero-shot through a student's alignment head, with how close it comes to its teacher.
+
+    The detail gives the teacher's own zero-shot top-1 on the same images and the share of images
+    on which student and teacher predict the same class.
+    """
+    with torch.no_grad():
+        student = zero_shot_scores(alignment.cpu()(test.features), classes)
+    reference = zero_shot_scores(teacher, classes)
+    accuracy, teacher_accuracy = topk_accuracy(student, test.labels), topk_accuracy(reference, test.labels)
+    agreement = 100.0 * (student.argmax(1) == reference.argmax(1)).float().mean().item()
+    detail = f"via alignment head; teacher top-1 {teacher_accuracy.top1:.2f}, agreement {agreement:.2f}%"
+    return ProtocolResult("zero-shot", accuracy.top1, accuracy.top5, detail)
 
 
 def to_eval_results(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
@@ -81,12 +81,19 @@ def check_release(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def _new_sibling(target: Path, tag: str) -> Path:
+    """A new empty hidden folder next to ``target`` (created with the umask's permissions, unlike mkdtemp)."""
+    path = target.parent / f".{target.name}.{tag}-{uuid.uuid4().hex[:12]}"
+    path.mkdir()
+    return path
+
+
 def _replace_folder(source: Path, target: Path) -> None:
     """Move ``source`` to ``target``, replacing an existing ``target`` (both in the same parent)."""
     if not target.exists():
         os.replace(source, target)
         return
-    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+    old = _new_sibling(target, "old")
     os.replace(target, old / target.name)
     os.replace(source, target)
     shutil.rmtree(old)
@@ -100,7 +107,7 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    work = _new_sibling(target, "tmp")
     try:
         yield work
         _replace_folder(work, target)
@@ -237,10 +244,11 @@ def write_card(folder: str | os.PathLike, results: Sequence[EvalResult] = ()) ->
     """Render ``README.md`` of the release ``folder`` from its files and ``results``."""
     folder = Path(folder)
     config = json.loads((folder / CONFIG).read_text())
+    projector = json.loads((folder / PROJECTOR_CONFIG).read_text())
     backbone = BackboneInfo(
         architecture=config["architecture"],
         num_params=_count_parameters(folder / WEIGHTS),
-        num_features=config["num_features"],
+        num_features=projector["in_features"],
         image_size=config["pretrained_cfg"]["input_size"][-1],
     )
     alignment = load_alignment(folder)
@@ -248,7 +256,7 @@ def write_card(folder: str | os.PathLike, results: Sequence[EvalResult] = ()) ->
         backbone=backbone,
         training_args=json.loads((folder / TRAINING_ARGS).read_text()),
         info=read_run_info(folder),
-        projector=json.loads((folder / PROJECTOR_CONFIG).read_text())["spec"],
+        projector=projector["spec"],
         alignment=asdict(alignment[1]) if alignment else None,
         results=results,
     )

@@ -33,6 +33,15 @@ from mvmr_hf.student import build_student
 from mvmr_hf.tiny_models import save_tiny_teacher
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models and matrices: one thread avoids the oversubscription stalls of a busy 2-core runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digit_pixels():
     """scikit-learn's digits as 64-d pixel features, a fixed 1400 / 397 split."""
@@ -282,6 +291,7 @@ def test_align_then_student_zero_shot_approaches_the_teacher(
         *cache,
     ]
     assert evaluate_main(argv) == 0
+    assert "via alignment head; teacher top-1" in capsys.readouterr().out
     student = _card_results(folder)["zero-shot top-1"]
     (teacher,) = evaluate(load_encoder(str(clip_teacher)), str(digits), protocols=["zero-shot"])
     assert student > 30  # chance is 10
