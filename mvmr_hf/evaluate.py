@@ -325,6 +325,7 @@ def _release_encoder(folder: Path) -> Encoder:
 
 
 def _teacher_encoder(name_or_path: str, output: str) -> Encoder:
+    """A transformers model through :func:`load_teacher`; image-text models keep their text tower's name."""
     teacher = load_teacher(name_or_path, output=output)
     settings = teacher.settings
     sizes = [settings.shortest_edge, *(settings.resize_to or ()), *(settings.crop or ())]
@@ -332,7 +333,7 @@ def _teacher_encoder(name_or_path: str, output: str) -> Encoder:
         teacher,
         view_size=max(s for s in sizes if s),
         fingerprint=teacher.fingerprint(),
-        text_model=name_or_path,
+        text_model=name_or_path if teacher.output == "embedding" else None,
     )
 
 
@@ -420,6 +421,7 @@ class _Views(torch.utils.data.IterableDataset):
         self.image_column, self.label_column, self.view_size = image_column, label_column, view_size
 
     def __iter__(self) -> Iterator[tuple[int, Tensor | None, int]]:
+        """This worker's rows: decoded (bad images yield ``None``), center view of side ``view_size``."""
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for index in range(worker, len(self.split), num_workers):
@@ -491,7 +493,7 @@ def extract_features(
         "encoder": encoder.fingerprint,
         "view_size": encoder.view_size,
         "columns": [column, label_column],
-        "split": split._fingerprint,
+        "split": split._fingerprint,  # datasets' content hash of the split (no public accessor)
     }
     cached = _cache_path(Path(cache_dir).expanduser(), identity) if cache_dir is not None else None
     if cached is not None and cached.is_file():

@@ -87,6 +87,13 @@ class DataArguments:
         DEFAULT_CACHE, "Folder caching extracted features per model, data set and split; empty for no cache."
     )
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ConfigError(
+                f"--batch-size {self.batch_size} / --num-workers {self.num_workers}: "
+                "use a batch size of at least 1 and 0 or more workers."
+            )
+
 
 @dataclass
 class EvaluateArguments:
