@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import timm
@@ -19,6 +21,7 @@ from mvmr_hf.augment import center_view
 from mvmr_hf.card import CardInfo
 from mvmr_hf.cli.release import export_main
 from mvmr_hf.errors import ConfigError
+from mvmr_hf.evaluate import load_encoder
 from mvmr_hf.export import (
     check_release,
     export_run,
@@ -223,3 +226,27 @@ def test_export_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys):
 def test_load_release_of_a_missing_folder_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_release(tmp_path / "missing")
+
+
+def test_a_pushed_release_loads_by_hub_id(release, tmp_path, monkeypatch):
+    """The Hub-id paths of timm, transformers and mvmr-evaluate, served by a local Hub cache."""
+    student, folder = release
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--me--tiny"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    expected = student(images).features
+    normalized = _normalize(images, student.data_config)
+    with torch.no_grad():
+        timm_model = timm.create_model("hf-hub:me/tiny", pretrained=True).eval()
+        torch.testing.assert_close(timm_model(normalized), expected, atol=1e-5, rtol=0)
+        hf_model = AutoModel.from_pretrained("me/tiny").eval()
+        torch.testing.assert_close(
+            hf_model(pixel_values=normalized).pooler_output, expected, atol=1e-5, rtol=0
+        )
+        encoder = load_encoder("me/tiny")
+        torch.testing.assert_close(encoder(images), expected, atol=1e-5, rtol=0)
