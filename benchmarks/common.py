@@ -8,9 +8,10 @@ the machine, the library versions and a markdown table, and writes the same to J
 
 Peak memory on CPU is the growth of the process's resident set: glibc is told to serve
 every allocation above 64 KiB with its own ``mmap`` (so freed tensors leave the resident
-set at once), the kernel's high-water mark ``VmHWM`` is reset through
-``/proc/self/clear_refs``, and the peak is ``VmHWM`` after the call minus ``VmRSS`` before
-it. This sees every allocation torch makes, including temporaries freed inside the call.
+set at once), free heap pages are trimmed (``malloc_trim``) and the kernel's high-water
+mark ``VmHWM`` is reset through ``/proc/self/clear_refs`` before each measurement, and the
+peak is ``VmHWM`` after the call minus ``VmRSS`` before it. This sees every allocation
+torch makes, including temporaries freed inside the call.
 On CUDA it is ``torch.cuda.max_memory_allocated`` minus the allocation before the call.
 """
 
@@ -251,7 +252,13 @@ def _proc_status_kib(field: str) -> int:
 
 
 def _reset_cpu_peak() -> bool:
+    """Return free heap pages to the kernel and reset ``VmHWM``; False where that is unsupported.
+
+    Without the trim, a large free chunk left in glibc's heap by earlier code would serve new
+    allocations from pages that are already resident, and the peak would not see them.
+    """
     try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return False
@@ -269,17 +276,14 @@ def prepare_memory_measurement(device: torch.device) -> str | None:
         return "torch.cuda.max_memory_allocated above the allocation before the call"
     try:
         libc = ctypes.CDLL("libc.so.6")
-        if libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) != 1:
-            return None
-        libc.malloc_trim(0)  # free heap pages would otherwise serve new allocations without growing the RSS
-        if not _reset_cpu_peak():
+        if libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) != 1 or not _reset_cpu_peak():
             return None
         _proc_status_kib("VmHWM")
     except OSError:
         return None
     return (
         "growth of the resident set's high-water mark "
-        "(VmHWM reset via clear_refs; allocations > 64 KiB mmapped)"
+        "(VmHWM reset via clear_refs after malloc_trim; allocations > 64 KiB mmapped)"
     )
 
 
