@@ -71,6 +71,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from datasets.distributed import split_dataset_by_node
 from datasets.utils.file_utils import xopen
@@ -187,7 +188,10 @@ def load_image_dataset(
             # All splits of a stream are opened lazily, so this costs no more than opening one.
             splits = datasets.load_dataset(path, config, streaming=True, **hub)
             _check_choice("split", split, list(splits), name_or_path)
-            return splits[split]
+            stream = splits[split]
+            if local and _num_examples(stream) is None:
+                _count_local_parquet_rows(stream, path, config, split)
+            return stream
         # Check the split before load_dataset downloads and converts every split.
         available = datasets.get_dataset_split_names(path, config, **hub)
         for part in split.split("+"):
@@ -207,6 +211,19 @@ def load_image_dataset(
         raise ConfigError(_unreachable(name_or_path)) from error
     except ConnectionError as error:
         raise ConfigError(_unreachable(name_or_path)) from error
+
+
+def _count_local_parquet_rows(
+    stream: datasets.IterableDataset, path: str, config: str | None, split: str
+) -> None:
+    """Record the row count of a local parquet split from the files' footers (no data is read).
+
+    A local stream does not know its length, which ``--epochs`` needs; parquet stores it.
+    """
+    files = datasets.load_dataset_builder(path, config).config.data_files.get(split, [])
+    if files and all(str(f).endswith(".parquet") for f in files):
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        stream.info.splits = datasets.SplitDict({split: datasets.SplitInfo(split, num_examples=rows)})
 
 
 def _unreachable(name: str) -> str:

@@ -136,6 +136,14 @@ def test_load_image_dataset(fixture, streaming, cache, request):
     assert resolve_image_column(dataset.features, None) == "image"
 
 
+def test_local_parquet_stream_knows_its_length(digits, cache):
+    # --epochs needs the row count; a local stream gets it from the parquet footers.
+    _, loader_stats = build_dataloader(
+        load_image_dataset(str(digits), split="train", cache_dir=cache), image_size=SIZE, batch_size=8
+    )
+    assert loader_stats.num_examples == 1797 - TEST_ROWS
+
+
 def test_missing_local_path_is_named(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(ConfigError) as excinfo:
