@@ -6,6 +6,12 @@ STAMP := $(VENV)/.mvmr-installed
 
 .PHONY: demo test lint bench clean
 
+# PyTorch's OpenMP threads spin while they wait; on a machine whose cores are busy with other
+# work (a shared CI runner, a laptop) that made CPU steps 15x slower. Passive waiting costs
+# nothing measurable when the cores are free.
+OMP_WAIT_POLICY ?= PASSIVE
+export OMP_WAIT_POLICY
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
