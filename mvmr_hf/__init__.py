@@ -1,0 +1,96 @@
+"""mvmr_hf: label-free, shape-agnostic distillation and MV-MR self-supervised pretraining.
+
+The public API. Light modules (distance correlation, the objective) import eagerly; those
+that pull in transformers, datasets or timm import on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from mvmr_hf.dcor import (
+    CenteredDistances,
+    centered_distances,
+    dcor_from_centered,
+    distance_correlation,
+    gather_no_grad,
+    gather_with_grad,
+)
+from mvmr_hf.errors import ConfigError
+from mvmr_hf.objective import LossOutput, MVMRLoss
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    # views and representations
+    "ViewAugment": "mvmr_hf.augment",
+    "center_view": "mvmr_hf.augment",
+    "build_representation": ("mvmr_hf.representations", "build"),
+    "available_representations": ("mvmr_hf.representations", "available"),
+    "register_representation": ("mvmr_hf.representations", "register"),
+    "Representation": "mvmr_hf.representations",
+    "load_teacher": "mvmr_hf.representations.teacher",
+    "Teacher": "mvmr_hf.representations.teacher",
+    # student
+    "Student": "mvmr_hf.student",
+    "StudentOutput": "mvmr_hf.student",
+    "build_student": "mvmr_hf.student",
+    "parse_projector_spec": "mvmr_hf.student",
+    # data
+    "load_image_dataset": "mvmr_hf.data",
+    "build_dataloader": "mvmr_hf.data",
+    "write_digits": "mvmr_hf.sample_data",
+    "save_tiny_teacher": "mvmr_hf.tiny_models",
+    # training
+    "train": "mvmr_hf.train",
+    "TrainingError": "mvmr_hf.train",
+    "ModelArguments": "mvmr_hf.cli.train",
+    "PretrainModelArguments": "mvmr_hf.cli.train",
+    "TeacherArguments": "mvmr_hf.cli.train",
+    "DataArguments": "mvmr_hf.cli.train",
+    "LossArguments": "mvmr_hf.cli.train",
+    "TrainingArguments": "mvmr_hf.cli.train",
+    # release and evaluation
+    "export_student": "mvmr_hf.export",
+    "export_run": "mvmr_hf.export",
+    "load_release": "mvmr_hf.export",
+    "load_student": "mvmr_hf.export",
+    "update_card": "mvmr_hf.export",
+    "render_card": "mvmr_hf.card",
+    "push_to_hub": "mvmr_hf.hub",
+    "fit_alignment": "mvmr_hf.align",
+    "load_encoder": "mvmr_hf.evaluate",
+    "extract_features": "mvmr_hf.evaluate",
+    "evaluate": "mvmr_hf.evaluate",
+    "linear_probe": "mvmr_hf.evaluate",
+    "knn_classify": "mvmr_hf.evaluate",
+    "zero_shot": "mvmr_hf.evaluate",
+}
+
+__all__ = [
+    "CenteredDistances",
+    "ConfigError",
+    "LossOutput",
+    "MVMRLoss",
+    "centered_distances",
+    "dcor_from_centered",
+    "distance_correlation",
+    "gather_no_grad",
+    "gather_with_grad",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'mvmr_hf' has no attribute {name!r}")
+    module_name, attribute = target if isinstance(target, tuple) else (target, name)
+    value = getattr(importlib.import_module(module_name), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
