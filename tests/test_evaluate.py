@@ -28,7 +28,6 @@ from mvmr_hf.evaluate import (
     zero_shot,
 )
 from mvmr_hf.export import export_student
-from mvmr_hf.sample_data import write_digits
 from mvmr_hf.student import build_student
 from mvmr_hf.tiny_models import save_tiny_teacher
 
@@ -148,11 +147,6 @@ def _digit_tensors(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor
     rows = load_image_dataset(str(folder), split=split, streaming=False)
     images = np.stack([np.array(image.convert("RGB")) for image in rows["image"]])
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, torch.tensor(rows["label"])
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return write_digits(tmp_path_factory.mktemp("digits"), image_size=32)
 
 
 @pytest.fixture(scope="module")

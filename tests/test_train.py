@@ -30,9 +30,9 @@ from mvmr_hf.cli.train import distill_main, pretrain_main
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.objective import MVMRLoss
 from mvmr_hf.representations.teacher import Teacher
-from mvmr_hf.sample_data import write_digits
 from mvmr_hf.teacher_cache import TeacherCache, cache_folder
-from mvmr_hf.tiny_models import save_tiny_teacher
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,21 +105,6 @@ def test_teacher_cache_returns_the_stored_outputs_bit_for_bit(tmp_path):
 # ----------------------------------------------------------------------------- end-to-end runs
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return write_digits(tmp_path_factory.mktemp("data") / "digits", image_size=32)
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return save_tiny_teacher("clip", tmp_path_factory.mktemp("teacher") / "clip", image_size=32)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def _tiny(digits, output_dir, *extra):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 
 from mvmr_hf.checkpoint import TRAINER_STATE, checkpoint_path
 from mvmr_hf.cli.train import (
@@ -27,28 +26,13 @@ from mvmr_hf.cli.train import (
     pretrain_main,
 )
 from mvmr_hf.representations.teacher import OUTPUT_KINDS
-from mvmr_hf.sample_data import write_digits
-from mvmr_hf.tiny_models import save_tiny_teacher
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_GROUPS = [PretrainModelArguments, DataArguments, LossArguments, TrainingArguments]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return write_digits(tmp_path_factory.mktemp("data") / "digits", image_size=32)
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    return save_tiny_teacher("clip", tmp_path_factory.mktemp("teacher") / "clip", image_size=32)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def _tiny(digits: Path, output_dir: Path) -> list[str]:

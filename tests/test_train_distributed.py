@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import load_file
 
 from mvmr_hf.checkpoint import latest_checkpoint, read_trainer_state
-from mvmr_hf.sample_data import write_digits
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = str(REPO / "examples" / "pretrain.py")
@@ -57,11 +56,6 @@ def _args(dataset: Path, output_dir: Path, *extra: str) -> list[str]:
 
 def _metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return write_digits(tmp_path_factory.mktemp("data") / "digits", image_size=32)
 
 
 @pytest.mark.slow
