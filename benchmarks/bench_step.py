@@ -118,8 +118,8 @@ def _setup(device: torch.device, quick: bool, workers: int | None) -> Setup:
         mixed_precision="no",
         projector="2048-2048" if quick else "8192-8192-8192",
         workers=1 if workers is None else workers,
-        warmup=1,
-        steps=2 if quick else 4,
+        warmup=1 if quick else 2,
+        steps=2 if quick else 6,
     )
 
 
@@ -204,14 +204,15 @@ def _epoch(
     return clock.steps
 
 
-def _summary(
-    mode: str, steps: list[dict[str, float]], batch: int, teacher_forward_ms: float
-) -> dict[str, Any]:
+def _summary(mode: str, steps: list[dict[str, float]], batch: int, teacher_runs: bool) -> dict[str, Any]:
+    """Median of each phase over the timed steps (robust to a step disturbed by another process)."""
     row: dict[str, Any] = {"mode": mode, "steps": len(steps)}
     for phase in PHASES:
-        row[f"{phase}_ms"] = statistics.fmean(step[phase] for step in steps) * 1e3
+        row[f"{phase}_ms"] = statistics.median(step[phase] for step in steps) * 1e3
     total = sum(row[f"{phase}_ms"] for phase in PHASES)
-    unavoidable = row["student_forward_ms"] + row["student_backward_ms"] + teacher_forward_ms
+    unavoidable = row["student_forward_ms"] + row["student_backward_ms"]
+    if teacher_runs:
+        unavoidable += row["teacher_ms"]
     row.update(
         step_ms=total,
         images_per_s=batch / total * 1e3,
@@ -292,15 +293,12 @@ def _measure(setup: Setup, run: _Run) -> list[dict[str, Any]]:
     device = run.accelerator.device
     clock = _Clock(device)
     rows: list[dict[str, Any]] = []
-    teacher_forward_ms = 0.0
     for epoch, (mode, teacher, handcrafted, cache, teacher_runs) in enumerate(modes):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         steps = _epoch(clock, run, teacher=teacher, handcrafted=handcrafted, cache=cache, epoch=epoch)
         steps = steps[setup.warmup :]
-        if mode == "distill":
-            teacher_forward_ms = statistics.fmean(step["teacher"] for step in steps) * 1e3
-        row = _summary(mode, steps, setup.batch, teacher_forward_ms if teacher_runs else 0.0)
+        row = _summary(mode, steps, setup.batch, teacher_runs)
         if device.type == "cuda":
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         rows.append(row)
@@ -322,9 +320,10 @@ def main(argv: list[str]) -> None:
     notes += [
         f"student {setup.student}, projector {setup.projector}, teacher {setup.teacher_label} (random init), "
         f"{setup.image_size} px, batch {setup.batch}, mixed precision {setup.mixed_precision}, "
-        f"{setup.workers} DataLoader workers; means over the steps after {setup.warmup} warm-up steps",
-        "overhead = step - student forward - student backward - teacher forward (the uncached teacher "
-        "time; 0 when read from the cache); the loop's metrics meter and checkpoints are not included",
+        f"{setup.workers} DataLoader workers; medians over the steps after {setup.warmup} warm-up steps",
+        "step = the sum of the phases' medians over the timed steps; overhead = step - student forward - "
+        "student backward - teacher (when the teacher runs: in cache epoch 1 this includes storing its "
+        "outputs); the loop's metrics meter and checkpoints are not included",
     ]
     columns = [("mode", "mode", ""), ("images_per_s", "images/s", ".1f"), ("step_ms", "step ms", ".1f")]
     columns += [(f"{phase}_ms", phase.replace("_", " "), ".1f") for phase in PHASES]
