@@ -258,7 +258,10 @@ def _build(setup: Setup, device: torch.device, root: Path) -> _Run:
     for representation in representations.values():
         representation.to(accelerator.device)
     student = build_student(setup.student, projector=setup.projector, image_size=setup.image_size)
-    optimizer = torch.optim.Adam(student.parameters(), lr=1e-4, weight_decay=1e-6)
+    # As mvmr_hf.train builds it (which has no function for it to call).
+    optimizer = torch.optim.Adam(
+        student.parameters(), lr=1e-4, weight_decay=1e-6, fused=accelerator.device.type in ("cpu", "cuda")
+    )
     scheduler = get_cosine_schedule_with_warmup(optimizer, 10, 10_000)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     student.train()
