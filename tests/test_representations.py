@@ -276,3 +276,10 @@ def test_gpu_output_matches_cpu(photos: torch.Tensor, name: str) -> None:
     gpu = module(images.cuda())
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), module(images), atol=1e-4, rtol=1e-4)
+
+
+def test_hog_in_cpu_chunks_equals_the_whole_batch():
+    from mvmr_hf.representations.handcrafted import CPU_HOG_CHUNK, hog_histograms
+
+    images = torch.rand(2 * CPU_HOG_CHUNK + 3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(build("hog")(images), hog_histograms(images, 24, 8, True))
