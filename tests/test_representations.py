@@ -279,7 +279,7 @@ def test_gpu_output_matches_cpu(photos: torch.Tensor, name: str) -> None:
 
 
 def test_hog_in_cpu_chunks_equals_the_whole_batch():
-    from mvmr_hf.representations.handcrafted import CPU_HOG_CHUNK, hog_histograms
+    from mvmr_hf.representations.handcrafted import CPU_HOG_CHUNK
 
     images = torch.rand(2 * CPU_HOG_CHUNK + 3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert torch.equal(build("hog")(images), hog_histograms(images, 24, 8, True))
