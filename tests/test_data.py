@@ -35,13 +35,7 @@ SIZE = 16
 TEST_ROWS = 180  # digits test split with test_fraction=0.1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Per-image work in the main process is faster on one thread (DataLoader workers use one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,7 @@ from mvmr_hf.export import export_student
 from mvmr_hf.student import build_student
 from mvmr_hf.tiny_models import save_tiny_teacher
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models and matrices: one thread avoids the oversubscription stalls of a busy 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
