@@ -5,7 +5,7 @@ loop's order: a batch from ``mvmr_hf.data.build_dataloader`` over a local parque
 JPEG photographs (data wait), the copy to the device and the division by 255 (transfer), the
 student on both views (``build_student``, prepared by Accelerate with the run's mixed
 precision), the teacher and the hand-crafted representations through the loop's own
-``_representation_outputs`` (which reads and fills the ``TeacherCache``), ``MVMRLoss``, the
+``representation_outputs`` (which reads and fills the ``TeacherCache``), ``MVMRLoss``, the
 backward pass, then Adam and the cosine schedule. The backward is split with
 ``torch.autograd.grad`` into the loss's part (down to z and z̃) and the student's; together
 they are exactly what ``accelerator.backward`` computes for bf16 or fp32. The device is
@@ -59,7 +59,7 @@ from mvmr_hf.data import build_dataloader, load_image_dataset
 from mvmr_hf.objective import MVMRLoss
 from mvmr_hf.student import build_student
 from mvmr_hf.teacher_cache import TeacherCache
-from mvmr_hf.train import _build_representations, _representation_outputs, _share_cache
+from mvmr_hf.train import build_optimizer, build_representations, representation_outputs, share_cache
 
 PHASES = (
     "data_wait", "transfer", "student_forward", "teacher", "representations", "loss_forward", "loss_backward",
@@ -184,9 +184,9 @@ def _epoch(
                 z = student(images).embedding
                 z_aug = student(augmented).embedding
             with clock("teacher"):
-                targets = _representation_outputs(accelerator, teacher, images, batch["key"], cache)
+                targets = representation_outputs(accelerator, teacher, images, batch["key"], cache)
             with clock("representations"):
-                targets |= _representation_outputs(accelerator, handcrafted, images, batch["key"], None)
+                targets |= representation_outputs(accelerator, handcrafted, images, batch["key"], None)
             with clock("loss_forward"):
                 loss = run.criterion(z, z_aug, targets, gather=gather)
             with clock("loss_backward"):
@@ -200,7 +200,7 @@ def _epoch(
         if not math.isfinite(loss.total.item()):
             raise RuntimeError("the loss is not finite: the benchmark's step is broken")
     if cache is not None:
-        _share_cache(accelerator, cache)
+        share_cache(accelerator, cache)
     return clock.steps
 
 
@@ -254,14 +254,11 @@ def _build(setup: Setup, device: torch.device, root: Path) -> _Run:
     model_args = ModelArguments(
         student=setup.student, projector=setup.projector, handcrafted=",".join(PAPER_REPRESENTATIONS)
     )
-    representations = _build_representations(model_args, TeacherArguments(teacher=str(teacher_folder)))
+    representations = build_representations(model_args, TeacherArguments(teacher=str(teacher_folder)))
     for representation in representations.values():
         representation.to(accelerator.device)
     student = build_student(setup.student, projector=setup.projector, image_size=setup.image_size)
-    # As mvmr_hf.train builds it (which has no function for it to call).
-    optimizer = torch.optim.Adam(
-        student.parameters(), lr=1e-4, weight_decay=1e-6, fused=accelerator.device.type in ("cpu", "cuda")
-    )
+    optimizer = build_optimizer(student, 1e-4, 1e-6, accelerator.device)
     scheduler = get_cosine_schedule_with_warmup(optimizer, 10, 10_000)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     student.train()

@@ -84,7 +84,15 @@ if TYPE_CHECKING:
         TrainingArguments,
     )
 
-__all__ = ["METRICS_FILE", "TrainingError", "train"]
+__all__ = [
+    "METRICS_FILE",
+    "TrainingError",
+    "build_optimizer",
+    "build_representations",
+    "representation_outputs",
+    "share_cache",
+    "train",
+]
 
 METRICS_FILE = "metrics.jsonl"
 LOGS_DIR = "logs"
@@ -146,7 +154,7 @@ def train(
     student = build_student(
         model_args.student, projector=model_args.projector, image_size=data_args.image_size
     )
-    representations = _build_representations(model_args, teacher)
+    representations = build_representations(model_args, teacher)
     _check_representation_weights(criterion, representations)
     _check_local_batch(batch_size, criterion, representations, student)
     dataset = load_image_dataset(
@@ -174,14 +182,7 @@ def train(
     _prepare_output_dir(accelerator, output_dir, args, training_args, resume_from)
     if model_args.sync_batchnorm and world > 1 and device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    # The fused kernel updates all parameters in one pass: 9x faster than the default on CPU for
-    # the paper's 8192-wide projector (benchmarks/bench_step.py), and faster on CUDA too.
-    optimizer = torch.optim.Adam(
-        student.parameters(),
-        lr=training_args.learning_rate,
-        weight_decay=training_args.weight_decay,
-        fused=device.type in ("cpu", "cuda"),
-    )
+    optimizer = build_optimizer(student, training_args.learning_rate, training_args.weight_decay, device)
     warmup = training_args.warmup
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, round(warmup * total_steps if warmup < 1 else warmup), total_steps
@@ -228,7 +229,7 @@ def train(
                 with accelerator.accumulate(student):
                     z = student(images).embedding  # Z: the non-augmented view
                     z_aug = student(augmented).embedding  # Z̃: a separate pass, its own BN statistics
-                    targets = _representation_outputs(
+                    targets = representation_outputs(
                         accelerator, representations, images, batch["key"], cache
                     )
                     loss = criterion(z, z_aug, targets, gather=gather)
@@ -255,7 +256,7 @@ def train(
                     )
                 epoch += 1
                 if cache is not None:
-                    _share_cache(accelerator, cache)
+                    share_cache(accelerator, cache)
 
     if step > meter.steps:
         meter.log(step, epoch, scheduler.get_last_lr()[0])
@@ -340,7 +341,23 @@ def _check_local_batch(
         )
 
 
-def _build_representations(
+def build_optimizer(
+    student: nn.Module, learning_rate: float, weight_decay: float, device: torch.device
+) -> torch.optim.Adam:
+    """Adam (the paper's optimizer); fused on CPU and CUDA.
+
+    The fused kernel updates all parameters in one pass: 9x faster than the default on CPU for
+    the paper's 8192-wide projector (benchmarks/bench_step.py), and faster on CUDA too.
+    """
+    return torch.optim.Adam(
+        student.parameters(),
+        lr=learning_rate,
+        weight_decay=weight_decay,
+        fused=device.type in ("cpu", "cuda"),
+    )
+
+
+def build_representations(
     model_args: ModelArguments, teacher: TeacherArguments | None
 ) -> dict[str, nn.Module]:
     representations: dict[str, nn.Module] = {}
@@ -515,7 +532,7 @@ def _cpu_group() -> dist.ProcessGroup:
     return dist.new_group(backend="gloo")
 
 
-def _share_cache(accelerator: Accelerator, cache: TeacherCache) -> None:
+def share_cache(accelerator: Accelerator, cache: TeacherCache) -> None:
     """At the end of an epoch every process writes its cached outputs and reads everyone's."""
     cache.flush()
     accelerator.wait_for_everyone()
@@ -523,7 +540,7 @@ def _share_cache(accelerator: Accelerator, cache: TeacherCache) -> None:
 
 
 @torch.no_grad()
-def _representation_outputs(
+def representation_outputs(
     accelerator: Accelerator,
     representations: dict[str, nn.Module],
     images: Tensor,
