@@ -1,15 +1,17 @@
 """One MV-MR training step split into its phases, with and without the exact teacher cache.
 
-The step is the one of ``mvmr_hf.train``, built from the package's own pieces and run in the
-loop's order: a batch from ``mvmr_hf.data.build_dataloader`` over a local parquet stream of
-JPEG photographs (data wait), the copy to the device and the division by 255 (transfer), the
-student on both views (``build_student``, prepared by Accelerate with the run's mixed
-precision), the teacher and the hand-crafted representations through the loop's own
-``representation_outputs`` (which reads and fills the ``TeacherCache``), ``MVMRLoss``, the
-backward pass, then Adam and the cosine schedule. The backward is split with
-``torch.autograd.grad`` into the loss's part (down to z and z̃) and the student's; together
-they are exactly what ``accelerator.backward`` computes for bf16 or fp32. The device is
-synchronized around every phase, so phases do not overlap (a slight upper bound on a step).
+The step timed is the training loop's own: ``mvmr_hf.train.TrainingStep``, the object
+``mvmr_hf.train.train`` calls for every micro-step, built here from the package's own pieces
+(``build_student`` prepared by Accelerate with the run's mixed precision, the teacher and the
+hand-crafted representations of ``build_representations``, ``MVMRLoss``, ``build_optimizer``
+and the cosine schedule, the ``TeacherCache``) and fed by ``mvmr_hf.data.build_dataloader``
+over a local parquet stream of JPEG photographs. The wait for the next batch is the data wait;
+the step reports the end of each of its phases through its ``mark`` callback: the copy to the
+device and the division by 255 (transfer), the student on both views, the teacher (run, or
+read from the cache), the hand-crafted representations, the loss, the backward pass down to
+z and z̃ (a gradient hook inside the one ``accelerator.backward``), the rest of the backward
+through the student, then Adam and the schedule. The device is synchronized at every mark, so
+phases do not overlap (a slight upper bound on a step).
 
 Configurations (random-init weights; timing does not depend on them):
 
@@ -37,8 +39,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ from mvmr_hf.data import build_dataloader, load_image_dataset
 from mvmr_hf.objective import MVMRLoss
 from mvmr_hf.student import build_student
 from mvmr_hf.teacher_cache import TeacherCache
-from mvmr_hf.train import build_optimizer, build_representations, representation_outputs, share_cache
+from mvmr_hf.train import TrainingStep, build_optimizer, build_representations, share_cache
 
 PHASES = (
     "data_wait", "transfer", "student_forward", "teacher", "representations", "loss_forward", "loss_backward",
@@ -136,71 +136,44 @@ def _save_teacher(folder: Path, sizes: dict[str, int], image_size: int) -> Path:
 
 
 class _Clock:
-    """Adds the synchronized wall time of each ``with clock(phase)`` block to the current step."""
+    """Per step, the synchronized wall time of each phase: from the previous mark to ``mark(phase)``."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.steps: list[dict[str, float]] = []
+        self.last = 0.0
 
     def new_step(self) -> None:
+        """Start a step: its phases at zero, its clock at now."""
         self.steps.append(dict.fromkeys(PHASES, 0.0))
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
         synchronize(self.device)
-        start = time.perf_counter()
-        yield
+        self.last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        """End ``phase``: add the time since the previous mark (or the step's start) to it."""
         synchronize(self.device)
-        self.steps[-1][phase] += time.perf_counter() - start
+        now = time.perf_counter()
+        self.steps[-1][phase] += now - self.last
+        self.last = now
 
 
-def _epoch(
-    clock: _Clock,
-    run: _Run,
-    *,
-    teacher: dict[str, torch.nn.Module],
-    handcrafted: dict[str, torch.nn.Module],
-    cache: TeacherCache | None,
-    epoch: int,
-) -> list[dict[str, float]]:
-    """Run one epoch of steps in the order of ``mvmr_hf.train.train``; return each step's phase seconds."""
-    accelerator, student, device = run.accelerator, run.student, run.accelerator.device
-    gather = {name: getattr(r, "gather", True) for name, r in {**teacher, **handcrafted}.items()}
+def _epoch(clock: _Clock, run: _Run, step: TrainingStep, *, epoch: int) -> list[dict[str, float]]:
+    """Run one epoch of ``step`` as ``mvmr_hf.train.train`` does; return each step's phase seconds."""
     clock.steps = []
     run.loader.dataset.set_epoch(epoch)
     batches = iter(run.loader)
     while True:
         clock.new_step()
-        with clock("data_wait"):
-            batch = next(batches, None)
+        batch = next(batches, None)
         if batch is None:
             clock.steps.pop()
             break
-        with clock("transfer"):
-            images = batch["image"].to(device, non_blocking=True).float().div_(255)
-            augmented = batch["augmented"].to(device, non_blocking=True).float().div_(255)
-        with accelerator.accumulate(student):
-            with clock("student_forward"):
-                z = student(images).embedding
-                z_aug = student(augmented).embedding
-            with clock("teacher"):
-                targets = representation_outputs(accelerator, teacher, images, batch["key"], cache)
-            with clock("representations"):
-                targets |= representation_outputs(accelerator, handcrafted, images, batch["key"], None)
-            with clock("loss_forward"):
-                loss = run.criterion(z, z_aug, targets, gather=gather)
-            with clock("loss_backward"):
-                grads = torch.autograd.grad(loss.total, (z, z_aug))
-            with clock("student_backward"):
-                torch.autograd.backward((z, z_aug), grads)
-            with clock("optimizer"):
-                run.optimizer.step()
-                run.scheduler.step()
-                run.optimizer.zero_grad(set_to_none=True)
+        clock.mark("data_wait")
+        loss = step(batch, mark=clock.mark)
         if not math.isfinite(loss.total.item()):
             raise RuntimeError("the loss is not finite: the benchmark's step is broken")
-    if cache is not None:
-        share_cache(accelerator, cache)
+    if step.cache is not None:
+        share_cache(run.accelerator, step.cache)
     return clock.steps
 
 
@@ -243,6 +216,20 @@ class _Run:
     teacher: dict[str, torch.nn.Module]
     handcrafted: dict[str, torch.nn.Module]
     cache: TeacherCache
+
+    def training_step(
+        self, representations: dict[str, torch.nn.Module], cache: TeacherCache | None
+    ) -> TrainingStep:
+        """The training loop's step over this run's student, loss and optimizer with ``representations``."""
+        return TrainingStep(
+            self.accelerator,
+            self.student,
+            self.criterion,
+            self.optimizer,
+            self.scheduler,
+            representations,
+            cache,
+        )
 
 
 def _build(setup: Setup, device: torch.device, root: Path) -> _Run:
@@ -296,7 +283,7 @@ def _measure(setup: Setup, run: _Run) -> list[dict[str, Any]]:
     for epoch, (mode, teacher, handcrafted, cache, teacher_runs) in enumerate(modes):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        steps = _epoch(clock, run, teacher=teacher, handcrafted=handcrafted, cache=cache, epoch=epoch)
+        steps = _epoch(clock, run, run.training_step(teacher | handcrafted, cache), epoch=epoch)
         steps = steps[setup.warmup :]
         row = _summary(mode, steps, setup.batch, teacher_runs)
         if device.type == "cuda":

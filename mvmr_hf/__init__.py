@@ -45,6 +45,7 @@ _LAZY = {
     # training
     "train": "mvmr_hf.train",
     "TrainingError": "mvmr_hf.train",
+    "TrainingStep": "mvmr_hf.train",
     "ModelArguments": "mvmr_hf.cli.train",
     "PretrainModelArguments": "mvmr_hf.cli.train",
     "TeacherArguments": "mvmr_hf.cli.train",

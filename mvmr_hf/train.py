@@ -5,7 +5,8 @@ augmented view (Z̃) in two forward passes, so that batch-norm statistics stay p
 representation - the teacher, the hand-crafted descriptors - sees the non-augmented view on
 the accelerator under ``no_grad``; the MV-MR loss (eq. 10) compares them, on the batch
 gathered from all processes unless ``--dcor-scope local``. Adam with a linear warm-up and a
-cosine decay steps once per optimizer step.
+cosine decay steps once per optimizer step. One micro-step is a :class:`TrainingStep`, which
+``benchmarks/bench_step.py`` times phase by phase.
 
 The data stream is already split across processes by :mod:`mvmr_hf.data`, so the loader is
 *not* given to ``accelerator.prepare`` (which would split it again); batches move to the
@@ -39,19 +40,21 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.scheduler import AcceleratedScheduler
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DataLoaderConfiguration, LoggerType, ProjectConfiguration, set_seed
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -70,7 +73,7 @@ from mvmr_hf.data import DataStats, build_dataloader, load_image_dataset
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, export_student, is_release
 from mvmr_hf.hub import push_to_hub
-from mvmr_hf.objective import MVMRLoss
+from mvmr_hf.objective import LossOutput, MVMRLoss
 from mvmr_hf.representations import build as build_representation
 from mvmr_hf.student import build_student
 from mvmr_hf.teacher_cache import TeacherCache, cache_folder
@@ -87,6 +90,7 @@ if TYPE_CHECKING:
 __all__ = [
     "METRICS_FILE",
     "TrainingError",
+    "TrainingStep",
     "build_optimizer",
     "build_representations",
     "representation_outputs",
@@ -191,9 +195,9 @@ def train(
     for representation in representations.values():
         representation.to(device)
     cache = _teacher_cache(accelerator, output_dir, teacher, data_args, representations)
-    gather = {
-        name: getattr(representation, "gather", True) for name, representation in representations.items()
-    }
+    training_step = TrainingStep(
+        accelerator, student, criterion, optimizer, scheduler, representations, cache
+    )
 
     step, epoch = 0, 0
     if resume_from is not None:
@@ -224,19 +228,7 @@ def train(
             batches = 0
             for batch in _until_any_process_runs_out(loader, accelerator):
                 batches += 1
-                images = batch["image"].to(device, non_blocking=True).float().div_(255)
-                augmented = batch["augmented"].to(device, non_blocking=True).float().div_(255)
-                with accelerator.accumulate(student):
-                    z = student(images).embedding  # Z: the non-augmented view
-                    z_aug = student(augmented).embedding  # Z̃: a separate pass, its own BN statistics
-                    targets = representation_outputs(
-                        accelerator, representations, images, batch["key"], cache
-                    )
-                    loss = criterion(z, z_aug, targets, gather=gather)
-                    accelerator.backward(loss.total)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                loss = training_step(batch)
                 meter.add(loss.total, loss.terms, skipped=batch["skipped"], step=step + 1)
                 if not accelerator.sync_gradients:
                     continue
@@ -539,6 +531,82 @@ def share_cache(accelerator: Accelerator, cache: TeacherCache) -> None:
     cache.refresh()
 
 
+def _no_mark(phase: str) -> None:
+    """The ``mark`` of an unmeasured step: does nothing."""
+
+
+@dataclass
+class TrainingStep:
+    """One micro-step of the training loop: the one :func:`train` runs and ``benchmarks/bench_step.py`` times.
+
+    Called on a batch of :func:`mvmr_hf.data.build_dataloader`, it moves the batch's two views to
+    the device as floats in [0, 1], embeds each in its own student pass (Z, then Z̃: batch-norm
+    statistics stay per view), computes every representation of the non-augmented view
+    (:func:`representation_outputs`, with the teacher cache), the MV-MR loss with each
+    representation's ``gather`` hint, the backward pass and the optimizer and scheduler steps
+    (applied once per optimizer step through ``accelerator.accumulate``); it returns the loss.
+    ``gather`` is derived from ``representations``.
+    """
+
+    accelerator: Accelerator
+    student: nn.Module
+    criterion: MVMRLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler | AcceleratedScheduler
+    representations: dict[str, nn.Module]
+    cache: TeacherCache | None = None
+    gather: dict[str, bool] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gather = {name: getattr(r, "gather", True) for name, r in self.representations.items()}
+
+    def __call__(self, batch: dict[str, Any], mark: Callable[[str], None] | None = None) -> LossOutput:
+        """Run the step on ``batch``; ``mark(phase)``, when given, is called right after each phase ends.
+
+        The phases, in order: ``transfer``, ``student_forward``, ``teacher``, ``representations``
+        (hand-crafted), ``loss_forward``, ``loss_backward`` (down to Z and Z̃, marked by a gradient
+        hook inside the one backward pass), ``student_backward`` and ``optimizer``. Marking does not
+        change what is computed (Z and Z̃ reach the loss through identity views that carry the hook).
+        """
+        accelerator, device, note = self.accelerator, self.accelerator.device, mark or _no_mark
+        images = batch["image"].to(device, non_blocking=True).float().div_(255)
+        augmented = batch["augmented"].to(device, non_blocking=True).float().div_(255)
+        note("transfer")
+        with accelerator.accumulate(self.student):
+            z = self.student(images).embedding  # Z: the non-augmented view
+            z_aug = self.student(augmented).embedding  # Z̃: a separate pass, its own BN statistics
+            note("student_forward")
+            targets = representation_outputs(
+                accelerator, self.representations, images, batch["key"], self.cache, mark=note
+            )
+            if mark is not None:
+                z, z_aug = _marked_at_loss_backward_end(z, z_aug, mark)
+            loss = self.criterion(z, z_aug, targets, gather=self.gather)
+            note("loss_forward")
+            accelerator.backward(loss.total)
+            note("student_backward")
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            note("optimizer")
+        return loss
+
+
+def _marked_at_loss_backward_end(
+    z: Tensor, z_aug: Tensor, mark: Callable[[str], None]
+) -> tuple[Tensor, Tensor]:
+    """Z and Z̃ as identity views whose gradient hook calls ``mark("loss_backward")``.
+
+    Autograd runs the nodes of a graph newest first. The views are newer than every node of
+    the student and older than every node of the loss, so the hook fires exactly when the
+    loss's backward is done and before the student's starts. (A hook on Z itself would fire
+    only after the student's backward of Z̃, whose nodes are newer than Z's.)
+    """
+    z, z_aug = z.view_as(z), z_aug.view_as(z_aug)
+    torch.autograd.graph.register_multi_grad_hook((z, z_aug), lambda grads: mark("loss_backward"))
+    return z, z_aug
+
+
 @torch.no_grad()
 def representation_outputs(
     accelerator: Accelerator,
@@ -546,21 +614,37 @@ def representation_outputs(
     images: Tensor,
     keys: list[str],
     cache: TeacherCache | None,
+    *,
+    mark: Callable[[str], None] = _no_mark,
 ) -> dict[str, Tensor]:
-    """Every representation of the non-augmented view; the teacher from the cache when it has the batch."""
+    """Every representation of the non-augmented view, in ``representations``' order.
+
+    The teacher runs first, under autocast, or is read from ``cache`` when it holds the batch
+    (and stored in it otherwise); then the hand-crafted representations. ``mark("teacher")`` and
+    ``mark("representations")`` are called after each part.
+    """
     outputs = {}
+    if "teacher" in representations:
+        outputs["teacher"] = _teacher_output(accelerator, representations["teacher"], images, keys, cache)
+    mark("teacher")
     for name, representation in representations.items():
-        if name == "teacher":
-            cached = cache.lookup(keys, images.device) if cache is not None else None
-            if cached is None:
-                with accelerator.autocast():
-                    cached = representation(images)
-                if cache is not None:
-                    cache.store(keys, cached)
-            outputs[name] = cached
-        else:
+        if name != "teacher":
             outputs[name] = representation(images)
-    return outputs
+    mark("representations")
+    return {name: outputs[name] for name in representations}
+
+
+def _teacher_output(
+    accelerator: Accelerator, teacher: nn.Module, images: Tensor, keys: list[str], cache: TeacherCache | None
+) -> Tensor:
+    """The teacher's output for the batch: from ``cache`` when it holds it, else computed and stored."""
+    output = cache.lookup(keys, images.device) if cache is not None else None
+    if output is None:
+        with accelerator.autocast():
+            output = teacher(images)
+        if cache is not None:
+            cache.store(keys, output)
+    return output
 
 
 def _hardware(accelerator: Accelerator) -> str:
