@@ -75,7 +75,7 @@ from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, export_student, is_releas
 from mvmr_hf.hub import push_to_hub
 from mvmr_hf.objective import LossOutput, MVMRLoss
 from mvmr_hf.representations import build as build_representation
-from mvmr_hf.student import build_student
+from mvmr_hf.student import Student, build_student
 from mvmr_hf.teacher_cache import TeacherCache, cache_folder
 
 if TYPE_CHECKING:
@@ -103,7 +103,8 @@ LOGS_DIR = "logs"
 # Arguments that may change when a run is resumed: they do not change what is being trained.
 _CHANGEABLE_ON_RESUME = frozenset(
     {"resume", "overwrite", "output_dir", "epochs", "max_steps", "num_workers", "checkpoint_every",
-     "keep_checkpoints", "log_with", "log_every", "push_to_hub", "cache_teacher", "mixed_precision"}
+     "keep_checkpoints", "log_with", "log_every", "push_to_hub", "cache_teacher", "mixed_precision",
+     "channels_last", "compile"}
 )  # fmt: skip
 
 
@@ -186,6 +187,7 @@ def train(
     _prepare_output_dir(accelerator, output_dir, args, training_args, resume_from)
     if model_args.sync_batchnorm and world > 1 and device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    _apply_speed_options(student, training_args, device)
     optimizer = build_optimizer(student, training_args.learning_rate, training_args.weight_decay, device)
     warmup = training_args.warmup
     scheduler = get_cosine_schedule_with_warmup(
@@ -331,6 +333,15 @@ def _check_local_batch(
             "each process gets 1 sample, too few for the student's batch norm: raise --batch-size to at "
             "least 2 per process"
         )
+
+
+def _apply_speed_options(student: Student, training_args: TrainingArguments, device: torch.device) -> None:
+    """--channels-last (default: on CUDA only) and --compile, in place: weight names stay the same."""
+    channels_last = training_args.channels_last
+    if channels_last or (channels_last is None and device.type == "cuda"):
+        student.to_channels_last()
+    if training_args.compile:
+        student.compile()  # nn.Module.compile: the module itself, not a wrapper with renamed weights
 
 
 def build_optimizer(

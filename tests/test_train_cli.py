@@ -33,8 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_GROUPS = [PretrainModelArguments, DataArguments, LossArguments, TrainingArguments]
 
 
-
-
 def _tiny(digits: Path, output_dir: Path) -> list[str]:
     return [
         "--dataset", str(digits), "--output-dir", str(output_dir), "--student", "test_resnet",
@@ -122,10 +120,12 @@ def test_resuming_with_other_settings_is_rejected(digits, tmp_path, capsys):
     checkpoint = checkpoint_path(run, 5)
     checkpoint.mkdir(parents=True)
     (checkpoint / TRAINER_STATE).write_text(json.dumps({"step": 5, "epoch": 0, "num_processes": 1}))
-    (run / "training_args.json").write_text(json.dumps({"student": "resnet18", "max_steps": 3}))
+    saved = {"student": "resnet18", "max_steps": 3, "channels_last": True, "compile": True}
+    (run / "training_args.json").write_text(json.dumps(saved))
     err = _fails_cleanly(pretrain_main, [*_tiny(digits, run), "--resume"], capsys, tmp_path, "other settings")
     assert "student: 'resnet18' -> 'test_resnet'" in err
-    assert "max_steps" not in err
+    for setting in ("max_steps", "channels_last", "compile"):  # they do not change what is trained
+        assert setting not in err
 
 
 def test_config_file_then_flags_override(tmp_path):
@@ -172,6 +172,17 @@ def test_defaults_follow_the_paper():
     assert (training.learning_rate, training.weight_decay) == (1e-4, 1e-6)
     assert (loss.invariance_weight, loss.variance_weight, loss.view_weight) == (1.0, 1.0, 1.0)
     assert (loss.dcor_scope, loss.dcor_estimator) == ("global", "biased")
+    assert (training.channels_last, training.compile) == (None, False)  # None: channels-last on CUDA only
+
+
+def test_channels_last_is_a_flag_with_an_optional_value():
+    values = {}
+    for flags in (["--channels-last"], ["--channels-last", "false"], ["--channels-last", "true"]):
+        *_, training = parse_arguments(
+            PRETRAIN_GROUPS, ["--dataset", "d", "--output-dir", "o", *flags], prog="t"
+        )
+        values[" ".join(flags)] = training.channels_last
+    assert values == {"--channels-last": True, "--channels-last false": False, "--channels-last true": True}
 
 
 def test_help_documents_every_option(capsys):
@@ -187,6 +198,7 @@ def test_help_documents_every_option(capsys):
         "--dcor-squared", "--dcor-scope", "--mixed-precision", "--output-dir", "--checkpoint-every",
         "--keep-checkpoints", "--resume", "--overwrite", "--seed", "--log-with", "--log-every",
         "--num-workers", "--cache-teacher", "--push-to-hub", "--trust-remote-code", "--debug", "--config",
+        "--channels-last", "--compile",
     ):  # fmt: skip
         assert option in text, option
     help_of_teacher_output = " ".join(

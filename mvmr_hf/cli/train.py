@@ -241,6 +241,19 @@ class TrainingArguments:
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _opt(
         None, "Mixed precision; when omitted, what `accelerate launch` or `accelerate config` set, else no."
     )
+    channels_last: bool | None = _opt(
+        None,
+        "Keep the student's weights and activations in channels-last memory format (usually faster "
+        "convolutions under mixed precision on GPUs); when omitted, on for CUDA and off elsewhere; "
+        "--channels-last false turns it off.",
+        nargs="?",
+        const=True,
+    )
+    compile: bool = _opt(
+        False,
+        "torch.compile the student (in place: weight names, checkpoints and the release are unchanged); "
+        "the first steps take longer while it compiles.",
+    )
     checkpoint_every: int = _opt(1000, "Save a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = _opt(2, "Keep the N newest checkpoints.")
     resume: str | None = _opt(
