@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import mvmr_hf.dcor as dcor_module
 from mvmr_hf.dcor import (
     centered_distances,
     dcor_from_centered,
@@ -27,8 +28,9 @@ def _dependent_pair(shape_x, shape_y, seed=0):
     x = torch.randn(*shape_x, generator=generator, dtype=torch.float64)
     flat = x.reshape(x.shape[0], -1)
     mixing = torch.randn(flat.shape[1], int(np.prod(shape_y[1:])), generator=generator, dtype=torch.float64)
-    y = torch.tanh(flat @ mixing) + 0.5 * torch.randn(shape_y[0], mixing.shape[1], generator=generator,
-                                                      dtype=torch.float64)
+    y = torch.tanh(flat @ mixing) + 0.5 * torch.randn(
+        shape_y[0], mixing.shape[1], generator=generator, dtype=torch.float64
+    )
     return x, y.reshape(shape_y)
 
 
@@ -148,3 +150,40 @@ def test_mismatched_batches_and_unsquared_unbiased_raise():
         distance_correlation(torch.randn(5, 3), torch.randn(6, 3))
     with pytest.raises(ValueError, match="only defined squared"):
         distance_correlation(torch.randn(5, 3), torch.randn(5, 3), unbiased=True)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_column_blocks_give_the_reference_value_and_gradient(monkeypatch, unbiased):
+    # Blocks of 3 columns (the last one partial) instead of one cache-sized block.
+    monkeypatch.setattr(dcor_module, "_CPU_BLOCK_BYTES", 4 * 3 * 8)
+    x, y = _dependent_pair((8, 2, 5), (8, 7), seed=5)
+    expected = (
+        dcor_reference.u_distance_correlation_sqr if unbiased else dcor_reference.distance_correlation_sqr
+    )(_np(x), _np(y))
+    assert distance_correlation(x, y, squared=True, unbiased=unbiased).item() == pytest.approx(
+        expected, abs=1e-9
+    )
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda t: distance_correlation(t, y, squared=True, unbiased=unbiased), (x,), eps=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision_input_gets_a_gradient_of_its_own_dtype(monkeypatch, dtype):
+    monkeypatch.setattr(dcor_module, "_CPU_BLOCK_BYTES", 4 * 3 * 8)
+    x64, y64 = _dependent_pair((8, 10), (8, 4), seed=6)
+    x = x64.to(dtype).requires_grad_(True)
+    distance_correlation(x, y64.float(), squared=True).backward()
+    # The reference: the same rounded input in float64, differentiated by autograd's own formulas.
+    exact = x.detach().double().requires_grad_(True)
+    flat = exact - exact.mean(0)
+    distances = (flat[:, None] - flat[None]).square().sum(-1).add(torch.eye(8)).sqrt() * (1 - torch.eye(8))
+
+    def centred(a):
+        return a - a.mean(0, keepdim=True) - a.mean(1, keepdim=True) + a.mean()
+
+    a, b = centred(distances), centred(torch.cdist(y64, y64))
+    ((a * b).mean() / ((a * a).mean() * (b * b).mean()).sqrt()).backward()
+    assert x.grad.dtype == dtype
+    assert torch.allclose(x.grad.double(), exact.grad, rtol=1e-2, atol=1e-4)
