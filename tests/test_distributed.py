@@ -56,6 +56,7 @@ def _worker(rank: int, init_file: str, out_dir: str, scope: str) -> None:
         ddp = DistributedDataParallel(model)
         result = _loss_and_grads(ddp, x[shard], x_aug[shard], teacher[shard], MVMRLoss(scope=scope))
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # neither process tears gloo down while the other may still be talking to it
     finally:
         dist.destroy_process_group()
 
@@ -95,6 +96,7 @@ def _gather_worker(rank: int, init_file: str, out_dir: str) -> None:
         result = {"gathered": gathered.tolist(), "grad": local.grad.tolist(),
                   "no_grad": gather_no_grad(local.detach() + 1).tolist()}
         Path(out_dir, f"gather{rank}.json").write_text(json.dumps(result))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
