@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from kymatio.scattering2d.frontend.numpy_frontend import ScatteringNumPy2D
+from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 from scipy import ndimage
 from skimage import data
 from skimage.feature import hog
@@ -15,7 +16,8 @@ from torch import nn
 
 from mvmr_hf import representations
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.representations import Representation, build, hog_histograms
+from mvmr_hf.representations import Representation, build, hog_histograms, scattering
+from mvmr_hf.representations.scattering import Scattering2D
 
 EXPECTED = {  # name: (deterministic, gather)
     "pixels": (True, True),
@@ -144,6 +146,21 @@ def test_scatnet_equals_kymatios_numpy_backend(photos: torch.Tensor) -> None:
     reference = ScatteringNumPy2D(J=2, shape=(64, 48), L=8, max_order=2)(images.numpy())
     assert ours.shape == (2, 3 * 81, 16, 12)
     np.testing.assert_allclose(ours.numpy(), reference.reshape(2, 243, 16, 12), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("J", "L", "max_order", "shape"),
+    [(1, 8, 2, (20, 20)), (2, 6, 1, (37, 50)), (3, 4, 2, (40, 33)), (3, 8, 2, (64, 64))],
+)
+def test_scattering_equals_kymatios_torch_frontend(J: int, L: int, max_order: int, shape: tuple) -> None:  # noqa: N803
+    # Several chunks of images (a tiny chunk budget), odd sizes, J=3 (periodization by 4 and 8).
+    maps = torch.rand(5, 2, *shape, generator=torch.Generator().manual_seed(J))
+    reference = ScatteringTorch2D(J=J, shape=shape, L=L, max_order=max_order)(maps)
+    ours = Scattering2D(J, L, max_order, *shape)
+    torch.testing.assert_close(ours(maps), reference, atol=1e-6, rtol=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scattering, "_CPU_CHUNK_BYTES", 1)
+        torch.testing.assert_close(ours(maps), reference, atol=1e-6, rtol=0)
 
 
 def test_scatnet_has_762048_values_at_224_px_and_caches_the_transform() -> None:

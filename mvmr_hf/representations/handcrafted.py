@@ -6,7 +6,8 @@ colour channel:
 * ``pixels``: the image flattened, ``(B, 3·H·W)``.
 * ``augmented-pixels``: an independent random augmentation of each image
   (:class:`mvmr_hf.augment.ViewAugment`, same size as the input), flattened. Not deterministic.
-* ``scatnet``: kymatio's 2-D scattering transform (J=2, L=8, orders 0-2): 81 maps per colour
+* ``scatnet``: kymatio's 2-D scattering transform (J=2, L=8, orders 0-2; computed by
+  :class:`mvmr_hf.representations.scattering.Scattering2D`): 81 maps per colour
   channel at H/4 x W/4, ``(B, 3·81, H/4, W/4)``, 762,048 values for 224 px (``gather=False``).
 * ``hog``: histograms of oriented gradients, ``(B, 3·24, H//8, W//8)``: see :func:`hog_histograms`.
 * ``lsd``: the 3x3 local standard deviation, ``(B, 3, H, W)``: see :func:`local_std`.
@@ -18,12 +19,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 from torch import Tensor
 
 from mvmr_hf.augment import ViewAugment
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.representations import Representation, check_options, register
+from mvmr_hf.representations.scattering import Scattering2D
 
 __all__ = ["HOG", "LSD", "AugmentedPixels", "Pixels", "ScatNet", "hog_histograms", "local_std"]
 
@@ -145,7 +146,7 @@ class AugmentedPixels(Representation):
 
 @register("scatnet")
 class ScatNet(Representation):
-    """Scattering transform per colour channel (kymatio, torch backend): ``(B, 3·K, H/2^J, W/2^J)``.
+    """Scattering transform per colour channel (kymatio's filters and paths): ``(B, 3·K, H/2^J, W/2^J)``.
 
     ``K = 1 + J·L + L²·J·(J-1)/2`` maps (81 for J=2, L=8, orders 0-2). Computed in float32. The
     transform is built on first use for each input size and device and kept for reuse.
@@ -161,9 +162,9 @@ class ScatNet(Representation):
         if max_order not in (1, 2):
             raise ConfigError(f"ScatNet max_order must be 1 or 2, got {max_order!r}.")
         self.max_order = max_order
-        self._transforms: dict[tuple[int, int, torch.device], ScatteringTorch2D] = {}
+        self._transforms: dict[tuple[int, int, torch.device], Scattering2D] = {}
 
-    def _transform(self, height: int, width: int, device: torch.device) -> ScatteringTorch2D:
+    def _transform(self, height: int, width: int, device: torch.device) -> Scattering2D:
         key = (height, width, device)
         if key not in self._transforms:
             if min(height, width) < 2**self.J:
@@ -171,15 +172,13 @@ class ScatNet(Representation):
                     f"ScatNet with J={self.J} needs images of at least {2**self.J} pixels per side, "
                     f"got {height}x{width}; use larger images or a smaller J."
                 )
-            scattering = ScatteringTorch2D(
-                J=self.J, shape=(height, width), L=self.L, max_order=self.max_order
-            )
+            scattering = Scattering2D(self.J, self.L, self.max_order, height, width)
             self._transforms[key] = scattering.to(device)
         return self._transforms[key]
 
     def compute(self, images: Tensor) -> Tensor:
         height, width = images.shape[-2:]
-        coefficients = self._transform(height, width, images.device)(images.float().contiguous())
+        coefficients = self._transform(height, width, images.device)(images.float())
         return coefficients.flatten(1, 2)
 
 
