@@ -164,8 +164,10 @@ class MVMRLoss(nn.Module):
         terms = {
             "invariance": self.invariance_weight * invariance(z, z_aug),
             "variance": self.variance_weight
-            * (variance_hinge(z, gamma=self.gamma, eps=self.eps)
-               + variance_hinge(z_aug, gamma=self.gamma, eps=self.eps)),
+            * (
+                variance_hinge(z, gamma=self.gamma, eps=self.eps)
+                + variance_hinge(z_aug, gamma=self.gamma, eps=self.eps)
+            ),
         }
         # The augmented embedding's distance matrix is computed once and reused by every dCor term.
         centred_aug = centered_distances(z_aug, unbiased=self.unbiased)

@@ -93,8 +93,11 @@ def _gather_worker(rank: int, init_file: str, out_dir: str) -> None:
         gathered = gather_with_grad(local)
         weights = torch.arange(6, dtype=torch.float64)
         (gathered * weights).sum().backward()
-        result = {"gathered": gathered.tolist(), "grad": local.grad.tolist(),
-                  "no_grad": gather_no_grad(local.detach() + 1).tolist()}
+        result = {
+            "gathered": gathered.tolist(),
+            "grad": local.grad.tolist(),
+            "no_grad": gather_no_grad(local.detach() + 1).tolist(),
+        }
         Path(out_dir, f"gather{rank}.json").write_text(json.dumps(result))
         dist.barrier()
     finally:

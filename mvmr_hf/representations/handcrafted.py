@@ -205,10 +205,12 @@ class HOG(Representation):
         # On CPU, chunks of 8 images keep the per-pixel intermediates in cache: 3-4x faster at
         # 224 px than the whole batch at once (benchmarks/bench_representations.py), same output.
         chunk = CPU_HOG_CHUNK if images.device.type == "cpu" else images.shape[0]
-        return torch.cat([
-            hog_histograms(part, self.orientations, self.cell_size, self.interpolate)
-            for part in images.split(chunk)
-        ])
+        return torch.cat(
+            [
+                hog_histograms(part, self.orientations, self.cell_size, self.interpolate)
+                for part in images.split(chunk)
+            ]
+        )
 
 
 @register("lsd")
