@@ -303,7 +303,7 @@ def main(argv: list[str]) -> None:
     setup = _setup(device, args.quick, args.num_workers)
     with tempfile.TemporaryDirectory() as tmp:
         rows = _measure(setup, _build(setup, device, Path(tmp)))
-    notes = _verdicts(rows, device)
+    notes = _verdicts(rows, device, quick=args.quick)
     notes += [
         f"student {setup.student}, projector {setup.projector}, teacher {setup.teacher_label} (random init), "
         f"{setup.image_size} px, batch {setup.batch}, mixed precision {setup.mixed_precision}, "
@@ -320,11 +320,18 @@ def main(argv: list[str]) -> None:
     report("step", args, device, rows, columns, config=vars(setup), notes=notes)
 
 
-def _verdicts(rows: list[dict[str, Any]], device: torch.device) -> list[str]:
+def _verdicts(rows: list[dict[str, Any]], device: torch.device, *, quick: bool) -> list[str]:
+    """Each mode's overhead against the target; with --quick (a smaller step) the share is only reported."""
     target = GPU_TARGET if device.type == "cuda" else CPU_TARGET
+
+    def verdict(share: float) -> str:
+        if quick:
+            return "not checked: --quick shrinks the batch and projector, so the student's share is smaller"
+        return "met" if share <= target else "MISSED"
+
     notes = [
         f"{row['mode']}: overhead {row['overhead_share']:.1%} of the step (target <= {target:.0%}): "
-        f"{'met' if row['overhead_share'] <= target else 'MISSED'}"
+        f"{verdict(row['overhead_share'])}"
         for row in rows
     ]
     by_mode = {row["mode"]: row for row in rows}
