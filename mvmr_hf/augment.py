@@ -18,7 +18,9 @@ The crop and resize use :func:`torchvision.ops.roi_align` with adaptive sampling
 averages ``ceil(crop/size)`` bilinear samples per output pixel and axis, so downscaling a
 large crop is anti-aliased (an affine grid with ``grid_sample`` would alias), and a crop
 of exactly ``size`` pixels is copied unchanged. :func:`center_view` is the non-augmented
-view: resize the shorter side to ``size`` with anti-aliasing, then centre-crop.
+view: resize the shorter side with anti-aliasing, then centre-crop ``size`` x ``size``; the
+training data resizes to ``size / CENTER_CROP_FRACTION`` first (256 px for 224), as the paper's
+code and timm's evaluation transform do.
 
 The per-sample colour operations (:func:`adjust_brightness`, :func:`adjust_contrast`,
 :func:`adjust_saturation`, :func:`adjust_hue`) and :func:`gaussian_blur` take one factor per
@@ -47,6 +49,7 @@ from torchvision.transforms.v2 import functional as TF
 from mvmr_hf.errors import ConfigError
 
 __all__ = [
+    "CENTER_CROP_FRACTION",
     "ViewAugment",
     "ViewParams",
     "adjust_brightness",
@@ -59,6 +62,10 @@ __all__ = [
 ]
 
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes before the centre crop
+
+CENTER_CROP_FRACTION = 0.875
+"""The non-augmented training view keeps the central 87.5 % of the resized image (224 of 256 px),
+as the paper's code (resize 256, centre crop 224) and timm's ``crop_pct`` do."""
 
 
 def check_image_batch(images01: Tensor, where: str) -> None:
@@ -364,10 +371,16 @@ class ViewAugment(nn.Module):
         return self.apply(images01, self.sample(len(images01), *images01.shape[-2:], generator=generator))
 
 
-def center_view(images01: Tensor, size: int) -> Tensor:
-    """The non-augmented view: shorter side resized to ``size`` (anti-aliased), centre-cropped square."""
+def center_view(images01: Tensor, size: int, *, crop_fraction: float = 1.0) -> Tensor:
+    """Shorter side resized (anti-aliased) to ``floor(size / crop_fraction)``, centre-cropped square ``size``.
+
+    ``crop_fraction`` is timm's ``crop_pct``: 1 keeps the whole shorter side, the training data's
+    :data:`CENTER_CROP_FRACTION` gives the paper's resize-256-crop-224 at 224 px.
+    """
     check_image_batch(images01, "center_view")
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ConfigError(f"center_view size must be a positive integer, got {size!r}.")
-    resized = TF.resize(images01, [size], antialias=True)
+    if not 0.0 < crop_fraction <= 1.0:
+        raise ConfigError(f"center_view crop_fraction must be in (0, 1], got {crop_fraction!r}.")
+    resized = TF.resize(images01, [math.floor(size / crop_fraction)], antialias=True)
     return TF.center_crop(resized, [size, size])

@@ -1,8 +1,10 @@
 """Streaming ``datasets`` -> decoded, validated images -> the two views of MV-MR.
 
-A batch holds, for each image, the non-augmented view x (shorter side resized to S, centre crop)
-in ``"image"``, the augmented view x̃ (the paper's augmentation of section 7 applied to the image
-first resized so that its shorter side is S) in ``"augmented"``, both ``uint8 (B, 3, S, S)`` to
+A batch holds, for each image, the non-augmented view x (shorter side resized to
+S / :data:`~mvmr_hf.augment.CENTER_CROP_FRACTION`, centre crop S: 256 then 224 at S = 224) in
+``"image"``, the augmented view x̃ (the paper's augmentation of section 7, its random resized crop
+taken from the decoded full-resolution image as torchvision's ``RandomResizedCrop`` does) in
+``"augmented"``, both ``uint8 (B, 3, S, S)`` to
 halve the host-to-device traffic (the training step divides by 255), and in ``"key"`` a stable
 key: the blake2b hash of the encoded image bytes, identical in every epoch, process and run, so
 that teacher outputs can be cached exactly.
@@ -77,9 +79,8 @@ from datasets.distributed import split_dataset_by_node
 from datasets.utils.file_utils import xopen
 from PIL import Image, ImageOps
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchvision.transforms.v2 import functional as TF
 
-from mvmr_hf.augment import ViewAugment, center_view
+from mvmr_hf.augment import CENTER_CROP_FRACTION, ViewAugment, center_view
 from mvmr_hf.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -451,11 +452,11 @@ class ViewsDataset(torch.utils.data.IterableDataset):
 
     def _views(self, image: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         images01 = image.unsqueeze(0).float().div_(255.0)
-        # Resize once; center_view's own resize of an image whose shorter side is already S is a no-op.
-        resized = TF.resize(images01, [self.image_size], antialias=True)
-        plain = center_view(resized, self.image_size)
+        plain = center_view(images01, self.image_size, crop_fraction=CENTER_CROP_FRACTION)
         generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch, key))
-        augmented = self.augment(resized, generator=generator)
+        # The crop comes from the full-resolution image: a small crop of an image first shrunk to
+        # S would be upsampled more, and so blurrier, than torchvision's RandomResizedCrop makes it.
+        augmented = self.augment(images01, generator=generator)
         return _to_uint8(plain[0]), _to_uint8(augmented[0])
 
     def _stream_records(self, start: dict, worker: int, num_workers: int) -> Iterator[tuple[Record, dict]]:

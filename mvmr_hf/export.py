@@ -43,6 +43,7 @@ from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from mvmr_hf.align import AlignmentFit, load_alignment, save_alignment
+from mvmr_hf.augment import CENTER_CROP_FRACTION
 from mvmr_hf.card import BackboneInfo, CardInfo, merge_results, read_results, render_card
 from mvmr_hf.checkpoint import latest_checkpoint, read_trainer_state
 from mvmr_hf.errors import ConfigError
@@ -132,28 +133,39 @@ def rewrite_release(folder: str | os.PathLike) -> Iterator[Path]:
         yield work
 
 
+def write_timm_config(model: nn.Module, path: Path, data_config: Mapping[str, Any] | None = None) -> dict:
+    """Write timm's Hub ``config.json`` for ``model`` at ``path`` so that timm *and* transformers load it.
+
+    timm's ``save_config_for_hf`` writes ``num_classes`` into ``model_args``, which transformers'
+    ``TimmWrapperModel`` (that passes ``num_classes`` itself) rejects: it is removed; the root
+    ``num_classes`` still tells timm which head to build. Returns the written config.
+    """
+    save_config_for_hf(model, str(path), data_config=dict(data_config) if data_config else None)
+    config = json.loads(path.read_text())
+    config.get("model_args", {}).pop("num_classes", None)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return config
+
+
 def _timm_config(backbone: nn.Module, path: Path, image_size: int, data_config: Mapping[str, Any]) -> None:
     """Write timm's ``config.json`` for ``backbone`` trained at ``image_size``.
 
     The preprocessing recorded is the one the student was trained with: the non-augmented view
-    of :func:`~mvmr_hf.augment.center_view` (shorter side resized to ``image_size`` with an
-    antialiased bilinear filter, centre crop, i.e. ``crop_pct`` 1) and the student's mean/std
-    from ``data_config``. timm's ``save_config_for_hf`` writes ``num_classes`` into
-    ``model_args``, which transformers' ``TimmWrapperModel`` (that passes ``num_classes=0``
-    itself) rejects: it is removed; the root ``num_classes`` (0) still tells timm to build the
-    model without a classifier.
+    of :func:`~mvmr_hf.augment.center_view` (shorter side resized to ``image_size / crop_pct``
+    with an antialiased bilinear filter, centre crop, ``crop_pct`` =
+    :data:`~mvmr_hf.augment.CENTER_CROP_FRACTION`) and the student's mean/std
+    from ``data_config``. Metadata of the source checkpoint (tag, licence, paper) no longer
+    describes trained weights and is dropped.
     """
     preprocessing = {
         "input_size": (3, image_size, image_size),
         "interpolation": "bilinear",
-        "crop_pct": 1.0,
+        "crop_pct": CENTER_CROP_FRACTION,
         "crop_mode": "center",
         "mean": tuple(data_config["mean"]),
         "std": tuple(data_config["std"]),
     }
-    save_config_for_hf(backbone, str(path), data_config=preprocessing)
-    config = json.loads(path.read_text())
-    config.get("model_args", {}).pop("num_classes", None)
+    config = write_timm_config(backbone, path, preprocessing)
     for key in _STALE_PRETRAINED_KEYS:
         config["pretrained_cfg"].pop(key, None)
     path.write_text(json.dumps(config, indent=2) + "\n")

@@ -26,7 +26,8 @@ these logging steps and at checkpoints.
 
 Example (what ``mvmr-pretrain`` does)::
 
-    >>> from mvmr_hf.cli.train import DataArguments, LossArguments, PretrainModelArguments, TrainingArguments
+    >>> from mvmr_hf.augment import CENTER_CROP_FRACTION
+from mvmr_hf.cli.train import DataArguments, LossArguments, PretrainModelArguments, TrainingArguments
     >>> train(PretrainModelArguments(student="resnet18"), DataArguments(dataset="./digits", image_size=32),
     ...       LossArguments(), TrainingArguments(output_dir="runs/ssl", batch_size=64, max_steps=100))
 """
@@ -497,6 +498,7 @@ def _teacher_cache(
         "teacher": representations["teacher"].fingerprint(),
         "mixed_precision": accelerator.mixed_precision,  # the teacher runs under autocast
         "image_size": data_args.image_size,
+        "center_crop_fraction": CENTER_CROP_FRACTION,  # the teacher's input is the non-augmented view
         "dataset": data_args.dataset,
         "dataset_config": data_args.dataset_config,
         "split": data_args.split,

@@ -210,6 +210,12 @@ def test_center_view_resizes_the_shorter_side_and_crops_the_centre() -> None:
     assert torch.equal(center_view(image, 32), image[..., 8:40])
     wide = center_view(torch.rand(1, 3, 50, 80), 25)
     assert wide.shape == (1, 3, 25, 25)
+    # crop_fraction is timm's crop_pct: resize to floor(size / crop_pct), then the centre square.
+    photo = photos_like = torch.rand(1, 3, 48, 64)
+    cropped = center_view(photos_like, 28, crop_fraction=0.875)
+    torch.testing.assert_close(cropped, TF.center_crop(TF.resize(photo, [32], antialias=True), [28, 28]))
+    with pytest.raises(ConfigError):
+        center_view(photo, 28, crop_fraction=0.0)
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 from skimage import data as skdata
 from sklearn.datasets import load_digits
 
+from mvmr_hf.augment import ViewAugment
 from mvmr_hf.data import (
     BadImageError,
     build_dataloader,
@@ -302,19 +304,59 @@ def test_batches_shapes_keys_and_views(digits, cache, streaming):
     assert not torch.equal(batches[0]["image"], batches[0]["augmented"])
 
 
-def test_non_augmented_view_matches_pil(tmp_path):
-    """The non-augmented view is the shorter side resized with anti-aliasing, then centre-cropped."""
-    astronaut = skdata.astronaut()[:, 64:]  # 512 x 448: the crop offset is a whole pixel
+def _one_image_loader(tmp_path, image: np.ndarray, image_size: int):
     folder = tmp_path / "one_image" / "train"
     folder.mkdir(parents=True)
-    Image.fromarray(astronaut).save(folder / "a.png")
-    loader, _ = build_dataloader(load_image_dataset(str(folder.parent)), image_size=64, batch_size=1)
+    Image.fromarray(image).save(folder / "a.png")
+    loader, _ = build_dataloader(load_image_dataset(str(folder.parent)), image_size=image_size, batch_size=1)
+    return loader, folder / "a.png"
+
+
+def test_non_augmented_view_matches_pil(tmp_path):
+    """Shorter side resized with anti-aliasing to S / 0.875, then the centre S x S (256 -> 224 at 224)."""
+    astronaut = skdata.astronaut()[:448, 64:]  # 448 x 448 -> 64 x 64 -> crop 56: whole-pixel offsets
+    loader, path = _one_image_loader(tmp_path, astronaut, 56)
     (batch,) = list(loader)
-    resized = Image.fromarray(astronaut).resize((64, 73), Image.Resampling.BILINEAR)
-    expected = np.asarray(resized.crop((0, 4, 64, 68)))
+    resized = Image.fromarray(astronaut).resize((64, 64), Image.Resampling.BILINEAR)
+    expected = np.asarray(resized.crop((4, 4, 60, 60)))
     view = batch["image"][0].permute(1, 2, 0).numpy().astype(int)
     assert np.abs(view - expected).max() <= 1
-    assert batch["key"] == [image_key((folder / "a.png").read_bytes())]
+    assert batch["key"] == [image_key(path.read_bytes())]
+
+
+class _RecordingAugment(ViewAugment):
+    """The paper's crop geometry without colour or blur, remembering the image sizes and boxes it drew."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size, jitter_p=0.0, grayscale_p=0.0, blur_kernel_fraction=0.0, flip_p=0.0)
+        self.drawn: list[tuple[int, int, torch.Tensor]] = []
+
+    def sample(self, batch, height, width, generator=None):
+        params = super().sample(batch, height, width, generator=generator)
+        self.drawn.append((height, width, params.crop_boxes[0]))
+        return params
+
+
+def test_augmented_view_is_cropped_from_the_full_resolution_image(tmp_path):
+    """torchvision's RandomResizedCrop geometry: the box is drawn on, and cut from, the decoded image."""
+    photo = skdata.astronaut()[:300, :400]
+    loader, _ = _one_image_loader(tmp_path, photo, 32)
+    recorder = _RecordingAugment(32)
+    loader.dataset.augment = recorder
+    views = []
+    for epoch in range(6):
+        loader.dataset.set_epoch(epoch)
+        views += [batch["augmented"][0] for batch in loader]
+    full = torch.from_numpy(photo).permute(2, 0, 1).float() / 255
+    for view, (height, width, box) in zip(views, recorder.drawn, strict=True):
+        assert (height, width) == (300, 400)
+        left, top, right, bottom = box.long().tolist()
+        assert 0.08 * 0.8 < (right - left) * (bottom - top) / (300 * 400) <= 1.0
+        reference = TF.resized_crop(full, top, left, bottom - top, right - left, [32, 32], antialias=True)
+        gray_levels = (view.float() - reference * 255).abs()
+        # roi_align's adaptive box average against torchvision's antialiased bilinear filter: 1.6-3.2
+        # gray levels on average (measured); a crop of the image first shrunk to 32 px gives 5-21.
+        assert gray_levels.mean() < 4.0
 
 
 def test_keys_stable_across_epochs_and_formats(digits, digits_folder, cache):

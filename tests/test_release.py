@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from skimage import data as skdata
 from transformers import AutoImageProcessor, AutoModel
 
-from mvmr_hf.augment import center_view
+from mvmr_hf.augment import CENTER_CROP_FRACTION, center_view
 from mvmr_hf.card import CardInfo
 from mvmr_hf.cli.release import export_main
 from mvmr_hf.errors import ConfigError
@@ -77,7 +77,7 @@ def test_timm_local_dir_gives_the_trained_features(release):
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     data_config = timm.data.resolve_model_data_config(model)
     assert data_config["input_size"] == (3, IMAGE_SIZE, IMAGE_SIZE)
-    assert (data_config["crop_pct"], data_config["interpolation"]) == (1.0, "bilinear")
+    assert (data_config["crop_pct"], data_config["interpolation"]) == (CENTER_CROP_FRACTION, "bilinear")
     with torch.no_grad():
         torch.testing.assert_close(
             model(_normalize(images, data_config)), student(images).features, atol=1e-5, rtol=0
@@ -104,7 +104,9 @@ def test_auto_image_processor_reproduces_the_training_view(release):
     pixels = processor(photo, return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
     images01 = torch.from_numpy(np.array(photo)).permute(2, 0, 1)[None].float() / 255
-    view = _normalize(center_view(images01, IMAGE_SIZE), student.data_config)
+    view = _normalize(
+        center_view(images01, IMAGE_SIZE, crop_fraction=CENTER_CROP_FRACTION), student.data_config
+    )
     # PIL's bilinear filter against torch's antialiased one: close, not identical
     assert (pixels - view).abs().mean() < 0.02
 
