@@ -26,8 +26,7 @@ these logging steps and at checkpoints.
 
 Example (what ``mvmr-pretrain`` does)::
 
-    >>> from mvmr_hf.augment import CENTER_CROP_FRACTION
-from mvmr_hf.cli.train import DataArguments, LossArguments, PretrainModelArguments, TrainingArguments
+    >>> from mvmr_hf.cli.train import DataArguments, LossArguments, PretrainModelArguments, TrainingArguments
     >>> train(PretrainModelArguments(student="resnet18"), DataArguments(dataset="./digits", image_size=32),
     ...       LossArguments(), TrainingArguments(output_dir="runs/ssl", batch_size=64, max_steps=100))
 """
@@ -60,6 +59,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from mvmr_hf.augment import CENTER_CROP_FRACTION
 from mvmr_hf.card import CardInfo
 from mvmr_hf.checkpoint import (
     CHECKPOINTS_DIR,

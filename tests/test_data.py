@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 from skimage import data as skdata
 from sklearn.datasets import load_digits
+from torchvision.transforms.v2 import functional as TF
 
 from mvmr_hf.augment import ViewAugment
 from mvmr_hf.data import (
