@@ -35,18 +35,26 @@ from mvmr_hf.dcor import (
     min_batch_size,
 )
 
-__all__ = ["SCOPES", "LossOutput", "MVMRLoss", "invariance", "variance_hinge"]
+__all__ = ["INVARIANCE_REDUCTIONS", "SCOPES", "LossOutput", "MVMRLoss", "invariance", "variance_hinge"]
 
 SCOPES = ("global", "local")
+INVARIANCE_REDUCTIONS = ("mean", "sum")
 
 
-def invariance(z: Tensor, z_aug: Tensor) -> Tensor:
-    """d(Z, Z̃) = (1/B)·Σ_i ||z_i - z̃_i||² (eq. 4).
+def invariance(z: Tensor, z_aug: Tensor, *, reduction: str = "mean") -> Tensor:
+    """The invariance term d(Z, Z̃) of eq. 4.
 
-    This sums over the embedding dimensions: it is D times ``F.mse_loss``, which averages
-    over them too.
+    ``reduction="sum"`` is eq. 4 as printed, (1/B)·Σ_i ||z_i - z̃_i||², summed over the D
+    embedding dimensions; ``"mean"`` also averages over them, (1/(B·D))·Σ_i ||z_i - z̃_i||²
+    (``F.mse_loss``, what the paper's released code and VICReg compute). With an 8192-d
+    projector the sum is 8192 times larger and outweighs every other term at λ = μ = 1.
     """
-    return (z - z_aug).pow(2).sum(dim=1).mean()
+    if reduction not in INVARIANCE_REDUCTIONS:
+        raise ValueError(
+            f"unknown invariance reduction {reduction!r}: use one of {', '.join(INVARIANCE_REDUCTIONS)}"
+        )
+    per_sample = (z - z_aug).pow(2).sum(dim=1)
+    return per_sample.mean() / (z.shape[1] if reduction == "mean" else 1)
 
 
 def variance_hinge(z: Tensor, *, gamma: float = 1.0, eps: float = 1e-4) -> Tensor:
@@ -82,7 +90,11 @@ class MVMRLoss(nn.Module):
         representation_weights: β_k in eq. 9 by representation name; names not listed get
             ``default_representation_weight`` (paper: 1).
         gamma, eps: margin γ and ε of the variance hinge (paper: 1 and 1e-4).
-        squared: use R² (eq. 11 as printed, the default) or R.
+        invariance_reduction: ``"mean"`` over batch and dimensions (the paper's released code,
+            the default) or ``"sum"`` over dimensions (eq. 4 as printed); see :func:`invariance`.
+        squared: use R² (eq. 11 as printed) or R (the paper's released code); ``None`` (the
+            default) picks R for the biased estimator and R², the only defined form, for the
+            bias-corrected one.
         unbiased: use the bias-corrected (U-centred) estimator; only defined squared.
         scope: ``"global"`` computes every term on the batch gathered from all processes
             (embeddings with gradients), so that with data-parallel gradient averaging the
@@ -104,14 +116,20 @@ class MVMRLoss(nn.Module):
         default_representation_weight: float = 1.0,
         gamma: float = 1.0,
         eps: float = 1e-4,
-        squared: bool = True,
+        invariance_reduction: str = "mean",
+        squared: bool | None = None,
         unbiased: bool = False,
         scope: str = "global",
     ) -> None:
         super().__init__()
         if scope not in SCOPES:
             raise ValueError(f"unknown dCor scope {scope!r}: use one of {', '.join(SCOPES)}")
-        if unbiased and not squared:
+        if invariance_reduction not in INVARIANCE_REDUCTIONS:
+            raise ValueError(
+                f"unknown invariance reduction {invariance_reduction!r}: use one of "
+                f"{', '.join(INVARIANCE_REDUCTIONS)}"
+            )
+        if unbiased and squared is False:
             raise ValueError(
                 "the bias-corrected distance correlation can be negative and is only defined squared: "
                 "use squared=True with unbiased=True"
@@ -123,7 +141,8 @@ class MVMRLoss(nn.Module):
         self.default_representation_weight = default_representation_weight
         self.gamma = gamma
         self.eps = eps
-        self.squared = squared
+        self.invariance_reduction = invariance_reduction
+        self.squared = unbiased if squared is None else squared
         self.unbiased = unbiased
         self.scope = scope
 
@@ -162,7 +181,8 @@ class MVMRLoss(nn.Module):
             z, z_aug = gather_with_grad(z), gather_with_grad(z_aug)
 
         terms = {
-            "invariance": self.invariance_weight * invariance(z, z_aug),
+            "invariance": self.invariance_weight
+            * invariance(z, z_aug, reduction=self.invariance_reduction),
             "variance": self.variance_weight
             * (
                 variance_hinge(z, gamma=self.gamma, eps=self.eps)
@@ -197,5 +217,5 @@ class MVMRLoss(nn.Module):
         return (
             f"λ={self.invariance_weight}, μ={self.variance_weight}, α={self.view_weight}, "
             f"β={self.representation_weights or self.default_representation_weight}, γ={self.gamma}, "
-            f"ε={self.eps}, dCor={'R²' if self.squared else 'R'} {estimator}, scope={self.scope}"
+            f"ε={self.eps}, invariance={self.invariance_reduction}, dCor={'R²' if self.squared else 'R'} {estimator}, scope={self.scope}"
         )

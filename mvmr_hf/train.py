@@ -149,6 +149,7 @@ def train(
         variance_weight=loss_args.variance_weight,
         view_weight=loss_args.view_weight,
         representation_weights=loss_args.weights,
+        invariance_reduction=loss_args.invariance_reduction,
         squared=loss_args.dcor_squared,
         unbiased=loss_args.dcor_estimator == "unbiased",
         scope=loss_args.dcor_scope,

@@ -21,7 +21,12 @@ def test_invariance_is_eq4_by_hand():
     z = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
     z_aug = torch.tensor([[1.0, 0.0], [3.0, 3.0]])
     # (1/B) Σ ||z_i - z̃_i||² = ((0 + 4) + (9 + 16)) / 2
-    assert invariance(z, z_aug).item() == pytest.approx(14.5)
+    assert invariance(z, z_aug, reduction="sum").item() == pytest.approx(14.5)
+    # The released code's reduction: torch's mean squared error over all B·D elements.
+    assert invariance(z, z_aug).item() == pytest.approx(torch.nn.functional.mse_loss(z, z_aug).item())
+    assert invariance(z, z_aug).item() == pytest.approx(14.5 / 2)
+    with pytest.raises(ValueError, match="invariance reduction"):
+        invariance(z, z_aug, reduction="max")
 
 
 def test_variance_hinge_is_eq5_eq6_by_hand():
@@ -32,14 +37,21 @@ def test_variance_hinge_is_eq5_eq6_by_hand():
     assert variance_hinge(z, gamma=20.0, eps=0.0).item() == pytest.approx(((20 - 0.5) + (20 - 10)) / 2)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize(("squared", "unbiased"), [(True, False), (False, False), (True, True)])
-def test_total_and_terms_match_hand_computation(squared, unbiased):
+def test_total_and_terms_match_hand_computation(squared, unbiased, reduction):
     z, z_aug = _batch()
     generator = torch.Generator().manual_seed(1)
     teacher = torch.randn(12, 3, 4, generator=generator, dtype=torch.float64) + z[:, :1, None]
     hog = torch.rand(12, 7, generator=generator, dtype=torch.float64)
     weights = dict(invariance_weight=2.0, variance_weight=3.0, view_weight=0.5)
-    loss_fn = MVMRLoss(**weights, representation_weights={"teacher": 4.0}, squared=squared, unbiased=unbiased)
+    loss_fn = MVMRLoss(
+        **weights,
+        representation_weights={"teacher": 4.0},
+        squared=squared,
+        unbiased=unbiased,
+        invariance_reduction=reduction,
+    )
     out = loss_fn(z, z_aug, {"teacher": teacher, "hog": hog})
 
     zn, zan = z.numpy(), z_aug.numpy()
@@ -54,7 +66,7 @@ def test_total_and_terms_match_hand_computation(squared, unbiased):
         return np.maximum(0.0, 1.0 - np.sqrt(a.var(axis=0, ddof=1) + 1e-4)).mean()
 
     expected = {
-        "invariance": 2.0 * ((zn - zan) ** 2).sum(axis=1).mean(),
+        "invariance": 2.0 * ((zn - zan) ** 2).sum(axis=1).mean() / (zn.shape[1] if reduction == "mean" else 1),
         "variance": 3.0 * (hinge(zn) + hinge(zan)),
         "dcor/views": 0.5 * (1 - reference(zan, zn)),
         "dcor/teacher": 4.0 * (1 - reference(zan, teacher.reshape(12, -1).numpy())),
@@ -88,9 +100,20 @@ def test_local_scope_equals_global_on_one_process():
     assert a.item() == pytest.approx(b.item(), abs=1e-12)
 
 
+def test_default_form_is_r_for_the_biased_and_r2_for_the_unbiased_estimator():
+    z, z_aug = _batch()
+    zn, zan = z.numpy(), z_aug.numpy()
+    biased = MVMRLoss()(z, z_aug).dcor["dcor/views"].item()
+    assert biased == pytest.approx(dcor_reference.distance_correlation(zan, zn), abs=1e-9)
+    unbiased = MVMRLoss(unbiased=True)(z, z_aug).dcor["dcor/views"].item()
+    assert unbiased == pytest.approx(dcor_reference.u_distance_correlation_sqr(zan, zn), abs=1e-9)
+
+
 def test_bad_configuration_and_shapes_raise_clearly():
     with pytest.raises(ValueError, match="only defined squared"):
         MVMRLoss(unbiased=True, squared=False)
+    with pytest.raises(ValueError, match="invariance reduction"):
+        MVMRLoss(invariance_reduction="median")
     with pytest.raises(ValueError, match="unknown dCor scope"):
         MVMRLoss(scope="world")
     z, z_aug = _batch()

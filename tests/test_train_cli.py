@@ -74,7 +74,7 @@ BAD_PRETRAIN_INPUT = [
         id="global-batch-below-4-unbiased",
     ),
     pytest.param(
-        ["--dcor-estimator", "unbiased", "--no-dcor-squared"], "only squared", id="unbiased-not-squared"
+        ["--dcor-estimator", "unbiased", "--dcor-squared", "false"], "only squared", id="unbiased-not-squared"
     ),
     pytest.param(["--representation-weights", "teacher=2"], "teacher", id="weight-for-unused-representation"),
     pytest.param(["--representation-weights", "lsd:2"], "name=number", id="malformed-weights"),

@@ -187,12 +187,24 @@ class LossArguments:
     representation_weights: str = _opt(
         "", "β_k of eq. 9 as name=weight,... (e.g. teacher=1,hog=0.5); unlisted representations get 1."
     )
+    invariance_reduction: Literal["mean", "sum"] = _opt(
+        "mean",
+        "Invariance term of eq. 4: 'mean' over batch and embedding dimensions (the paper's released code; "
+        "measured best, see the README) or 'sum' over the dimensions (eq. 4 as printed: D times larger).",
+    )
     dcor_estimator: Literal["biased", "unbiased"] = _opt(
         "biased",
         "'biased' (the paper's V-statistic) or 'unbiased' (U-centred, bias-corrected; needs a global "
-        "batch of at least 4 and --dcor-squared).",
+        "batch of at least 4 and is only defined squared).",
     )
-    dcor_squared: bool = _opt(True, "Use R² (eq. 11 as printed) rather than R in the dCor terms.")
+    dcor_squared: bool | None = _opt(
+        None,
+        "Use R² (eq. 11 as printed) rather than R in the dCor terms; when omitted, R for the biased "
+        "estimator (the paper's released code, measured best: see the README) and R² for the unbiased one "
+        "(the only one defined); --dcor-squared false forces R.",
+        nargs="?",
+        const=True,
+    )
     dcor_scope: Literal["global", "local"] = _opt(
         "global",
         "'global': every term on the batch gathered from all processes, so the update equals a one-process "
@@ -205,9 +217,9 @@ class LossArguments:
         for name, weight in parse_weights(self.representation_weights).items():
             if weight < 0:
                 raise ConfigError(f"--representation-weights gives {name} the weight {weight}: use 0 or more")
-        if self.dcor_estimator == "unbiased" and not self.dcor_squared:
+        if self.dcor_estimator == "unbiased" and self.dcor_squared is False:
             raise ConfigError(
-                "the unbiased dCor estimator can be negative and exists only squared: drop --no-dcor-squared"
+                "the unbiased dCor estimator can be negative and exists only squared: drop --dcor-squared false"
             )
 
     @property
