@@ -1,10 +1,13 @@
-"""Tiny, randomly initialised `transformers` vision models saved like real Hub checkpoints.
+"""Tiny, randomly initialised vision models saved like real Hub checkpoints.
 
 Nothing can be downloaded in tests, the offline demo or the quick benchmarks, so they use
-these instead of real teachers. Each model has 2 layers of width 32 and is saved with
-``save_pretrained`` (safetensors) together with the image-processor settings of its real
-counterpart, scaled to ``image_size``, so that loading it exercises the same code path as a
-real checkpoint:
+these instead of real teachers. Each model has 2 layers of width 32 (the timm ResNet: one
+block per stage, widths 8 to 32) and is saved in safetensors together with the
+image-processor settings of its real counterpart, scaled to ``image_size``, so that loading
+it exercises the same code path as a real checkpoint. The `transformers` models are written
+with ``save_pretrained``; the timm models as the Hub's ``timm/...`` folders are (timm's
+``config.json``, whose ``pretrained_cfg`` holds the preprocessing, read by
+``TimmWrapperConfig`` and ``TimmWrapperImageProcessor``):
 
 ========== =================================== ===============================================
 kind       saved model                          image processor (real counterpart)
@@ -15,6 +18,12 @@ vit        ``ViTModel`` without pooler          ``ViTImageProcessor`` (google/vi
 dinov2     ``Dinov2Model``                      ``BitImageProcessor`` (facebook/dinov2-small)
 siglip     ``SiglipModel`` (vision + text)      ``SiglipImageProcessor`` (google/siglip-base-patch16-224)
 convnext   ``ConvNextModel``                    ``ConvNextImageProcessor`` (facebook/convnext-tiny-224)
+timm       timm ``resnet10t`` (widths 8 to 32, ``TimmWrapperImageProcessor`` from ``pretrained_cfg``:
+           output stride 8), loaded as          bicubic, ``crop_pct`` 0.875, center crop, mean = std
+           ``TimmWrapperModel``                 = 0.5 (timm's default crop, augreg ViTs' stats)
+timm_vit   timm ``vit_tiny_patch16_224`` (CLS,  as for ``timm``
+           2 register tokens, average pooling
+           + ``fc_norm``), ``TimmWrapperModel``
 ========== =================================== ===============================================
 
 The CLIP folder also holds a tokenizer whose vocabulary is the 256 byte-level symbols (no
@@ -23,10 +32,13 @@ merges), so zero-shot classification runs end to end on it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
+import timm
 import torch
+from timm.models._hub import save_for_hf
 from tokenizers import pre_tokenizers
 from transformers import (
     BitImageProcessor,
@@ -151,12 +163,60 @@ def _save_convnext(folder: Path, size: int) -> None:
     ).save_pretrained(folder)
 
 
+def _save_timm_folder(model: torch.nn.Module, folder: Path, size: int) -> None:
+    """Save a timm model as a Hub ``timm/...`` folder that ``TimmWrapperModel`` loads.
+
+    The preprocessing is written into ``pretrained_cfg``. timm's ``save_for_hf`` also records
+    ``num_classes`` in ``model_args``, which ``TimmWrapperModel`` (that passes ``num_classes=0``
+    itself) rejects, so it is removed, as ``mvmr_hf.export`` does for releases.
+    """
+    data_config = {
+        "input_size": (3, size, size),
+        "interpolation": "bicubic",
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+    }
+    save_for_hf(model, str(folder), safe_serialization=True, data_config=data_config)
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.get("model_args", {}).pop("num_classes", None)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _save_timm(folder: Path, size: int) -> None:
+    # Output stride 8 keeps a 4 x 4 feature map at 32 px, so spatial means and maps differ.
+    model = timm.create_model(
+        "resnet10t", num_classes=0, channels=(8, 16, WIDTH, WIDTH), stem_width=8, output_stride=8
+    )
+    _save_timm_folder(model, folder, size)
+
+
+def _save_timm_vit(folder: Path, size: int) -> None:
+    # Registers and average pooling make the prefix tokens, CLS, mean and pooler all differ.
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        num_classes=0,
+        img_size=size,
+        patch_size=size // 4,
+        depth=LAYERS,
+        embed_dim=WIDTH,
+        num_heads=HEADS,
+        reg_tokens=2,
+        global_pool="avg",
+    )
+    _save_timm_folder(model, folder, size)
+
+
 _SAVERS: dict[str, Callable[[Path, int], None]] = {
     "clip": _save_clip,
     "vit": _save_vit,
     "dinov2": _save_dinov2,
     "siglip": _save_siglip,
     "convnext": _save_convnext,
+    "timm": _save_timm,
+    "timm_vit": _save_timm_vit,
 }
 TINY_TEACHER_KINDS = tuple(_SAVERS)
 
@@ -166,8 +226,8 @@ def save_tiny_teacher(kind: str, folder: str | Path, *, image_size: int = 32, se
 
     The weights are drawn with ``torch.manual_seed(seed)``, so a given (kind, image_size, seed)
     always gives the same model. ``image_size`` must be a multiple of 8 (the ViT towers use
-    4 x 4 patches, ConvNeXt downsamples by 8). Returns ``folder`` as a :class:`~pathlib.Path`,
-    ready for ``load_teacher``.
+    4 x 4 patches, ConvNeXt and the timm ResNet downsample by 8). Returns ``folder`` as a
+    :class:`~pathlib.Path`, ready for ``load_teacher``.
     """
     if kind not in _SAVERS:
         raise ConfigError(f"unknown tiny teacher kind {kind!r}: use one of {', '.join(TINY_TEACHER_KINDS)}")

@@ -1,23 +1,32 @@
 """The teacher: loading, freezing, output kinds and preprocessing against `transformers`' own code.
 
 References are computed independently with the `transformers` model classes and image processors
-on tiny random models saved like real checkpoints (``mvmr_hf.tiny_models``) and real photos from
-scikit-image.
+(for timm models: ``TimmWrapperModel`` and ``TimmWrapperImageProcessor``, as ``AutoModel`` and
+``AutoImageProcessor`` load them) on tiny random models saved like real checkpoints
+(``mvmr_hf.tiny_models``) and real photos from scikit-image.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import huggingface_hub.constants
 import numpy as np
 import pytest
+import timm
 import torch
 from skimage import data
+from timm.models._hub import save_for_hf
 from transformers import (
     AutoImageProcessor,
+    AutoModel,
     BertConfig,
     CLIPModel,
     ConvNextModel,
     Dinov2Model,
+    LevitImageProcessor,
     SiglipModel,
     ViTConfig,
     ViTImageProcessor,
@@ -32,6 +41,11 @@ from mvmr_hf.tiny_models import TINY_TEACHER_KINDS, save_tiny_teacher
 # resize 8-bit images (rounding, clamping) while the teacher resizes the float batch it is given.
 MAX_GRAY_LEVELS = 1.5
 MEAN_GRAY_LEVELS = 0.3
+# The timm teachers apply timm's transform to the float batch, which does not clamp bicubic overshoot
+# (measured: 7.6 gray levels at most; 1 when clamped).
+TIMM_MAX_GRAY_LEVELS = 8.0
+TIMM_KINDS = ("timm", "timm_vit")
+TRANSFORMERS_KINDS = tuple(kind for kind in TINY_TEACHER_KINDS if kind not in TIMM_KINDS)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +99,17 @@ def _references(kind: str, folder, pixel_values: torch.Tensor) -> dict[str, torc
                 "mean": hidden[:, 1:].mean(1),
                 "tokens": hidden.flatten(1),
             }
-        out = ConvNextModel.from_pretrained(folder)(pixel_values)
+        if kind == "timm_vit":
+            out = AutoModel.from_pretrained(folder)(pixel_values)
+            hidden = out.last_hidden_state
+            return {
+                "pooler": out.pooler_output,
+                "cls": hidden[:, 0],
+                "mean": hidden[:, 3:].mean(1),  # after CLS and the 2 register tokens
+                "tokens": hidden.flatten(1),
+            }
+        model = ConvNextModel if kind == "convnext" else AutoModel
+        out = model.from_pretrained(folder)(pixel_values)
         return {
             "pooler": out.pooler_output,
             "mean": out.last_hidden_state.mean(dim=(2, 3)),
@@ -93,13 +117,23 @@ def _references(kind: str, folder, pixel_values: torch.Tensor) -> dict[str, torc
         }
 
 
-AUTO = {"clip": "embedding", "siglip": "embedding", "vit": "cls", "dinov2": "pooler", "convnext": "pooler"}
+AUTO = {
+    "clip": "embedding",
+    "siglip": "embedding",
+    "vit": "cls",
+    "dinov2": "pooler",
+    "convnext": "pooler",
+    "timm": "pooler",
+    "timm_vit": "pooler",
+}
 IMPOSSIBLE = {
     "clip": (),
     "siglip": ("cls",),
     "vit": ("embedding", "pooler"),
     "dinov2": ("embedding",),
     "convnext": ("embedding", "cls"),
+    "timm": ("embedding", "cls"),
+    "timm_vit": ("embedding",),
 }
 
 
@@ -130,7 +164,7 @@ def test_outputs_match_transformers(kind: str, folders: dict, photos: list[np.nd
             load_teacher(str(folder), output=output)
 
 
-@pytest.mark.parametrize("kind", TINY_TEACHER_KINDS)
+@pytest.mark.parametrize("kind", TRANSFORMERS_KINDS)
 @pytest.mark.parametrize("backend", ["torchvision", "pil"])
 def test_preprocessing_matches_image_processor(kind: str, backend: str, folders: dict, photos: list) -> None:
     folder = folders[kind]
@@ -151,6 +185,150 @@ def test_preprocessing_runs_on_the_input_device_and_dtype(folders: dict, photos:
     images = _to01(photos).half()
     assert teacher.preprocess(images).dtype == torch.bfloat16
     assert teacher(images).dtype == torch.float32
+
+
+def _with_pretrained_cfg(folder: Path, target: Path, **changes: object) -> Path:
+    """A copy of timm folder ``folder`` whose ``pretrained_cfg`` (its processor settings) has ``changes``."""
+    shutil.copytree(folder, target)
+    config = json.loads((target / "config.json").read_text())
+    config["pretrained_cfg"].update(changes)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.mark.parametrize("kind", TIMM_KINDS)
+def test_timm_teacher_is_its_processor_and_model_on_the_float_batch(
+    kind: str, folders: dict, photos: list
+) -> None:
+    """End to end, a timm teacher is its processor's own transform of the [0, 1] batch, then the model."""
+    folder = folders[kind]
+    images01 = _to01(photos)
+    pixel_values = AutoImageProcessor.from_pretrained(folder)(images01)["pixel_values"]
+    for output, reference in _references(kind, folder, pixel_values).items():
+        features = load_teacher(str(folder), output=output)(images01)
+        torch.testing.assert_close(features, reference.flatten(1), atol=1e-5, rtol=1e-5)
+
+
+# Other crops and input sizes for the tiny timm CNN (bicubic, crop_pct 0.875, mean = std = 0.5 otherwise).
+TIMM_CROPS = {
+    "center": {},
+    "squash": {"crop_mode": "squash"},
+    "border": {"crop_mode": "border"},
+    "non-square center": {"input_size": [3, 24, 40]},
+    "non-square squash, bilinear": {
+        "input_size": [3, 40, 24],
+        "crop_mode": "squash",
+        "interpolation": "bilinear",
+    },
+}
+
+
+@pytest.mark.parametrize("crop", TIMM_CROPS)
+def test_timm_preprocessing_is_the_processors_transform(
+    crop: str, folders: dict, photos: list, tmp_path
+) -> None:
+    folder = _with_pretrained_cfg(folders["timm"], tmp_path / "timm", **TIMM_CROPS[crop])
+    processor = AutoImageProcessor.from_pretrained(folder)
+    teacher = load_teacher(str(folder))
+    model = AutoModel.from_pretrained(folder)
+    images01 = _to01(photos)
+    ours = teacher.preprocess(images01)
+    assert ours.shape == (2, 3, *processor.data_config["input_size"][1:])
+    # The processor on the same float batch runs the same transform: equal up to float rounding, and so
+    # are the features. timm pads (border mode) with an 8-bit colour that only PIL images take, so that
+    # mode is compared here on square views, which it does not pad (its padding is compared below).
+    batch = images01[..., :300] if crop == "border" else images01
+    pixel_values = processor(batch)["pixel_values"]
+    torch.testing.assert_close(teacher.preprocess(batch), pixel_values, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        reference = model(pixel_values).pooler_output
+    torch.testing.assert_close(teacher(batch), reference, atol=1e-5, rtol=1e-5)
+    # The processor on the 8-bit photos (its PIL path): about a gray level apart, as it resizes 8-bit
+    # images; the teacher, like the processor on float batches, does not clamp bicubic overshoot.
+    reference = processor(images=photos)["pixel_values"]
+    gray_levels = ((ours - reference) * 0.5 * 255).abs()
+    assert gray_levels.max() <= TIMM_MAX_GRAY_LEVELS
+    assert gray_levels.mean() <= MEAN_GRAY_LEVELS
+    if crop == "border":
+        # 300 x 450 photos become 24 x 36, padded by 4 rows above and below with the mean colour.
+        padding = (round(255 * 0.5) / 255 - 0.5) / 0.5
+        torch.testing.assert_close(
+            ours[..., :4, :], torch.full_like(ours[..., :4, :], padding), atol=1e-6, rtol=0
+        )
+
+
+def test_timm_fingerprint_records_the_data_config(folders: dict, tmp_path) -> None:
+    first = load_teacher(str(folders["timm"])).fingerprint()["preprocess"]
+    assert first["timm_data_config"]["crop_pct"] == 0.875
+    squash = _with_pretrained_cfg(folders["timm"], tmp_path / "squash", crop_mode="squash")
+    second = load_teacher(str(squash)).fingerprint()["preprocess"]
+    assert second["timm_data_config"]["crop_mode"] == "squash"
+    assert second != first
+
+
+def _save_as_timm_does(model: torch.nn.Module, folder: Path) -> Path:
+    """``model`` saved by timm's ``save_for_hf`` as it is (``num_classes`` in ``model_args``)."""
+    save_for_hf(model, str(folder), safe_serialization=True, data_config={"input_size": (3, 64, 64)})
+    assert "num_classes" in json.loads((folder / "config.json").read_text())["model_args"]
+    return folder
+
+
+def test_timm_folder_with_a_classifier_loads_without_it(tmp_path, photos: list) -> None:
+    """The classifier weights are unused (not missing), and TimmWrapperModel gets no second num_classes."""
+    model = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=5, img_size=64, depth=1, embed_dim=32, num_heads=2
+    )
+    folder = _save_as_timm_does(model.eval(), tmp_path / "vit")
+    teacher = load_teacher(str(folder))
+    assert teacher.output == "pooler"
+    pixel_values = AutoImageProcessor.from_pretrained(folder)(images=photos)["pixel_values"]
+    with torch.no_grad():
+        reference = model.forward_head(model.forward_features(pixel_values), pre_logits=True)
+    torch.testing.assert_close(teacher.encode(pixel_values), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_timm_channels_last_feature_maps_are_averaged_over_space(tmp_path, photos: list) -> None:
+    model = timm.create_model("test_mambaout", num_classes=0).eval()
+    assert model.output_fmt == "NHWC"
+    folder = _save_as_timm_does(model, tmp_path / "mambaout")
+    pixel_values = AutoImageProcessor.from_pretrained(folder)(images=photos)["pixel_values"]
+    with torch.no_grad():
+        features = model.forward_features(pixel_values)  # (B, H, W, C)
+    mean = load_teacher(str(folder), output="mean").encode(pixel_values)
+    torch.testing.assert_close(mean, features.mean(dim=(1, 2)), atol=1e-5, rtol=1e-5)
+    tokens = load_teacher(str(folder), output="tokens").encode(pixel_values)
+    torch.testing.assert_close(tokens, features.permute(0, 3, 1, 2).flatten(1), atol=1e-5, rtol=1e-5)
+
+
+def test_timm_transform_steps_without_a_tensor_implementation_are_refused(folders: dict, tmp_path) -> None:
+    folder = _with_pretrained_cfg(folders["timm"], tmp_path / "lanczos", interpolation="lanczos")
+    with pytest.raises(ConfigError, match="only works on PIL images") as error:
+        load_teacher(str(folder))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("processor_class", "settings", "expected"),
+    [
+        (
+            LevitImageProcessor,
+            {"size": {"shortest_edge": 32}},
+            "is a LevitImageProcessor, whose own preprocessing",
+        ),
+        (ViTImageProcessor, {"size": {"height": 32, "width": 32}, "do_pad": True}, "pads its images"),
+        (ViTImageProcessor, {"size": {"shortest_edge": 32, "longest_edge": 48}}, "sets size="),
+    ],
+)
+def test_processors_the_teacher_would_only_approximate_are_refused(
+    processor_class: type, settings: dict, expected: str, tmp_path
+) -> None:
+    """Refused before training, in one line, rather than run on inputs that differ from the processor's."""
+    folder = save_tiny_teacher("vit", tmp_path / "vit")
+    processor_class(**settings).save_pretrained(folder)
+    with pytest.raises(ConfigError, match=expected) as error:
+        load_teacher(str(folder))
+    assert "\n" not in str(error.value)
+    assert "'" + str(folder) + "'" in str(error.value)
 
 
 def test_vit_with_a_saved_pooler_uses_it(tmp_path, photos: list) -> None:
@@ -272,7 +450,7 @@ def test_a_partly_random_checkpoint_is_refused(tmp_path) -> None:
 
 
 def test_tiny_teacher_rejects_bad_arguments(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="use one of clip, vit, dinov2, siglip, convnext"):
+    with pytest.raises(ConfigError, match="use one of clip, vit, dinov2, siglip, convnext, timm, timm_vit"):
         save_tiny_teacher("resnet", tmp_path)
     with pytest.raises(ConfigError, match="multiple of 8"):
         save_tiny_teacher("vit", tmp_path, image_size=30)

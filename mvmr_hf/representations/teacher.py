@@ -8,13 +8,27 @@ eq. 9). Here the teacher is any `transformers` vision model, by Hub id or local 
     r = teacher(images01)                                     # (B, 512) float32, no grad
 
 **Input.** ``images01`` is the batch of non-augmented views, ``(B, 3, H, W)`` in ``[0, 1]``, on any
-device. The teacher prepares it on that device with its *own* image-processor settings (resize with
-antialiasing, center crop, rescale, normalize: whatever the student uses), read once at load time
-with ``AutoImageProcessor``. ConvNeXt's ``crop_pct`` rule is applied as its processor does. A
-checkpoint without an image-processor config gets a one-line warning and a fallback: resize the
-shorter side to the config's ``image_size`` (224 if absent), center crop a square of that size,
-bicubic, normalised with the OpenAI CLIP statistics for CLIP-family models, mean = std = 0.5 for
-SigLIP and the ImageNet statistics otherwise.
+device. The teacher prepares it on that device exactly as its *own* image processor, read once at
+load time with ``AutoImageProcessor``, would (whatever the student uses). Two routes:
+
+* `transformers` processors whose pipeline is the backends' standard one (resize with antialiasing,
+  center crop, rescale, normalize: CLIP, SigLIP, ViT, DeiT, Bit/DINOv2, ...) and ConvNeXt's
+  ``crop_pct`` rule: their settings are read into :class:`PreprocessSettings` and applied with
+  torch ops;
+* timm models (``TimmWrapperModel``, e.g. ``timm/vit_base_patch16_clip_224.laion400m_e32``): the
+  ``TimmWrapperImageProcessor``'s own eval transform (``val_transforms``, built by timm from the
+  checkpoint's ``pretrained_cfg``: input size, ``crop_pct``, ``crop_mode`` center / squash / border,
+  interpolation, mean/std) is applied to the float batch (:class:`TimmTransform`); every step must
+  work on tensors, and the border mode's padding colour is given in ``[0, 1]`` units.
+
+Any other processor (one that overrides the backends' resize or preprocessing: BEiT, EfficientNet,
+LeViT, DINOv3, MobileViT, ...), one that pads, or one whose ``size`` is not ``shortest_edge`` or
+``height`` and ``width`` is refused at load time with one :class:`~mvmr_hf.errors.ConfigError` line,
+so training never starts on inputs that differ from the processor's. A checkpoint without an
+image-processor config gets a one-line warning and a fallback: resize the shorter side to the
+config's ``image_size`` (224 if absent), center crop a square of that size, bicubic, normalised with
+the OpenAI CLIP statistics for CLIP-family models, mean = std = 0.5 for SigLIP and the ImageNet
+statistics otherwise.
 
 **Output** (always ``(B, D)`` float32, ``output=`` picks it):
 
@@ -24,25 +38,31 @@ kind       value
 embedding  the image embedding of an image-text model: CLIP's projected ``image_embeds``; SigLIP's
            pooled output (its attention-pooling head *is* its embedding)
 pooler     the model's ``pooler_output`` (ViT: dense + tanh on CLS; DINOv2: the layer-normed CLS;
-           ConvNeXt: global average pool + LayerNorm; CLIP: the post-LayerNorm CLS, before projection)
+           ConvNeXt: global average pool + LayerNorm; CLIP: the post-LayerNorm CLS, before projection;
+           timm: the pooled pre-logits features of ``forward_head``, what timm calls the embedding)
 cls        ``last_hidden_state[:, 0]``, the CLS token as the model returns it (for CLIP that is
-           before ``post_layernorm``); an error for models without a CLS token (SigLIP, ConvNeXt)
+           before ``post_layernorm``); an error for models without a CLS token (SigLIP, ConvNeXt,
+           timm CNNs and timm ViTs built without ``cls_token``)
 mean       the mean of ``last_hidden_state`` over the patch tokens, without CLS, distillation and
-           register tokens; for convolutional models the spatial mean of the last feature map
+           register tokens (timm: its ``num_prefix_tokens``); for convolutional models the spatial
+           mean of the last feature map
 tokens     ``last_hidden_state`` flattened: all tokens (prefix tokens included) of a transformer,
-           the whole last feature map of a convolutional model
+           the whole last feature map of a convolutional model (channels first; timm models with
+           channels-last maps, e.g. Swin, are brought to ``(B, C, H, W)``)
 ========== =====================================================================================
 
 ``auto`` resolves, in order, to ``embedding`` for image-text models (CLIP, MetaCLIP 2, SigLIP), to
 ``pooler`` when the model returns one *and its weights were in the checkpoint* (a pooler that
 ``from_pretrained`` had to initialise randomly, e.g. ViT loaded from a ``ViTForImageClassification``
 checkpoint, is never used; asking for it explicitly is an error), else to ``cls`` when the model has a
-CLS token, else to ``mean``. So DINOv2 and ConvNeXt give ``pooler``, classification ViTs give ``cls``.
+CLS token, else to ``mean``. So DINOv2, ConvNeXt and timm models give ``pooler``, classification ViTs
+give ``cls``.
 
 Image-text checkpoints load only their image tower (``CLIPVisionModelWithProjection``,
-``SiglipVisionModel``); other vision models load with ``AutoModel``. The model is frozen, kept in
-eval mode and run under ``torch.no_grad()`` (not ``inference_mode``: its outputs enter autograd
-graphs as constants). ``trust_remote_code`` is passed on only when the caller sets it.
+``SiglipVisionModel``); other vision models load with ``AutoModel`` (``TimmWrapperModel`` for timm
+folders, without classifier). The model is frozen, kept in eval mode and run under
+``torch.no_grad()`` (not ``inference_mode``: its outputs enter autograd graphs as constants).
+``trust_remote_code`` is passed on only when the caller sets it.
 """
 
 from __future__ import annotations
@@ -50,10 +70,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -65,9 +86,26 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from timm.data.transforms import (
+    CenterCropOrPad,
+    MaybeToTensor,
+    ResizeKeepRatio,
+    TrimBorder,
+    center_crop_or_pad,
+)
 from torch import Tensor, nn
+from torchvision import transforms
 from torchvision.transforms.v2 import functional as tvF
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    ConvNextImageProcessor,
+    ConvNextImageProcessorPil,
+    PretrainedConfig,
+    PreTrainedModel,
+    TimmWrapperImageProcessor,
+)
 from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
@@ -102,7 +140,7 @@ _PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 
 @dataclass(frozen=True)
 class PreprocessSettings:
-    """The teacher's image-processor settings, applied to ``[0, 1]`` batches with torch ops.
+    """A `transformers` image processor's settings, applied to ``[0, 1]`` batches with torch ops.
 
     Exactly one of ``shortest_edge`` (resize the shorter side, keep the aspect ratio) and
     ``resize_to`` (``(height, width)``) is set when the processor resizes. ``scale`` multiplies the
@@ -119,36 +157,100 @@ class PreprocessSettings:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
 
+    def __call__(self, images01: Tensor) -> Tensor:
+        """Resize (antialiased), center crop, rescale and normalize a ``(B, 3, H, W)`` batch on its device.
 
-def preprocess(images01: Tensor, settings: PreprocessSettings) -> Tensor:
-    """Resize (antialiased), center crop, rescale and normalize a ``(B, 3, H, W)`` batch on its device.
+        Works in float32. The resized image is clamped to ``[0, 1]``, as an 8-bit image is by the
+        processors (bicubic overshoot would otherwise leave values up to 7 gray levels outside). The
+        center crop puts its top-left corner at ``int((size - crop) / 2)`` and pads with zeros when
+        the crop is larger than the image, as the `transformers` image processors do.
+        """
+        x = images01.float()
+        interpolation = tvF.InterpolationMode(self.interpolation)
+        if self.shortest_edge is not None:
+            x = tvF.resize(x, [self.shortest_edge], interpolation=interpolation, antialias=True).clamp(0, 1)
+        elif self.resize_to is not None:
+            x = tvF.resize(x, list(self.resize_to), interpolation=interpolation, antialias=True).clamp(0, 1)
+        if self.crop is not None:
+            (height, width), (crop_h, crop_w) = x.shape[-2:], self.crop
+            x = tvF.crop(x, int((height - crop_h) / 2), int((width - crop_w) / 2), crop_h, crop_w)
+        if self.scale != 1.0:
+            x = x * self.scale
+        if self.mean is not None and self.std is not None:
+            x = tvF.normalize(x, list(self.mean), list(self.std))
+        return x
 
-    Works in float32. The resized image is clamped to ``[0, 1]``, as an 8-bit image is by the
-    processors (bicubic overshoot would otherwise leave values up to 7 gray levels outside). The
-    center crop puts its top-left corner at ``int((size - crop) / 2)`` and pads with zeros when the
-    crop is larger than the image, as the `transformers` image processors do.
+    def describe(self) -> dict[str, Any]:
+        """The settings, for the teacher's fingerprint."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TimmTransform:
+    """A timm model's own eval transform, applied to ``[0, 1]`` batches on their device.
+
+    ``steps`` are the steps of the ``TimmWrapperImageProcessor``'s ``val_transforms`` (timm's
+    ``create_transform(**data_config, is_training=False)``), all of which take batched tensors on
+    any device; so the output is the processor's own output for the same float batch. The one
+    exception is border padding: timm gives its colour in 8-bit units (meant for PIL images, and
+    refused by tensor padding), :class:`_CenterCropOrPad01` uses it in ``[0, 1]`` units, as the
+    processor's PIL path gives it. ``data_config`` is timm's resolved ``pretrained_cfg`` (input
+    size, interpolation, crop_pct, crop_mode, mean, std), which determines the steps.
     """
-    x = images01.float()
-    interpolation = tvF.InterpolationMode(settings.interpolation)
-    if settings.shortest_edge is not None:
-        x = tvF.resize(x, [settings.shortest_edge], interpolation=interpolation, antialias=True).clamp(0, 1)
-    elif settings.resize_to is not None:
-        x = tvF.resize(x, list(settings.resize_to), interpolation=interpolation, antialias=True).clamp(0, 1)
-    if settings.crop is not None:
-        (height, width), (crop_h, crop_w) = x.shape[-2:], settings.crop
-        x = tvF.crop(x, int((height - crop_h) / 2), int((width - crop_w) / 2), crop_h, crop_w)
-    if settings.scale != 1.0:
-        x = x * settings.scale
-    if settings.mean is not None and settings.std is not None:
-        x = tvF.normalize(x, list(settings.mean), list(settings.std))
-    return x
+
+    data_config: dict[str, Any]
+    steps: tuple[Callable[[Tensor], Tensor], ...]
+
+    def __call__(self, images01: Tensor) -> Tensor:
+        """The ``pixel_values`` the processor gives for the ``(B, 3, H, W)`` float32 batch ``images01``."""
+        x = images01.float()
+        for step in self.steps:
+            x = step(x)
+        return x
+
+    def describe(self) -> dict[str, Any]:
+        """timm's data config, for the teacher's fingerprint (the steps follow from it)."""
+        return {"timm_data_config": self.data_config}
+
+
+# How a teacher turns [0, 1] batches into pixel values: callable, with ``describe()`` for the fingerprint.
+Preprocessing = PreprocessSettings | TimmTransform
+
+
+class _CenterCropOrPad01(nn.Module):
+    """timm's ``CenterCropOrPad`` for float batches in ``[0, 1]``: pads with ``fill / 255`` per channel.
+
+    Padding to the crop size first (centred as timm pads) and then cropping with timm's own
+    ``center_crop_or_pad`` gives timm's geometry; the padded pixels hold exactly what the 8-bit
+    fill colour becomes after ``ToTensor`` in the processor's PIL path.
+    """
+
+    def __init__(self, size: tuple[int, int], fill: int | Sequence[int]) -> None:
+        super().__init__()
+        self.size = size
+        self.fill = fill
+
+    def forward(self, images: Tensor) -> Tensor:
+        (height, width), (crop_h, crop_w) = images.shape[-2:], self.size
+        if crop_h > height or crop_w > width:
+            fill = torch.as_tensor(self.fill, dtype=images.dtype, device=images.device) / 255
+            padded_h, padded_w = max(height, crop_h), max(width, crop_w)
+            canvas = fill.reshape(-1, 1, 1).expand(*images.shape[:-2], padded_h, padded_w).clone()
+            top, left = (padded_h - height) // 2, (padded_w - width) // 2
+            canvas[..., top : top + height, left : left + width] = images
+            images = canvas
+        return center_crop_or_pad(images, list(self.size))
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, fill={self.fill}"
 
 
 class Teacher(nn.Module):
     """A frozen vision model that maps ``[0, 1]`` images to ``(B, D)`` float32 features (see module doc).
 
     Build it with :func:`load_teacher`. ``tower`` is the vision model, ``projection`` the linear map
-    to an image-text embedding space (CLIP) or ``None``. Follows the representation protocol of
+    to an image-text embedding space (CLIP) or ``None``, ``settings`` its :data:`Preprocessing`
+    (:class:`PreprocessSettings` or :class:`TimmTransform`). Follows the representation protocol of
     ``docs/architecture.md``: ``name``, ``deterministic``, ``gather`` and :meth:`fingerprint`.
     """
 
@@ -159,7 +261,7 @@ class Teacher(nn.Module):
         self,
         tower: PreTrainedModel,
         projection: nn.Module | None,
-        settings: PreprocessSettings,
+        settings: Preprocessing,
         *,
         output: str,
         prefix_tokens: int,
@@ -189,13 +291,13 @@ class Teacher(nn.Module):
         return next(self.tower.parameters()).dtype
 
     def preprocess(self, images01: Tensor) -> Tensor:
-        """The model's ``pixel_values`` for a ``(B, 3, H, W)`` batch in ``[0, 1]``, see :func:`preprocess`."""
+        """The model's ``pixel_values`` for a ``(B, 3, H, W)`` batch in ``[0, 1]`` (see the module doc)."""
         if images01.ndim != 4 or images01.shape[1] != 3 or not images01.is_floating_point():
             raise ConfigError(
                 f"the teacher takes float images of shape (B, 3, H, W) in [0, 1], got a {images01.dtype} "
                 f"tensor of shape {tuple(images01.shape)}: convert the batch first"
             )
-        return preprocess(images01, self.settings).to(self.dtype)
+        return self.settings(images01).to(self.dtype)
 
     @torch.no_grad()
     def encode(self, pixel_values: Tensor) -> Tensor:
@@ -226,7 +328,7 @@ class Teacher(nn.Module):
             **self._source,
             "output": self.output,
             "dtype": str(self.dtype).removeprefix("torch."),
-            "preprocess": asdict(self.settings),
+            "preprocess": self.settings.describe(),
         }
 
 
@@ -252,7 +354,8 @@ def load_teacher(
 
     Raises:
         ConfigError: a missing folder, an unknown or unreachable Hub id, a model that is not a vision
-            model, or an ``output`` the model cannot give.
+            model, an image processor whose preprocessing the teacher does not reproduce exactly, or
+            an ``output`` the model cannot give.
     """
     if output not in OUTPUT_KINDS:
         raise ConfigError(f"teacher output {output!r} is not known: use one of {', '.join(OUTPUT_KINDS)}")
@@ -269,19 +372,17 @@ def load_teacher(
     pooler_loaded = _check_loaded(name_or_path, info["missing_keys"])
     projection = getattr(model, "visual_projection", None)
     tower = model.vision_model if projection is not None else model
-    settings = _read_settings(location, config, hub)
+    settings = _read_preprocessing(name_or_path, location, config, hub)
     with torch.no_grad():
-        probe = _run(
-            tower, projection, preprocess(torch.full((1, 3, 224, 224), 0.5), settings).to(model.dtype)
-        )
-    prefix_tokens = _prefix_tokens(model)
+        probe = _run(tower, projection, settings(torch.full((1, 3, 224, 224), 0.5)).to(model.dtype))
+    prefix_tokens, has_cls = _token_layout(model)
     resolved = _resolve_output(
         output,
         probe,
         name=name_or_path,
         image_text=config.model_type in IMAGE_TOWERS or projection is not None,
         pooler_loaded=pooler_loaded,
-        has_cls=prefix_tokens > 0,
+        has_cls=has_cls,
     )
     return Teacher(
         tower,
@@ -295,11 +396,18 @@ def load_teacher(
 
 
 def _run(tower: nn.Module, projection: nn.Module | None, pixel_values: Tensor) -> dict[str, Tensor | None]:
-    """The raw outputs: ``embedding`` (projected pooler), ``pooler`` and ``hidden`` (last hidden state)."""
+    """The raw outputs: ``embedding`` (projected pooler), ``pooler`` and ``hidden`` (last hidden state).
+
+    ``hidden`` is ``(B, N, C)`` tokens or a ``(B, C, H, W)`` map: the feature maps of timm models that
+    work channels-last (Swin, MambaOut, ...) are permuted, so that spatial means and maps are right.
+    """
     out = tower(pixel_values=pixel_values)
     pooler = out.pooler_output
     embedding = pooler if projection is None or pooler is None else projection(pooler)
-    return {"embedding": embedding, "pooler": pooler, "hidden": out.last_hidden_state}
+    hidden = out.last_hidden_state
+    if hidden.ndim == 4 and getattr(getattr(tower, "timm_model", None), "output_fmt", None) == "NHWC":
+        hidden = hidden.permute(0, 3, 1, 2)
+    return {"embedding": embedding, "pooler": pooler, "hidden": hidden}
 
 
 def _local_folder(name_or_path: str) -> Path | None:
@@ -392,6 +500,11 @@ def _tower_class(
     with_projection = [a for a in config.architectures or [] if a.endswith("VisionModelWithProjection")]
     if with_projection and hasattr(transformers, with_projection[0]):
         return getattr(transformers, with_projection[0]), config
+    if model_type == "timm_wrapper" and "num_classes" in (config.model_args or {}):
+        # timm's save_for_hf records num_classes in model_args, but TimmWrapperModel passes
+        # num_classes=0 itself (timm would get it twice); the classifier is not part of a teacher.
+        config = copy.deepcopy(config)
+        config.model_args = {k: v for k, v in config.model_args.items() if k != "num_classes"}
     remote = trust_remote_code and "AutoModel" in (getattr(config, "auto_map", None) or {})
     if model_type in MODEL_FOR_IMAGE_MAPPING_NAMES or model_type.endswith("_vision_model") or remote:
         return AutoModel, config
@@ -413,8 +526,15 @@ def _check_loaded(name: str, missing_keys: set[str]) -> bool:
     return not pooler_keys
 
 
-def _prefix_tokens(model: nn.Module) -> int:
-    """How many tokens precede the patch tokens: CLS, distillation and register tokens (0 without CLS)."""
+def _token_layout(model: nn.Module) -> tuple[int, bool]:
+    """How many tokens precede the patch tokens (CLS, distillation, registers), and whether one is CLS.
+
+    timm counts them itself (``num_prefix_tokens``, CLS first when ``cls_token`` is set; a timm ViT
+    may have registers without CLS). In `transformers` models they follow a CLS token (0 without).
+    """
+    timm_model = getattr(model, "timm_model", None)
+    if timm_model is not None:
+        return getattr(timm_model, "num_prefix_tokens", 0), getattr(timm_model, "cls_token", None) is not None
     for module in model.modules():
         if (
             getattr(module, "cls_token", None) is not None
@@ -422,8 +542,8 @@ def _prefix_tokens(model: nn.Module) -> int:
         ):
             registers = getattr(module, "register_tokens", None)
             distillation = getattr(module, "distillation_token", None) is not None
-            return 1 + int(distillation) + (registers.shape[1] if registers is not None else 0)
-    return 0
+            return 1 + int(distillation) + (registers.shape[1] if registers is not None else 0), True
+    return 0, False
 
 
 def _resolve_output(
@@ -462,40 +582,60 @@ def _resolve_output(
     return requested
 
 
-def _read_settings(name: str, config: PretrainedConfig, hub: dict) -> PreprocessSettings:
-    """The image-processor settings of ``name``, or the documented fallback with a warning."""
+def _read_preprocessing(name: str, location: str, config: PretrainedConfig, hub: dict) -> Preprocessing:
+    """How teacher ``name`` (at ``location``) prepares its images: its image processor's, or the fallback.
+
+    Raises ConfigError for a processor whose preprocessing the teacher does not reproduce exactly.
+    """
     try:
         with _quiet_transformers():
-            processor = AutoImageProcessor.from_pretrained(name, **hub)
+            processor = AutoImageProcessor.from_pretrained(location, **hub)
     except OSError:
         return _fallback_settings(name, config)
+    if isinstance(processor, TimmWrapperImageProcessor):
+        return _timm_transform(name, processor)
     return _settings_from_processor(name, processor)
 
 
 def _settings_from_processor(name: str, processor: object) -> PreprocessSettings:
+    """The settings of a standard or ConvNeXt processor, which the teacher reproduces exactly.
+
+    Any other processor would only be approximated, so it is refused with a ConfigError: one with its
+    own resize or preprocessing code, one that pads, one whose ``size`` is not ``shortest_edge`` alone
+    or ``height`` and ``width``.
+    """
+    convnext = isinstance(processor, (ConvNextImageProcessor, ConvNextImageProcessorPil))
+    if not (convnext or _standard_pipeline(processor)):
+        raise ConfigError(
+            f"the image processor of teacher {name!r} is a {type(processor).__name__}, whose own "
+            "preprocessing the teacher does not reproduce exactly: save a standard processor with the "
+            "model's settings into the folder (e.g. CLIPImageProcessor, ViTImageProcessor or "
+            "BitImageProcessor) or use a supported family (CLIP, SigLIP, ViT, DeiT, DINOv2, ConvNeXt, timm)"
+        )
+    if getattr(processor, "do_pad", False):
+        raise ConfigError(
+            f"the image processor of teacher {name!r} pads its images (do_pad=True), which the teacher does "
+            "not reproduce: save the processor with do_pad=False if the model runs on unpadded crops"
+        )
     size = processor.size if getattr(processor, "do_resize", False) else None
     crop_size = processor.crop_size if getattr(processor, "do_center_crop", False) else None
     shortest = size.shortest_edge if size is not None else None
     resize_to = (size.height, size.width) if size is not None and size.height and size.width else None
     crop = (crop_size.height, crop_size.width) if crop_size is not None else None
-    if size is not None and not (shortest or resize_to):
+    if size is not None and (
+        not (shortest or resize_to) or size.longest_edge or size.max_height or size.max_width
+    ):
         raise ConfigError(
             f"the image processor of teacher {name!r} sets size={size}, which the teacher cannot apply: it "
-            "supports 'shortest_edge' or 'height' and 'width'"
+            "supports 'shortest_edge' alone or 'height' and 'width'"
         )
-    if type(processor).__name__.startswith("ConvNextImageProcessor") and shortest:
+    if convnext and shortest:
         # ConvNeXt: below 384 px, resize the shorter side to size / crop_pct, then crop size x size;
         # from 384 px on, warp to size x size.
         if shortest < 384:
             shortest, crop = int(shortest / processor.crop_pct), (shortest, shortest)
         else:
             shortest, resize_to = None, (shortest, shortest)
-    elif not _standard_pipeline(processor):
-        warnings.warn(
-            f"{type(processor).__name__} has its own preprocessing; the teacher applies only its resize, "
-            "center crop and normalization settings, so its inputs may differ slightly from the processor's",
-            stacklevel=4,
-        )
     normalize = getattr(processor, "do_normalize", False)
     return PreprocessSettings(
         shortest_edge=shortest,
@@ -506,6 +646,44 @@ def _settings_from_processor(name: str, processor: object) -> PreprocessSettings
         mean=_per_channel(processor.image_mean) if normalize else None,
         std=_per_channel(processor.image_std) if normalize else None,
     )
+
+
+# The steps of timm's eval transforms that take batched float tensors on any device, as they are.
+_TENSOR_STEPS = (
+    transforms.Resize,
+    ResizeKeepRatio,
+    transforms.CenterCrop,
+    TrimBorder,
+    MaybeToTensor,
+    transforms.Normalize,
+)
+# The interpolations torchvision's (v1) tensor resize implements; timm's resizes use it.
+_TENSOR_INTERPOLATIONS = (
+    transforms.InterpolationMode.NEAREST,
+    transforms.InterpolationMode.BILINEAR,
+    transforms.InterpolationMode.BICUBIC,
+)
+
+
+def _timm_transform(name: str, processor: TimmWrapperImageProcessor) -> TimmTransform:
+    """The processor's ``val_transforms`` as a :class:`TimmTransform`; ConfigError for a PIL-only step."""
+    steps: list[Callable[[Tensor], Tensor]] = []
+    for step in processor.val_transforms.transforms:
+        if isinstance(step, CenterCropOrPad) and step.padding_mode == "constant":
+            steps.append(_CenterCropOrPad01(tuple(step.size), step.fill))
+            continue
+        interpolation = getattr(step, "interpolation", transforms.InterpolationMode.BILINEAR)
+        if type(step) not in _TENSOR_STEPS or interpolation not in _TENSOR_INTERPOLATIONS:
+            what = type(step).__name__
+            if type(step) in _TENSOR_STEPS:
+                what += f" with {getattr(interpolation, 'value', interpolation)} interpolation"
+            raise ConfigError(
+                f"the timm eval transform of teacher {name!r} has a step that only works on PIL images "
+                f"({what}), so the teacher cannot apply it to tensor batches: use a checkpoint whose "
+                "pretrained_cfg gives a nearest, bilinear or bicubic resize, a crop and a normalization"
+            )
+        steps.append(step)
+    return TimmTransform(data_config=dict(processor.data_config), steps=tuple(steps))
 
 
 def _interpolation(resample: object) -> str:
@@ -522,7 +700,11 @@ def _per_channel(value: float | list[float] | tuple[float, ...]) -> tuple[float,
 
 
 def _standard_pipeline(processor: object) -> bool:
-    """True when the processor class keeps the backend's resize / crop / normalize pipeline unchanged."""
+    """True when the processor class keeps the backend's resize / crop / normalize pipeline unchanged.
+
+    That is: no class between it and the backend overrides ``resize``, ``_preprocess`` or
+    ``preprocess`` (the teacher reproduces the backends' own code, not a subclass's).
+    """
     for cls in type(processor).__mro__:
         if cls in (TorchvisionBackend, PilBackend):
             return True
