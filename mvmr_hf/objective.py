@@ -181,8 +181,7 @@ class MVMRLoss(nn.Module):
             z, z_aug = gather_with_grad(z), gather_with_grad(z_aug)
 
         terms = {
-            "invariance": self.invariance_weight
-            * invariance(z, z_aug, reduction=self.invariance_reduction),
+            "invariance": self.invariance_weight * invariance(z, z_aug, reduction=self.invariance_reduction),
             "variance": self.variance_weight
             * (
                 variance_hinge(z, gamma=self.gamma, eps=self.eps)
@@ -217,5 +216,6 @@ class MVMRLoss(nn.Module):
         return (
             f"λ={self.invariance_weight}, μ={self.variance_weight}, α={self.view_weight}, "
             f"β={self.representation_weights or self.default_representation_weight}, γ={self.gamma}, "
-            f"ε={self.eps}, invariance={self.invariance_reduction}, dCor={'R²' if self.squared else 'R'} {estimator}, scope={self.scope}"
+            f"ε={self.eps}, invariance={self.invariance_reduction}, "
+            f"dCor={'R²' if self.squared else 'R'} {estimator}, scope={self.scope}"
         )

@@ -4,7 +4,8 @@ The teacher only sees the non-augmented view of each image, so its output depend
 the image (given the teacher, its output kind, the view size and the data set): the first
 epoch stores it, later epochs read it back instead of running the teacher. The stored
 tensors are the teacher's outputs bit for bit (same dtype), so a cached run computes the
-same losses as an uncached one.
+same losses as an uncached one (to float rounding where the teacher ran on the few images of a
+batch that the cache lacked: kernels may round differently for another number of rows).
 
 Layout: ``OUTPUT_DIR/teacher_cache/<fingerprint>/`` holds ``fingerprint.json`` (what the
 outputs depend on) and safetensors shards ``shard-r{rank}-{n}.safetensors``, each with one
@@ -90,6 +91,10 @@ class TeacherCache:
 
     def __len__(self) -> int:
         return len(self._index.keys() | self._pending.keys())
+
+    def missing(self, keys: Sequence[str]) -> list[int]:
+        """Positions in ``keys`` whose outputs are not in a shard yet (the rows the teacher must run on)."""
+        return [position for position, key in enumerate(keys) if key not in self._index]
 
     def lookup(self, keys: Sequence[str], device: torch.device | str) -> Tensor | None:
         """The stored outputs for ``keys``, stacked on ``device``; None unless every key is in a shard."""

@@ -651,13 +651,30 @@ def representation_outputs(
 def _teacher_output(
     accelerator: Accelerator, teacher: nn.Module, images: Tensor, keys: list[str], cache: TeacherCache | None
 ) -> Tensor:
-    """The teacher's output for the batch: from ``cache`` when it holds it, else computed and stored."""
-    output = cache.lookup(keys, images.device) if cache is not None else None
-    if output is None:
+    """The teacher's output for the batch: read from ``cache`` where it holds it, else computed and stored.
+
+    The teacher runs only on the images the cache lacks: after an epoch that dropped its
+    incomplete last batch, the next epoch's shuffled batches each hold a few unseen images, and
+    running the teacher on whole batches for them would make the cache useless for that epoch.
+    The teacher is in eval mode, so each image's output does not depend on the rest of its batch.
+    """
+    if cache is None or len(missing := cache.missing(keys)) == len(keys):
         with accelerator.autocast():
             output = teacher(images)
         if cache is not None:
             cache.store(keys, output)
+        return output
+    absent = set(missing)
+    hits = [i for i in range(len(keys)) if i not in absent]
+    stored = cache.lookup([keys[i] for i in hits], images.device)
+    if not missing:
+        return stored
+    with accelerator.autocast():
+        computed = teacher(images[missing])
+    cache.store([keys[i] for i in missing], computed)
+    output = stored.new_empty((len(keys), *stored.shape[1:]))
+    output[hits] = stored
+    output[missing] = computed.to(stored.dtype)
     return output
 
 

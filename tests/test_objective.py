@@ -66,7 +66,9 @@ def test_total_and_terms_match_hand_computation(squared, unbiased, reduction):
         return np.maximum(0.0, 1.0 - np.sqrt(a.var(axis=0, ddof=1) + 1e-4)).mean()
 
     expected = {
-        "invariance": 2.0 * ((zn - zan) ** 2).sum(axis=1).mean() / (zn.shape[1] if reduction == "mean" else 1),
+        "invariance": 2.0
+        * ((zn - zan) ** 2).sum(axis=1).mean()
+        / (zn.shape[1] if reduction == "mean" else 1.0),
         "variance": 3.0 * (hinge(zn) + hinge(zan)),
         "dcor/views": 0.5 * (1 - reference(zan, zn)),
         "dcor/teacher": 4.0 * (1 - reference(zan, teacher.reshape(12, -1).numpy())),

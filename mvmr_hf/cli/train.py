@@ -219,7 +219,8 @@ class LossArguments:
                 raise ConfigError(f"--representation-weights gives {name} the weight {weight}: use 0 or more")
         if self.dcor_estimator == "unbiased" and self.dcor_squared is False:
             raise ConfigError(
-                "the unbiased dCor estimator can be negative and exists only squared: drop --dcor-squared false"
+                "the unbiased dCor estimator can be negative and exists only squared: "
+                "drop --dcor-squared false"
             )
 
     @property
