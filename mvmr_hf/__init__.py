@@ -50,6 +50,8 @@ _LAZY = {
     "PretrainModelArguments": "mvmr_hf.cli.train",
     "TeacherArguments": "mvmr_hf.cli.train",
     "DataArguments": "mvmr_hf.cli.train",
+    "DistillDataArguments": "mvmr_hf.cli.train",
+    "DistillTrainingArguments": "mvmr_hf.cli.train",
     "LossArguments": "mvmr_hf.cli.train",
     "TrainingArguments": "mvmr_hf.cli.train",
     # release and evaluation
@@ -67,6 +69,7 @@ _LAZY = {
     "linear_probe": "mvmr_hf.evaluate",
     "knn_classify": "mvmr_hf.evaluate",
     "zero_shot": "mvmr_hf.evaluate",
+    "save_efficientnet_lite": "mvmr_hf.efficientnet_lite",
 }
 
 __all__ = [
