@@ -17,9 +17,14 @@ import yaml
 
 from mvmr_hf.checkpoint import TRAINER_STATE, checkpoint_path
 from mvmr_hf.cli.train import (
+    DEFAULT_DISTILL_DATASET,
     DataArguments,
+    DistillDataArguments,
+    DistillTrainingArguments,
     LossArguments,
+    ModelArguments,
     PretrainModelArguments,
+    TeacherArguments,
     TrainingArguments,
     distill_main,
     parse_arguments,
@@ -173,6 +178,32 @@ def test_defaults_follow_the_paper():
     assert (loss.invariance_weight, loss.variance_weight, loss.view_weight) == (1.0, 1.0, 1.0)
     assert (loss.dcor_scope, loss.dcor_estimator) == ("global", "biased")
     assert (training.channels_last, training.compile) == (None, False)  # None: channels-last on CUDA only
+
+
+def test_distill_without_flags_is_the_papers_distillation():
+    groups = [ModelArguments, TeacherArguments, DistillDataArguments, LossArguments, DistillTrainingArguments]
+    model, teacher, data, loss, training = parse_arguments(groups, [], prog="t")
+    assert (model.student, model.projector, model.handcrafted) == ("resnet50", "8192-8192-8192", "")
+    assert (teacher.teacher, teacher.teacher_output) == ("openai/clip-vit-base-patch16", "auto")
+    assert (data.dataset, data.split, data.image_size) == (DEFAULT_DISTILL_DATASET, "train", 224)
+    assert (training.output_dir, training.batch_size, training.epochs) == ("runs/distill", 512, 200)
+    assert (training.learning_rate, training.weight_decay, training.warmup) == (1e-4, 1e-6, 0.05)
+    # The released code's objective, which bench_quality.py measured best: F.mse_loss invariance and R.
+    assert (loss.invariance_reduction, loss.dcor_estimator, loss.dcor_squared) == ("mean", "biased", None)
+
+
+def test_the_command_users_type_offline_names_what_it_could_not_reach(tmp_path):
+    """`accelerate launch examples/distill.py --student resnet50` on a machine without the Hub."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "distill.py"), "--student", "resnet50"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert DEFAULT_DISTILL_DATASET in result.stderr or "openai/clip-vit-base-patch16" in result.stderr
+    assert "local folder" in result.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_channels_last_is_a_flag_with_an_optional_value():

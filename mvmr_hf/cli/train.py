@@ -28,6 +28,8 @@ from mvmr_hf.errors import ConfigError
 __all__ = [
     "PAPER_REPRESENTATIONS",
     "DataArguments",
+    "DistillDataArguments",
+    "DistillTrainingArguments",
     "LossArguments",
     "ModelArguments",
     "PretrainModelArguments",
@@ -175,6 +177,22 @@ class DataArguments:
         _positive("num_workers", self.num_workers, allow_zero=True)
 
 
+DEFAULT_DISTILL_DATASET = "tanganke/stl10"
+"""The data set ``mvmr-distill`` trains on when none is given: STL-10 (ImageNet-derived photographs,
+96 px), on which the paper reports its CLIP ViT-B/16 -> ResNet-50 distillation (95.6 % linear)."""
+
+
+@dataclass
+class DistillDataArguments(DataArguments):
+    """Distillation's data: the paper's STL-10 by default."""
+
+    dataset: str = _opt(
+        DEFAULT_DISTILL_DATASET,
+        "Hub data set id or local folder (parquet shards or an image folder); default: STL-10's labelled "
+        "training split (the paper's distillation benchmark).",
+    )
+
+
 @dataclass
 class LossArguments:
     """Weights and estimator of the MV-MR objective (paper, eq. 4-10)."""
@@ -308,6 +326,24 @@ class TrainingArguments:
         return parse_names(self.log_with)
 
 
+@dataclass
+class DistillTrainingArguments(TrainingArguments):
+    """Distillation's schedule: the paper's (section 6.2 and its released code) by default."""
+
+    output_dir: str = _opt(
+        "runs/distill", "Run folder: checkpoints/, metrics.jsonl, training_args.json, student/."
+    )
+    batch_size: int = _opt(
+        512, "GLOBAL batch size of one micro-step, split evenly over the processes (paper distillation: 512)."
+    )
+    epochs: int = _opt(200, "Passes over the data (paper distillation: 200).")
+    warmup: float = _opt(
+        0.05,
+        "Linear warm-up before the cosine decay, stepped per optimizer step: a fraction of all steps when "
+        "below 1, else a number of steps (paper: 10 of 200 epochs).",
+    )
+
+
 _EPILOG = (
     "Options can also come from a JSON or YAML file whose keys are the option names without dashes: "
     "pass it first (`%(prog)s run.yaml --max-steps 10`) or with --config; options on the command line "
@@ -387,7 +423,7 @@ def _distill(argv: Sequence[str]) -> None:
     from mvmr_hf.train import train
 
     model, teacher, data, loss, training = parse_arguments(
-        [ModelArguments, TeacherArguments, DataArguments, LossArguments, TrainingArguments],
+        [ModelArguments, TeacherArguments, DistillDataArguments, LossArguments, DistillTrainingArguments],
         argv,
         prog="mvmr-distill",
         description=distill_main.__doc__,
