@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mvmr-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-quality clean
 
 # PyTorch's OpenMP threads spin while they wait; on a machine whose cores are busy with other
 # work (a shared CI runner, a laptop) that made CPU steps 15x slower. Passive waiting costs
@@ -30,6 +30,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_representations.py --quick
 	$(PY) benchmarks/bench_step.py --quick
 	$(PY) benchmarks/bench_dataloading.py --quick
+	$(PY) benchmarks/bench_quality.py --quick
+
+# The full quality grid behind the README's defaults table (about 45 minutes on 2 CPU cores).
+bench-quality: $(STAMP)
+	$(PY) benchmarks/bench_quality.py
 
 clean:
 	rm -rf $(VENV) demo-output

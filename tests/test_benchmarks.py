@@ -23,7 +23,10 @@ EXPECTED = {
     "bench_representations.py": ("images_per_s", "ms_per_image"),
     "bench_step.py": ("step_ms", "images_per_s", "student_forward_ms", "optimizer_ms", "overhead_share"),
     "bench_dataloading.py": ("images_per_s", "images_per_s_per_worker", "decode_ms", "views_ms"),
+    "bench_quality.py": ("linear", "knn"),
 }
+# A real teacher on real images: one seed and one epoch are enough to show the script runs end to end.
+EXTRA = {"bench_quality.py": ("--seeds", "1", "--epochs", "1")}
 
 
 def _run(script: str, output: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -35,10 +38,13 @@ def _run(script: str, output: Path, *extra: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("script", sorted(EXPECTED))
+@pytest.mark.parametrize(
+    "script",
+    [pytest.param(s, marks=pytest.mark.slow) if s in EXTRA else s for s in sorted(EXPECTED)],
+)
 def test_quick_run_writes_a_report(script, tmp_path):
     output = tmp_path / "result.json"
-    result = _run(script, output)
+    result = _run(script, output, *EXTRA.get(script, ()))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(output.read_text())
     assert report["quick"] is True
