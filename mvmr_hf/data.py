@@ -231,7 +231,7 @@ def _unreachable(name: str) -> str:
     return (
         f"Cannot reach dataset {name!r} on the Hugging Face Hub (no network, HF_HUB_OFFLINE=1, a typo, "
         "or a private/gated data set): check the id, accept its terms on huggingface.co and log in with "
-        "`hf auth login`, or pass a local folder."
+        "`hf auth login`, or pass a local folder of parquet shards or images instead."
     )
 
 

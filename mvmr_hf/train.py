@@ -157,6 +157,13 @@ def train(
     batch_size = _per_process_batch(training_args.batch_size, world, criterion.min_batch_size)
     resume_from = _resume_point(output_dir, training_args, args)
     _check_release_target(output_dir / RELEASE_DIR, training_args)
+    # The data first: a wrong or unreachable data set is told before a large teacher is downloaded.
+    dataset = load_image_dataset(
+        data_args.dataset,
+        config=data_args.dataset_config,
+        split=data_args.split,
+        streaming=data_args.streaming,
+    )
     set_seed(training_args.seed)  # the same initial weights on every process
     student = build_student(
         model_args.student, projector=model_args.projector, image_size=data_args.image_size
@@ -164,12 +171,6 @@ def train(
     representations = build_representations(model_args, teacher)
     _check_representation_weights(criterion, representations)
     _check_local_batch(batch_size, criterion, representations, student)
-    dataset = load_image_dataset(
-        data_args.dataset,
-        config=data_args.dataset_config,
-        split=data_args.split,
-        streaming=data_args.streaming,
-    )
     set_seed(training_args.seed, device_specific=True)  # e.g. augmented-pixels: per-process random draws
     loader, data_stats = build_dataloader(
         dataset,
