@@ -15,6 +15,7 @@ from sklearn.preprocessing import StandardScaler
 from transformers import CLIPModel, CLIPProcessor
 
 from mvmr_hf.align import fit_alignment, load_alignment, save_alignment
+from mvmr_hf.augment import CENTER_CROP_FRACTION, center_view
 from mvmr_hf.cli.release import align_main, evaluate_main
 from mvmr_hf.data import load_image_dataset
 from mvmr_hf.errors import ConfigError
@@ -169,11 +170,15 @@ def clip_teacher(digits, tmp_path_factory) -> Path:
 
 
 def _supervised_vit(digits: Path, epochs: int) -> torch.nn.Module:
-    """timm's tiny test_vit trained on the digits training split with labels (a few seconds)."""
+    """timm's tiny test_vit trained on the digits training split with labels (a few seconds).
+
+    It sees the non-augmented training view (centre 87.5 %), the preprocessing its release records.
+    """
     torch.manual_seed(0)
     student = build_student("test_vit", projector="none", image_size=32)
     if epochs:
         images, labels = _digit_tensors(digits, "train")
+        images = center_view(images, 32, crop_fraction=CENTER_CROP_FRACTION)
         head = torch.nn.Linear(student.feature_dim, 10)
         optimizer = torch.optim.AdamW([*student.parameters(), *head.parameters()], lr=3e-3)
         student.train()
@@ -193,7 +198,7 @@ def releases(digits, clip_teacher, tmp_path_factory) -> dict[str, Path]:
     args = {"student": "test_vit", "projector": "none", "teacher": str(clip_teacher), "dataset": str(digits)}
     return {
         name: export_student(_supervised_vit(digits, epochs), root / name, training_args=args)
-        for name, epochs in (("supervised", 8), ("random", 0))
+        for name, epochs in (("supervised", 16), ("random", 0))
     }
 
 
