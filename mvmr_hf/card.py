@@ -118,6 +118,17 @@ def _loss_weights(training_args: Mapping[str, Any]) -> str:
     return ", ".join(parts) + " (β_k not listed: 1)" if parts else "see `training_args.json`"
 
 
+def _objective_form(training_args: Mapping[str, Any]) -> str:
+    """Which forms of eq. 4 and eq. 11 the run optimised (the printed equations or the released code's)."""
+    unbiased = training_args.get("dcor_estimator") == "unbiased"
+    squared = training_args.get("dcor_squared")
+    squared = unbiased if squared is None else squared
+    reduction = training_args.get("invariance_reduction", "mean")
+    invariance = "mean over all elements" if reduction == "mean" else "sum over dimensions (eq. 4 as printed)"
+    estimator = "bias-corrected" if unbiased else "biased"
+    return f"invariance {invariance}; dCor {'R²' if squared else 'R'}, {estimator} estimator"
+
+
 def _representations(training_args: Mapping[str, Any]) -> str:
     teacher = training_args.get("teacher")
     parts = (
@@ -206,6 +217,7 @@ def render_card(
         image_size=backbone.image_size,
         representations=_representations(training_args),
         weights=_loss_weights(training_args),
+        objective_form=_objective_form(training_args),
         dataset=f"`{training_args.get('dataset', 'unknown')}`",
         schedule=_schedule(training_args, info),
         hardware=f"{hardware}, {_duration(info.training_seconds)}",

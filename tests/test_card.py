@@ -78,6 +78,14 @@ def test_distilled_card_metadata_and_model_index(tmp_path):
     assert "2000 optimizer steps, batch size 512" in body
     assert "1x NVIDIA H100, 1 h 30 min" in body
     assert "β_k = teacher=2" in body
+    # Saved arguments without the objective's form are the defaults: the released code's mean and R.
+    assert "invariance mean over all elements; dCor R, biased estimator" in body
+    printed = {**DISTILL_ARGS, "invariance_reduction": "sum", "dcor_squared": True}
+    text = render_card(backbone=BACKBONE, training_args=printed, info=info, projector="8192-8192-8192")
+    assert "sum over dimensions (eq. 4 as printed); dCor R², biased estimator" in text
+    unbiased = {**DISTILL_ARGS, "dcor_estimator": "unbiased", "dcor_squared": None}
+    text = render_card(backbone=BACKBONE, training_args=unbiased, info=info, projector="8192-8192-8192")
+    assert "dCor R², bias-corrected estimator" in text
     assert "| linear | tanganke/stl10 | test | linear top-1 | 95.6 |" in body
     assert "23.5 M parameters" in body
 
