@@ -331,6 +331,18 @@ def test_processors_the_teacher_would_only_approximate_are_refused(
     assert "'" + str(folder) + "'" in str(error.value)
 
 
+@pytest.mark.parametrize("resample", [1, 4, 5])  # PIL's lanczos, box and hamming filters
+def test_a_processor_filter_torch_cannot_apply_is_refused(folders: dict, tmp_path, resample: int) -> None:
+    folder = tmp_path / "vit"
+    shutil.copytree(folders["vit"], folder)
+    processor = AutoImageProcessor.from_pretrained(folder)
+    processor.resample = resample
+    processor.save_pretrained(folder)
+    with pytest.raises(ConfigError, match="torch cannot apply to tensors") as error:
+        load_teacher(str(folder))
+    assert "\n" not in str(error.value)
+
+
 def test_vit_with_a_saved_pooler_uses_it(tmp_path, photos: list) -> None:
     config = ViTConfig(
         hidden_size=32,

@@ -641,7 +641,7 @@ def _settings_from_processor(name: str, processor: object) -> PreprocessSettings
         shortest_edge=shortest,
         resize_to=None if shortest else resize_to,
         crop=crop,
-        interpolation=_interpolation(getattr(processor, "resample", None)),
+        interpolation=_interpolation(name, getattr(processor, "resample", None)),
         scale=255.0 * processor.rescale_factor if getattr(processor, "do_rescale", False) else 255.0,
         mean=_per_channel(processor.image_mean) if normalize else None,
         std=_per_channel(processor.image_std) if normalize else None,
@@ -686,13 +686,26 @@ def _timm_transform(name: str, processor: TimmWrapperImageProcessor) -> TimmTran
     return TimmTransform(data_config=dict(processor.data_config), steps=tuple(steps))
 
 
-def _interpolation(resample: object) -> str:
-    """The torchvision interpolation mode of a processor's ``resample`` (PIL code or mode; None: bilinear)."""
+def _interpolation(name: str, resample: object) -> str:
+    """The torchvision mode of a processor's ``resample`` (PIL code or mode; None: bilinear).
+
+    Raises ConfigError for a filter torch cannot apply to tensors (lanczos, box, hamming): the teacher
+    would otherwise fail in the first training step, or see other pixels than its processor gives.
+    """
     if resample is None:
         return tvF.InterpolationMode.BILINEAR.value
-    if isinstance(resample, tvF.InterpolationMode):
-        return resample.value
-    return pil_torch_interpolation_mapping[resample].value
+    mode = (
+        resample
+        if isinstance(resample, tvF.InterpolationMode)
+        else pil_torch_interpolation_mapping.get(resample)
+    )
+    if mode not in _TENSOR_INTERPOLATIONS:
+        raise ConfigError(
+            f"the image processor of teacher {name!r} resizes with the {getattr(mode, 'value', resample)} "
+            "filter, which torch cannot apply to tensors: save the processor with resample set to "
+            "bicubic (3), bilinear (2) or nearest (0)"
+        )
+    return mode.value
 
 
 def _per_channel(value: float | list[float] | tuple[float, ...]) -> tuple[float, ...]:
