@@ -30,6 +30,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from mvmr_hf.errors import ConfigError
+from mvmr_hf.utils import PARTIAL_SUFFIX, atomic_write, partial_path, replace_folder
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -47,7 +48,6 @@ __all__ = [
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
-_PARTIAL_SUFFIX = ".tmp"
 _NAME = re.compile(r"step-(\d{6,})")
 
 
@@ -98,14 +98,12 @@ def remove_partial(output_dir: str | os.PathLike) -> None:
     """Delete the ``.tmp`` folders that a run killed while saving left behind."""
     folder = Path(output_dir) / CHECKPOINTS_DIR
     if folder.is_dir():
-        for path in folder.glob(f"step-*{_PARTIAL_SUFFIX}"):
+        for path in folder.glob(f"step-*{PARTIAL_SUFFIX}"):
             shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
-    partial = path.with_name(path.name + _PARTIAL_SUFFIX)
-    partial.write_text(json.dumps(content, indent=2))
-    os.replace(partial, path)
+    atomic_write(path, lambda partial: partial.write_text(json.dumps(content, indent=2)))
 
 
 def save_checkpoint(
@@ -123,7 +121,7 @@ def save_checkpoint(
     Keeps the newest ``keep`` complete checkpoints. Returns the checkpoint folder.
     """
     final = checkpoint_path(output_dir, step)
-    partial = final.with_name(final.name + _PARTIAL_SUFFIX)
+    partial = partial_path(final)
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
@@ -133,9 +131,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes}
         _write_json(partial / TRAINER_STATE, state)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        replace_folder(partial, final)
         rotate_checkpoints(output_dir, keep)
     accelerator.wait_for_everyone()
     return final

@@ -64,7 +64,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
@@ -82,6 +81,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mvmr_hf.augment import CENTER_CROP_FRACTION, ViewAugment, center_view
 from mvmr_hf.errors import ConfigError
+from mvmr_hf.utils import check_int, is_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -126,17 +126,6 @@ class DataStats:
 # ----------------------------------------------------------------------------- loading
 
 
-def _is_local(name_or_path: str) -> bool:
-    """Whether ``name_or_path`` can only be a local path (a Hub id is ``name`` or ``owner/name``)."""
-    return (
-        Path(name_or_path).expanduser().exists()
-        or Path(name_or_path).is_absolute()
-        or name_or_path.startswith((".", "~"))
-        or name_or_path.count("/") > 1
-        or (os.sep != "/" and os.sep in name_or_path)
-    )
-
-
 def _check_choice(kind: str, value: str, available: list[str], dataset: str) -> None:
     if value not in available:
         raise ConfigError(f"Unknown {kind} {value!r} for dataset {dataset!r}: choose one of {available}.")
@@ -177,7 +166,7 @@ def load_image_dataset(
         ConfigError: a missing local path, an unreachable Hub id (offline, private, gated), an
             unknown configuration or an unknown split; the message lists the valid choices.
     """
-    local = _is_local(name_or_path)
+    local = is_local_path(name_or_path)
     if local and not Path(name_or_path).expanduser().exists():
         raise ConfigError(f"Local dataset folder {name_or_path!r} does not exist: check the path.")
     path = str(Path(name_or_path).expanduser()) if local else name_or_path
@@ -495,11 +484,6 @@ class ViewsDataset(torch.utils.data.IterableDataset):
 # ----------------------------------------------------------------------------- the loader
 
 
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-
-
 def _num_examples(dataset: datasets.IterableDataset | datasets.Dataset) -> int | None:
     if isinstance(dataset, datasets.Dataset):
         return len(dataset)
@@ -552,11 +536,11 @@ def build_dataloader(
             f"Expected one split of a dataset (datasets.Dataset or IterableDataset), got "
             f"{type(dataset).__name__}: select a split, e.g. dataset['train']."
         )
-    _check_int("image_size", image_size, MIN_IMAGE_SIDE)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("world_size", world_size, 1)
-    _check_int("num_workers", num_workers, 0)
-    _check_int("shuffle_buffer", shuffle_buffer, 0)
+    check_int("image_size", image_size, MIN_IMAGE_SIDE)
+    check_int("batch_size", batch_size, 1)
+    check_int("world_size", world_size, 1)
+    check_int("num_workers", num_workers, 0)
+    check_int("shuffle_buffer", shuffle_buffer, 0)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ConfigError(f"rank must be an integer in [0, {world_size}), got {rank!r}.")
     column = resolve_image_column(dataset.features, image_column)

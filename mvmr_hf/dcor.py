@@ -43,12 +43,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from mvmr_hf.errors import ConfigError
+
 _CPU_BLOCK_BYTES = 4 * 2**20  # a centred float32 column block that stays in the CPU's cache
 _ACCELERATOR_BLOCK_BYTES = 64 * 2**20  # fewer, larger products on a GPU
 
 __all__ = [
     "CenteredDistances",
     "centered_distances",
+    "check_batch_size",
+    "check_estimator",
     "dcor_from_centered",
     "distance_correlation",
     "gather_no_grad",
@@ -63,16 +67,31 @@ def min_batch_size(*, unbiased: bool) -> int:
     return 4 if unbiased else 2
 
 
+def check_batch_size(size: int, *, unbiased: bool, what: str, fix: str) -> None:
+    """ConfigError (a ValueError) unless ``size`` samples suffice for the estimator; ``what`` names them."""
+    needed = min_batch_size(unbiased=unbiased)
+    if size < needed:
+        kind = "bias-corrected" if unbiased else "biased"
+        raise ConfigError(
+            f"{what} is too small for the {kind} distance correlation, which needs at least {needed} "
+            f"samples: {fix}"
+        )
+
+
+def check_estimator(*, unbiased: bool, squared: bool | None, fix: str) -> None:
+    """ConfigError (a ValueError) for the unbiased estimator unsquared: it can be negative, R is undefined."""
+    if unbiased and squared is False:
+        raise ConfigError(
+            f"the bias-corrected distance correlation can be negative and is only defined squared: {fix}"
+        )
+
+
 def _check_batch(x: Tensor, *, unbiased: bool) -> None:
     if x.dim() < 1:
         raise ValueError("distance correlation needs a batch: a tensor of shape (B, ...), got a scalar")
-    needed = min_batch_size(unbiased=unbiased)
-    if x.shape[0] < needed:
-        kind = "bias-corrected" if unbiased else "biased"
-        raise ValueError(
-            f"the {kind} distance correlation needs a batch of at least {needed} samples, got {x.shape[0]}: "
-            "increase the batch size"
-        )
+    check_batch_size(
+        x.shape[0], unbiased=unbiased, what=f"a batch of {x.shape[0]} samples", fix="increase the batch size"
+    )
 
 
 def _sqrt_with_zero(t: Tensor) -> Tensor:
@@ -256,11 +275,7 @@ def dcor_from_centered(a: CenteredDistances, b: CenteredDistances, *, squared: b
             f"the two batches differ in size ({a.matrix.shape[0]} and {b.matrix.shape[0]} samples): "
             "distance correlation pairs sample i of one with sample i of the other"
         )
-    if a.unbiased and not squared:
-        raise ValueError(
-            "the bias-corrected distance correlation can be negative and is only defined squared: "
-            "pass squared=True"
-        )
+    check_estimator(unbiased=a.unbiased, squared=squared, fix="pass squared=True")
     dcov = _dcov_sqr(a.matrix, b.matrix, unbiased=a.unbiased)
     denominator = (a.variance * b.variance).clamp(min=torch.finfo(dcov.dtype).tiny).sqrt()
     r_squared = dcov / denominator

@@ -57,6 +57,7 @@ from mvmr_hf.data import BadImageError, decode_image, load_image_dataset, read_e
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.export import CONFIG, WEIGHTS, is_release, load_release
 from mvmr_hf.representations.teacher import load_teacher
+from mvmr_hf.utils import atomic_write, is_local_path
 
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 KNN_K = 20
@@ -349,7 +350,7 @@ def load_encoder(name_or_path: str, *, teacher_output: str = "auto") -> Encoder:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return _release_encoder(path) if is_release(path) else _teacher_encoder(name_or_path, teacher_output)
-    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    if is_local_path(name_or_path):
         raise ConfigError(f"--model {name_or_path} is not an existing folder: check the path.")
     if timm.is_model(name_or_path.split(".")[0]) and "/" not in name_or_path:
         model = timm.create_model(name_or_path, pretrained=True, num_classes=0)
@@ -459,10 +460,8 @@ def _read_cache(path: Path) -> FeatureSet:
 
 def _write_cache(path: Path, result: FeatureSet) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
     tensors = {"features": result.features.contiguous(), "labels": result.labels.contiguous()}
-    save_file(tensors, partial, metadata={"skipped": str(result.skipped)})
-    os.replace(partial, path)
+    atomic_write(path, lambda partial: save_file(tensors, partial, metadata={"skipped": str(result.skipped)}))
 
 
 def extract_features(

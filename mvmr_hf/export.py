@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
@@ -48,6 +47,7 @@ from mvmr_hf.card import BackboneInfo, CardInfo, merge_results, read_results, re
 from mvmr_hf.checkpoint import latest_checkpoint, read_trainer_state
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.student import Student, build_student
+from mvmr_hf.utils import atomic_folder
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -67,6 +67,12 @@ def is_release(folder: Path) -> bool:
     return config.is_file() and "pretrained_cfg" in json.loads(config.read_text())
 
 
+def check_release_target(folder: Path, fix: str) -> None:
+    """ConfigError when ``folder`` holds files but no release: writing a release there would delete them."""
+    if folder.exists() and any(folder.iterdir()) and not is_release(folder):
+        raise ConfigError(f"{folder} exists and is not a release folder: {fix}")
+
+
 def check_release(folder: str | os.PathLike) -> Path:
     """``folder`` as a Path when it is a release folder; ConfigError saying what is missing otherwise."""
     folder = Path(folder)
@@ -80,40 +86,6 @@ def check_release(folder: str | os.PathLike) -> Path:
             "write one with `mvmr-export RUN_DIR`."
         )
     return folder
-
-
-def _new_sibling(target: Path, tag: str) -> Path:
-    """A new empty hidden folder next to ``target`` (created with the umask's permissions, unlike mkdtemp)."""
-    path = target.parent / f".{target.name}.{tag}-{uuid.uuid4().hex[:12]}"
-    path.mkdir()
-    return path
-
-
-def _replace_folder(source: Path, target: Path) -> None:
-    """Move ``source`` to ``target``, replacing an existing ``target`` (both in the same parent)."""
-    if not target.exists():
-        os.replace(source, target)
-        return
-    old = _new_sibling(target, "old")
-    os.replace(target, old / target.name)
-    os.replace(source, target)
-    shutil.rmtree(old)
-
-
-@contextmanager
-def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder next to ``target`` that replaces ``target`` on success.
-
-    On an exception the temporary folder is deleted and ``target`` is left as it was.
-    """
-    target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = _new_sibling(target, "tmp")
-    try:
-        yield work
-        _replace_folder(work, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 @contextmanager
@@ -207,10 +179,7 @@ def export_student(
         card_info: run facts for the card (step, hardware, time, command, Hub id).
     """
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not is_release(folder):
-        raise ConfigError(
-            f"{folder} exists and is not a release folder: choose an empty or new folder for the release."
-        )
+    check_release_target(folder, "choose an empty or new folder for the release.")
     args = _as_dict(training_args)
     if alignment is not None and not args.get("teacher"):
         raise ConfigError("an alignment head needs training_args naming the teacher it maps to.")

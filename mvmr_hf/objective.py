@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from mvmr_hf.dcor import (
     CenteredDistances,
     centered_distances,
+    check_estimator,
     dcor_from_centered,
     gather_no_grad,
     gather_with_grad,
@@ -129,11 +130,7 @@ class MVMRLoss(nn.Module):
                 f"unknown invariance reduction {invariance_reduction!r}: use one of "
                 f"{', '.join(INVARIANCE_REDUCTIONS)}"
             )
-        if unbiased and squared is False:
-            raise ValueError(
-                "the bias-corrected distance correlation can be negative and is only defined squared: "
-                "use squared=True with unbiased=True"
-            )
+        check_estimator(unbiased=unbiased, squared=squared, fix="use squared=True with unbiased=True")
         self.invariance_weight = invariance_weight
         self.variance_weight = variance_weight
         self.view_weight = view_weight

@@ -38,6 +38,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from mvmr_hf.utils import atomic_write
+
 __all__ = ["CACHE_DIR", "TeacherCache", "cache_folder"]
 
 CACHE_DIR = "teacher_cache"
@@ -124,10 +126,10 @@ class TeacherCache:
             torch.cuda.synchronize()  # the non-blocking copies in store() must have landed
         keys = list(self._pending)
         path = self.folder / f"shard-r{self.rank:03d}-{self._next_shard:06d}.safetensors"
-        partial = path.with_name(path.name + ".tmp")
         outputs = torch.stack([self._pending[key] for key in keys]).contiguous()
-        save_file({_TENSOR: outputs}, str(partial), metadata={"keys": json.dumps(keys)})
-        os.replace(partial, path)
+        atomic_write(
+            path, lambda partial: save_file({_TENSOR: outputs}, partial, metadata={"keys": json.dumps(keys)})
+        )
         self._next_shard += 1
         self._pending.clear()
         self._add_shard(path)

@@ -71,8 +71,9 @@ from mvmr_hf.checkpoint import (
     save_checkpoint,
 )
 from mvmr_hf.data import DataStats, build_dataloader, load_image_dataset
+from mvmr_hf.dcor import check_batch_size
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, export_student, is_release
+from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, check_release_target, export_student
 from mvmr_hf.hub import push_to_hub
 from mvmr_hf.objective import LossOutput, MVMRLoss
 from mvmr_hf.representations import build as build_representation
@@ -154,7 +155,7 @@ def train(
         unbiased=loss_args.dcor_estimator == "unbiased",
         scope=loss_args.dcor_scope,
     )
-    batch_size = _per_process_batch(training_args.batch_size, world, criterion.min_batch_size)
+    batch_size = _per_process_batch(training_args.batch_size, world, unbiased=criterion.unbiased)
     resume_from = _resume_point(output_dir, training_args, args)
     _check_release_target(output_dir / RELEASE_DIR, training_args)
     # The data first: a wrong or unreachable data set is told before a large teacher is downloaded.
@@ -304,13 +305,11 @@ def _check_trackers(trackers: list[str] | str | None) -> None:
             )
 
 
-def _per_process_batch(global_batch: int, world: int, min_batch: int) -> int:
+def _per_process_batch(global_batch: int, world: int, *, unbiased: bool) -> int:
     """Each process's share of the global --batch-size."""
-    if global_batch < min_batch:
-        raise ConfigError(
-            f"--batch-size {global_batch} is too small for the chosen dCor estimator, which needs at least "
-            f"{min_batch} samples: raise --batch-size"
-        )
+    check_batch_size(
+        global_batch, unbiased=unbiased, what=f"--batch-size {global_batch}", fix="raise --batch-size"
+    )
     if global_batch % world:
         raise ConfigError(
             f"--batch-size {global_batch} is the global batch and must divide evenly over the {world} "
@@ -326,10 +325,12 @@ def _check_local_batch(
     local_terms = criterion.scope == "local" or any(
         not getattr(r, "gather", True) for r in representations.values()
     )
-    if local_terms and batch_size < criterion.min_batch_size:
-        raise ConfigError(
-            f"each process gets {batch_size} samples but the per-process dCor terms need at least "
-            f"{criterion.min_batch_size}: raise --batch-size or use fewer processes"
+    if local_terms:
+        check_batch_size(
+            batch_size,
+            unbiased=criterion.unbiased,
+            what=f"each process's batch of {batch_size} samples (for the per-process dCor terms)",
+            fix="raise --batch-size or use fewer processes",
         )
     if batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
         raise ConfigError(
@@ -428,11 +429,9 @@ def _resume_point(output_dir: Path, training_args: TrainingArguments, args: dict
 
 def _check_release_target(release: Path, training_args: TrainingArguments) -> None:
     """Fail now, not after training, when the release cannot be written or pushed."""
-    if release.exists() and any(release.iterdir()) and not is_release(release):  # even with --overwrite
-        raise ConfigError(
-            f"{release} exists and is not a release folder, so the trained student could not be written "
-            "there: move it away or choose another --output-dir"
-        )
+    check_release_target(  # even with --overwrite
+        release, "the trained student could not be written there; move it away or choose another --output-dir"
+    )
     if training_args.push_to_hub:
         try:
             validate_repo_id(training_args.push_to_hub)

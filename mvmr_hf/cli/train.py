@@ -23,6 +23,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from mvmr_hf.cli import run_cli
+from mvmr_hf.dcor import check_estimator
 from mvmr_hf.errors import ConfigError
 
 __all__ = [
@@ -235,11 +236,11 @@ class LossArguments:
         for name, weight in parse_weights(self.representation_weights).items():
             if weight < 0:
                 raise ConfigError(f"--representation-weights gives {name} the weight {weight}: use 0 or more")
-        if self.dcor_estimator == "unbiased" and self.dcor_squared is False:
-            raise ConfigError(
-                "the unbiased dCor estimator can be negative and exists only squared: "
-                "drop --dcor-squared false"
-            )
+        check_estimator(
+            unbiased=self.dcor_estimator == "unbiased",
+            squared=self.dcor_squared,
+            fix="drop --dcor-squared false (--dcor-estimator unbiased runs only squared)",
+        )
 
     @property
     def weights(self) -> dict[str, float]:

@@ -25,14 +25,9 @@ from mvmr_hf.augment import ViewAugment
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.representations import Representation, check_options, register
 from mvmr_hf.representations.scattering import Scattering2D
+from mvmr_hf.utils import check_int
 
 __all__ = ["HOG", "LSD", "AugmentedPixels", "Pixels", "ScatNet", "hog_histograms", "local_std"]
-
-
-def _check_positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
-    return value
 
 
 def hog_histograms(
@@ -157,8 +152,8 @@ class ScatNet(Representation):
 
     def __init__(self, J: int = 2, L: int = 8, max_order: int = 2) -> None:  # noqa: N803 (kymatio's names)
         super().__init__()
-        self.J = _check_positive("ScatNet J", J)
-        self.L = _check_positive("ScatNet L", L)
+        self.J = check_int("ScatNet J", J)
+        self.L = check_int("ScatNet L", L)
         if max_order not in (1, 2):
             raise ConfigError(f"ScatNet max_order must be 1 or 2, got {max_order!r}.")
         self.max_order = max_order
@@ -197,8 +192,8 @@ class HOG(Representation):
 
     def __init__(self, orientations: int = 24, cell_size: int = 8, interpolate: bool = True) -> None:
         super().__init__()
-        self.orientations = _check_positive("HOG orientations", orientations)
-        self.cell_size = _check_positive("HOG cell_size", cell_size)
+        self.orientations = check_int("HOG orientations", orientations)
+        self.cell_size = check_int("HOG cell_size", cell_size)
         self.interpolate = bool(interpolate)
 
     def compute(self, images: Tensor) -> Tensor:
@@ -221,7 +216,7 @@ class LSD(Representation):
 
     def __init__(self, kernel_size: int = 3) -> None:
         super().__init__()
-        if _check_positive("LSD kernel_size", kernel_size) % 2 == 0:
+        if check_int("LSD kernel_size", kernel_size) % 2 == 0:
             raise ConfigError(
                 f"LSD kernel_size must be odd (3 for the paper's 3x3 window), got {kernel_size}."
             )

@@ -119,6 +119,7 @@ from transformers.image_utils import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_MAPPING_NAMES
 
 from mvmr_hf.errors import ConfigError
+from mvmr_hf.utils import is_local_path
 
 OUTPUT_KINDS = ("auto", "embedding", "pooler", "cls", "mean", "tokens")
 
@@ -135,7 +136,6 @@ _FALLBACK_STATS = {
     "siglip": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD),
     "siglip_vision_model": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD),
 }
-_PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 
 
 @dataclass(frozen=True)
@@ -422,7 +422,7 @@ def _local_folder(name_or_path: str) -> Path | None:
         return path
     if path.exists():
         raise ConfigError(f"teacher {name_or_path!r} is a file: pass the folder that holds config.json")
-    if name_or_path.startswith(_PATH_PREFIXES) or name_or_path.count("/") > 1:
+    if is_local_path(name_or_path):
         raise ConfigError(
             f"teacher folder {name_or_path!r} does not exist: check the path, or pass a Hub model id"
         )
