@@ -45,7 +45,8 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from common import Column, parser, report, resolve_device
 
-from mvmr_hf.cli.train import PAPER_REPRESENTATIONS, distill_main, pretrain_main
+from mvmr_hf.cli.train import distill_main, pretrain_main
+from mvmr_hf.config import PAPER_REPRESENTATIONS
 from mvmr_hf.efficientnet_lite import save_efficientnet_lite
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.evaluate import evaluate, load_encoder

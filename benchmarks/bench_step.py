@@ -54,7 +54,7 @@ from transformers import (
 )
 
 from mvmr_hf.cli import run_cli
-from mvmr_hf.cli.train import PAPER_REPRESENTATIONS, ModelArguments, TeacherArguments
+from mvmr_hf.config import PAPER_REPRESENTATIONS, ModelArguments, TeacherArguments
 from mvmr_hf.data import build_dataloader, load_image_dataset
 from mvmr_hf.objective import MVMRLoss
 from mvmr_hf.student import build_student

@@ -26,7 +26,7 @@ these logging steps and at checkpoints.
 
 Example (what ``mvmr-pretrain`` does)::
 
-    >>> from mvmr_hf.cli.train import DataArguments, LossArguments, PretrainModelArguments, TrainingArguments
+    >>> from mvmr_hf.config import DataArguments, LossArguments, PretrainModelArguments, TrainingArguments
     >>> train(PretrainModelArguments(student="resnet18"), DataArguments(dataset="./digits", image_size=32),
     ...       LossArguments(), TrainingArguments(output_dir="runs/ssl", batch_size=64, max_steps=100))
 """
@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -70,6 +70,7 @@ from mvmr_hf.checkpoint import (
     remove_partial,
     save_checkpoint,
 )
+from mvmr_hf.config import DataArguments, LossArguments, ModelArguments, TeacherArguments, TrainingArguments
 from mvmr_hf.data import DataStats, build_dataloader, load_image_dataset
 from mvmr_hf.dcor import check_batch_size
 from mvmr_hf.errors import ConfigError
@@ -77,17 +78,9 @@ from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, check_release_target, exp
 from mvmr_hf.hub import push_to_hub
 from mvmr_hf.objective import LossOutput, MVMRLoss
 from mvmr_hf.representations import build as build_representation
+from mvmr_hf.representations.teacher import load_teacher
 from mvmr_hf.student import Student, build_student
 from mvmr_hf.teacher_cache import TeacherCache, cache_folder
-
-if TYPE_CHECKING:
-    from mvmr_hf.cli.train import (
-        DataArguments,
-        LossArguments,
-        ModelArguments,
-        TeacherArguments,
-        TrainingArguments,
-    )
 
 __all__ = [
     "METRICS_FILE",
@@ -369,8 +362,6 @@ def build_representations(
 ) -> dict[str, nn.Module]:
     representations: dict[str, nn.Module] = {}
     if teacher is not None:
-        from mvmr_hf.representations.teacher import load_teacher
-
         representations["teacher"] = load_teacher(
             teacher.teacher, output=teacher.teacher_output, trust_remote_code=teacher.trust_remote_code
         )

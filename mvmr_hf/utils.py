@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from mvmr_hf.errors import ConfigError
 
@@ -22,6 +25,7 @@ __all__ = [
     "atomic_write",
     "check_int",
     "check_number",
+    "deprecated_alias",
     "is_local_path",
     "partial_path",
     "replace_folder",
@@ -112,3 +116,23 @@ def check_number(name: str, value: float, *, allow_zero: bool = False) -> float:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name} is {value} but must be {'0 or more' if allow_zero else 'positive'}.")
     return value
+
+
+def deprecated_alias(module: str, aliases: Mapping[str, tuple[ModuleType, str]]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that serves old names from their new home, with a DeprecationWarning.
+
+    ``aliases`` maps an old name of ``module`` to ``(new_module, new_name)``.
+    """
+
+    def __getattr__(name: str) -> Any:  # noqa: N807 (the module-level hook of PEP 562)
+        if name not in aliases:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        target, new_name = aliases[name]
+        warnings.warn(
+            f"{module}.{name} is deprecated: use {target.__name__}.{new_name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(target, new_name)
+
+    return __getattr__

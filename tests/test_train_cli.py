@@ -16,7 +16,9 @@ import pytest
 import yaml
 
 from mvmr_hf.checkpoint import TRAINER_STATE, checkpoint_path
-from mvmr_hf.cli.train import (
+from mvmr_hf.cli import parse_arguments
+from mvmr_hf.cli.train import distill_main, pretrain_main
+from mvmr_hf.config import (
     DEFAULT_DISTILL_DATASET,
     DataArguments,
     DistillDataArguments,
@@ -26,9 +28,6 @@ from mvmr_hf.cli.train import (
     PretrainModelArguments,
     TeacherArguments,
     TrainingArguments,
-    distill_main,
-    parse_arguments,
-    pretrain_main,
 )
 from mvmr_hf.representations.teacher import OUTPUT_KINDS
 

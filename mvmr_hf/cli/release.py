@@ -1,7 +1,8 @@
 """``mvmr-export``, ``mvmr-evaluate``, ``mvmr-align`` and ``mvmr-push``: from a run to a published model.
 
-Arguments are dataclasses parsed like the training commands (:func:`mvmr_hf.cli.train.parse_arguments`:
-``--help`` documents every flag, a JSON/YAML file may hold them, errors are one line, exit 2)::
+Arguments are the dataclasses of :mod:`mvmr_hf.config`, parsed like the training commands
+(:func:`mvmr_hf.cli.parse_arguments`: ``--help`` documents every flag, a JSON/YAML file may hold
+them, errors are one line, exit 2)::
 
     mvmr-export runs/kd                                   # -> runs/kd/student (latest checkpoint)
     mvmr-evaluate --model runs/kd/student --dataset tanganke/stl10 --protocol linear,knn --update-card
@@ -14,15 +15,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from mvmr_hf import config
 from mvmr_hf.align import fit_alignment
-from mvmr_hf.cli import run_cli
-from mvmr_hf.cli.train import parse_arguments
+from mvmr_hf.cli import parse_arguments, run_cli
+from mvmr_hf.config import (
+    AlignArguments,
+    EvalDataArguments,
+    EvaluateArguments,
+    ExportArguments,
+    PushArguments,
+)
 from mvmr_hf.data import load_image_dataset
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.evaluate import (
@@ -35,108 +41,13 @@ from mvmr_hf.evaluate import (
 )
 from mvmr_hf.export import TRAINING_ARGS, add_alignment, check_release, export_run, update_card
 from mvmr_hf.hub import push_to_hub
+from mvmr_hf.utils import deprecated_alias
 
-__all__ = [
-    "AlignArguments",
-    "DataArguments",
-    "EvaluateArguments",
-    "ExportArguments",
-    "PushArguments",
-    "align_main",
-    "evaluate_main",
-    "export_main",
-    "push_main",
-]
-
-DEFAULT_CACHE = "~/.cache/mvmr_hf/features"
-
-
-def _opt(default: Any, text: str) -> Any:
-    return field(default=default, metadata={"help": text})
+__all__ = ["align_main", "evaluate_main", "export_main", "push_main"]
 
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass
-class ExportArguments:
-    """Export a training checkpoint as a release folder."""
-
-    checkpoint: str = _opt(
-        MISSING, "Run folder (its latest checkpoint is used) or one of its checkpoints/step-NNNNNN folders."
-    )
-    output_dir: str | None = _opt(None, "Release folder to write; default RUN/student.")
-
-
-@dataclass
-class DataArguments:
-    """The images and how to read them (shared by mvmr-evaluate and mvmr-align)."""
-
-    _argument_group_name = "data"
-
-    dataset: str = _opt(MISSING, "Hub data set id or local folder (parquet shards or an image folder).")
-    dataset_config: str | None = _opt(None, "Configuration name of the data set.")
-    image_column: str | None = _opt(
-        None, "Column holding the images; detected from the features when omitted."
-    )
-    batch_size: int = _opt(256, "Images per forward pass.")
-    num_workers: int = _opt(0, "Data-loading worker processes (decoding and resizing).")
-    device: str | None = _opt(None, "Device to run the models on; default cuda when available, else cpu.")
-    cache_dir: str = _opt(
-        DEFAULT_CACHE, "Folder caching extracted features per model, data set and split; empty for no cache."
-    )
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ConfigError(
-                f"--batch-size {self.batch_size} / --num-workers {self.num_workers}: "
-                "use a batch size of at least 1 and 0 or more workers."
-            )
-
-
-@dataclass
-class EvaluateArguments:
-    """The model and the protocols."""
-
-    _argument_group_name = "evaluation"
-
-    model: str = _opt(
-        MISSING,
-        "A release folder, a Hub id, a timm model name (pretrained weights) or a transformers model "
-        "(a teacher: its image embedding / pooled output).",
-    )
-    train_split: str = _opt("train", "Split the linear probe and kNN are fitted on.")
-    test_split: str = _opt("test", "Split the accuracies are reported on.")
-    label_column: str = _opt("label", "Column holding the integer class labels.")
-    protocol: str = _opt("linear,knn", "Comma-separated protocols among linear, knn, zero-shot.")
-    teacher_output: str = _opt(
-        "auto", "Output of a transformers --model (see mvmr-distill --teacher-output)."
-    )
-    update_card: bool = _opt(False, "Write the results into the release folder's card (model-index).")
-
-
-@dataclass
-class AlignArguments:
-    """The student, its teacher and the images the head is fitted on (labels unused)."""
-
-    _argument_group_name = "alignment"
-
-    model: str = _opt(MISSING, "Release folder of a distilled student.")
-    split: str = _opt("train", "Split whose images (labels unused) the head is fitted on.")
-    teacher: str | None = _opt(None, "CLIP-style teacher to align to; default the run's --teacher.")
-    max_images: int | None = _opt(None, "Use at most this many images of the split (its first ones).")
-
-
-@dataclass
-class PushArguments:
-    """Upload a release folder to the Hugging Face Hub."""
-
-    folder: str = _opt(MISSING, "Release folder to upload.")
-    repo_id: str = _opt(MISSING, "Hub model repository, ORG/NAME (created when missing).")
-    private: bool = _opt(False, "Create the repository private.")
-    revision: str | None = _opt(None, "Branch to commit to (created when missing); default the main branch.")
-    commit_message: str | None = _opt(None, "Commit message; default names the training step.")
 
 
 def _with_positionals(argv: Sequence[str], names: Sequence[str]) -> list[str]:
@@ -161,7 +72,7 @@ def _export(argv: Sequence[str]) -> None:
 
 def _evaluate(argv: Sequence[str]) -> None:
     args, data = parse_arguments(
-        [EvaluateArguments, DataArguments], argv, prog="mvmr-evaluate", description=evaluate_main.__doc__
+        [EvaluateArguments, EvalDataArguments], argv, prog="mvmr-evaluate", description=evaluate_main.__doc__
     )
     protocols = parse_protocols(args.protocol)
     if args.update_card:
@@ -191,7 +102,7 @@ def _evaluate(argv: Sequence[str]) -> None:
 
 def _align(argv: Sequence[str]) -> None:
     args, data = parse_arguments(
-        [AlignArguments, DataArguments], argv, prog="mvmr-align", description=align_main.__doc__
+        [AlignArguments, EvalDataArguments], argv, prog="mvmr-align", description=align_main.__doc__
     )
     folder = check_release(args.model)
     teacher = args.teacher or json.loads((folder / TRAINING_ARGS).read_text()).get("teacher")
@@ -259,3 +170,17 @@ def align_main(argv: Sequence[str] | None = None) -> int:
 def push_main(argv: Sequence[str] | None = None) -> int:
     """``mvmr-push FOLDER ORG/NAME``: upload a release folder to the Hugging Face Hub."""
     return run_cli(_push, argv)
+
+
+# The arguments lived here before they moved into the library (mvmr_hf.config); the data arguments of
+# evaluation were renamed so that one name no longer means two classes.
+__getattr__ = deprecated_alias(
+    __name__,
+    {
+        "DataArguments": (config, "EvalDataArguments"),
+        **{
+            name: (config, name)
+            for name in ("AlignArguments", "EvaluateArguments", "ExportArguments", "PushArguments")
+        },
+    },
+)

@@ -1,0 +1,428 @@
+"""The arguments of every command, as dataclasses: their defaults, ``--help`` texts and checks.
+
+They are the library's configuration, not the command line's: :func:`mvmr_hf.train` takes the
+training groups, and :mod:`mvmr_hf.cli` only parses ``argv`` into them (transformers'
+``HfArgumentParser`` turns each field into a flag, its ``help`` metadata into the ``--help``
+text). Each ``__post_init__`` checks what can be checked without data or models, so a bad value
+is reported, as a :class:`~mvmr_hf.errors.ConfigError` naming the flag, before anything runs.
+
+Training (``mvmr-distill`` / ``mvmr-pretrain``): :class:`ModelArguments` (or
+:class:`PretrainModelArguments`), :class:`TeacherArguments` (distillation only),
+:class:`DataArguments` (or :class:`DistillDataArguments`), :class:`LossArguments` and
+:class:`TrainingArguments` (or :class:`DistillTrainingArguments`). Release: :class:`ExportArguments`,
+:class:`EvaluateArguments`, :class:`AlignArguments`, :class:`PushArguments`, and
+:class:`EvalDataArguments` for the images of ``mvmr-evaluate`` and ``mvmr-align``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Literal
+
+from mvmr_hf.dcor import check_estimator
+from mvmr_hf.errors import ConfigError
+from mvmr_hf.utils import check_int, check_number
+
+__all__ = [
+    "DEFAULT_CACHE",
+    "DEFAULT_DISTILL_DATASET",
+    "PAPER_REPRESENTATIONS",
+    "AlignArguments",
+    "DataArguments",
+    "DistillDataArguments",
+    "DistillTrainingArguments",
+    "EvalDataArguments",
+    "EvaluateArguments",
+    "ExportArguments",
+    "LossArguments",
+    "ModelArguments",
+    "PretrainModelArguments",
+    "PushArguments",
+    "TeacherArguments",
+    "TrainingArguments",
+    "parse_names",
+    "parse_weights",
+]
+
+PAPER_REPRESENTATIONS = ("pixels", "augmented-pixels", "scatnet", "hog", "lsd")
+"""The hand-crafted representations of the paper's self-supervised pretraining (section 7)."""
+
+
+def parse_names(text: str) -> list[str]:
+    """``"hog, lsd"`` -> ``["hog", "lsd"]``; empty entries are dropped, duplicates rejected."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"--handcrafted lists {', '.join(repeated)} twice: name each representation once")
+    return names
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """``"teacher=2,hog=0.5"`` -> ``{"teacher": 2.0, "hog": 0.5}`` (the β_k of eq. 9)."""
+    weights: dict[str, float] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ConfigError(
+                f"--representation-weights entry {item!r} is not name=number: write e.g. teacher=1,hog=0.5"
+            )
+    return weights
+
+
+def _flag(name: str) -> str:
+    """The command-line spelling of a field: ``batch_size`` -> ``--batch-size``."""
+    return f"--{name.replace('_', '-')}"
+
+
+def _check_ints(arguments: object, names: tuple[str, ...], minimum: int) -> None:
+    for name in names:
+        check_int(_flag(name), getattr(arguments, name), minimum)
+
+
+def _opt(default: Any, text: str, **argparse_options: Any) -> Any:
+    """A dataclass field with its ``--help`` text (and extra argparse options)."""
+    return field(default=default, metadata={"help": text, **argparse_options})
+
+
+@dataclass
+class ModelArguments:
+    """The student and the hand-crafted representations it is matched against."""
+
+    _argument_group_name = "student and representations"
+
+    student: str = _opt(
+        "resnet50", "timm name of the student backbone, trained from scratch (paper: resnet50)."
+    )
+    projector: str = _opt(
+        "8192-8192-8192",
+        "Projector widths, dash-separated: Linear-BN-ReLU blocks, the last layer plain Linear "
+        "(paper, section 7: 8192-8192-8192).",
+    )
+    handcrafted: str = _opt(
+        "",
+        "Comma-separated hand-crafted representations for the dCor terms of eq. 9, among "
+        f"{', '.join(PAPER_REPRESENTATIONS)}; empty for none.",
+    )
+    sync_batchnorm: bool = _opt(
+        True,
+        "With several GPU processes, normalise with batch statistics of the global batch, so that the update "
+        "does not depend on the number of GPUs (CPU processes cannot, and keep per-process statistics).",
+    )
+
+    def __post_init__(self) -> None:
+        parse_names(self.handcrafted)
+
+    @property
+    def handcrafted_names(self) -> list[str]:
+        """``--handcrafted`` as a list of representation names."""
+        return parse_names(self.handcrafted)
+
+
+@dataclass
+class PretrainModelArguments(ModelArguments):
+    """Self-supervised pretraining: the paper's five hand-crafted representations by default."""
+
+    handcrafted: str = _opt(
+        ",".join(PAPER_REPRESENTATIONS),
+        "Comma-separated hand-crafted representations for the dCor terms of eq. 9 (paper, section 7: all "
+        "five); empty for none, which leaves the L1 and L2 terms.",
+    )
+
+
+@dataclass
+class TeacherArguments:
+    """The frozen teacher of distillation (paper, section 5.2)."""
+
+    _argument_group_name = "teacher"
+
+    teacher: str = _opt(
+        "openai/clip-vit-base-patch16",
+        "Hub id or local folder of a transformers vision model (paper: CLIP ViT-B/16).",
+    )
+    teacher_output: str = _opt(
+        "auto",
+        "Teacher output to match: auto (the image embedding of image-text models, else the pooled output, "
+        "else the CLS token, else the token mean), embedding, pooler, cls, mean or tokens.",
+    )
+    cache_teacher: bool = _opt(
+        False,
+        "Store the teacher's outputs in OUTPUT_DIR/teacher_cache during the first epoch and read them "
+        "afterwards; exact, since the teacher only sees the non-augmented view.",
+    )
+    trust_remote_code: bool = _opt(
+        False, "Let a Hub teacher run its own code; only for repositories you trust."
+    )
+
+
+@dataclass
+class DataArguments:
+    """The images: a Hub data set or a local folder of parquet files or images."""
+
+    _argument_group_name = "data"
+
+    dataset: str = _opt(MISSING, "Hub data set id or local folder (parquet shards or an image folder).")
+    dataset_config: str | None = _opt(None, "Configuration name of the data set.")
+    split: str = _opt("train", "Split to train on.")
+    image_column: str | None = _opt(
+        None, "Column holding the images; detected from the features when omitted."
+    )
+    streaming: bool = _opt(True, "Stream the data set instead of downloading and converting it first.")
+    image_size: int = _opt(224, "Side of the square training views, in pixels.")
+    shuffle_buffer: int = _opt(10_000, "Streaming shuffle buffer per process (0: keep the stored order).")
+    num_workers: int = _opt(4, "Data-loading worker processes per training process.")
+
+    def __post_init__(self) -> None:
+        _check_ints(self, ("image_size",), 1)
+        _check_ints(self, ("shuffle_buffer", "num_workers"), 0)
+
+
+DEFAULT_DISTILL_DATASET = "tanganke/stl10"
+"""The data set ``mvmr-distill`` trains on when none is given: STL-10 (ImageNet-derived photographs,
+96 px), on which the paper reports its CLIP ViT-B/16 -> ResNet-50 distillation (95.6 % linear)."""
+
+
+@dataclass
+class DistillDataArguments(DataArguments):
+    """Distillation's data: the paper's STL-10 by default."""
+
+    dataset: str = _opt(
+        DEFAULT_DISTILL_DATASET,
+        "Hub data set id or local folder (parquet shards or an image folder); default: STL-10's labelled "
+        "training split (the paper's distillation benchmark).",
+    )
+
+
+@dataclass
+class LossArguments:
+    """Weights and estimator of the MV-MR objective (paper, eq. 4-10)."""
+
+    _argument_group_name = "objective"
+
+    invariance_weight: float = _opt(1.0, "λ of eq. 7 (paper: 1).")
+    variance_weight: float = _opt(1.0, "μ of eq. 7 (paper: 1).")
+    view_weight: float = _opt(1.0, "α of eq. 8 (paper: 1).")
+    representation_weights: str = _opt(
+        "", "β_k of eq. 9 as name=weight,... (e.g. teacher=1,hog=0.5); unlisted representations get 1."
+    )
+    invariance_reduction: Literal["mean", "sum"] = _opt(
+        "mean",
+        "Invariance term of eq. 4: 'mean' over batch and embedding dimensions (the paper's released code; "
+        "measured best, see the README) or 'sum' over the dimensions (eq. 4 as printed: D times larger).",
+    )
+    dcor_estimator: Literal["biased", "unbiased"] = _opt(
+        "biased",
+        "'biased' (the paper's V-statistic) or 'unbiased' (U-centred, bias-corrected; needs a global "
+        "batch of at least 4 and is only defined squared).",
+    )
+    dcor_squared: bool | None = _opt(
+        None,
+        "Use R² (eq. 11 as printed) rather than R in the dCor terms; when omitted, R for the biased "
+        "estimator (the paper's released code, measured best: see the README) and R² for the unbiased one "
+        "(the only one defined); --dcor-squared false forces R.",
+        nargs="?",
+        const=True,
+    )
+    dcor_scope: Literal["global", "local"] = _opt(
+        "global",
+        "'global': every term on the batch gathered from all processes, so the update equals a one-process "
+        "run; 'local': per-process batches, as the paper's code did.",
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("invariance_weight", "variance_weight", "view_weight"):
+            check_number(_flag(name), getattr(self, name), allow_zero=True)
+        for name, weight in parse_weights(self.representation_weights).items():
+            if weight < 0:
+                raise ConfigError(f"--representation-weights gives {name} the weight {weight}: use 0 or more")
+        check_estimator(
+            unbiased=self.dcor_estimator == "unbiased",
+            squared=self.dcor_squared,
+            fix="drop --dcor-squared false (--dcor-estimator unbiased runs only squared)",
+        )
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """``--representation-weights`` as ``{name: β}``."""
+        return parse_weights(self.representation_weights)
+
+
+@dataclass
+class TrainingArguments:
+    """Optimisation, checkpoints, logging and the release."""
+
+    _argument_group_name = "training"
+
+    output_dir: str = _opt(MISSING, "Run folder: checkpoints/, metrics.jsonl, training_args.json, student/.")
+    batch_size: int = _opt(
+        256,
+        "GLOBAL batch size of one micro-step, split evenly over the processes (paper: 256 pretraining, "
+        "512 distillation).",
+    )
+    grad_accum: int = _opt(1, "Micro-batches accumulated per optimizer step (paper pretraining: 4).")
+    epochs: int = _opt(100, "Passes over the data (paper: 1000 pretraining, 200 distillation).")
+    max_steps: int | None = _opt(None, "Stop after this many optimizer steps; overrides --epochs when set.")
+    learning_rate: float = _opt(1e-4, "Peak Adam learning rate (paper: 1e-4).")
+    weight_decay: float = _opt(1e-6, "Adam weight decay (paper: 1e-6).")
+    warmup: float = _opt(
+        0.01,
+        "Linear warm-up before the cosine decay, stepped per optimizer step: a fraction of all steps when "
+        "below 1, else a number of steps (paper: 10 epochs).",
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _opt(
+        None, "Mixed precision; when omitted, what `accelerate launch` or `accelerate config` set, else no."
+    )
+    channels_last: bool | None = _opt(
+        None,
+        "Keep the student's weights and activations in channels-last memory format (usually faster "
+        "convolutions under mixed precision on GPUs); when omitted, on for CUDA and off elsewhere; "
+        "--channels-last false turns it off.",
+        nargs="?",
+        const=True,
+    )
+    compile: bool = _opt(
+        False,
+        "torch.compile the student (in place: weight names, checkpoints and the release are unchanged); "
+        "the first steps take longer while it compiles.",
+    )
+    checkpoint_every: int = _opt(1000, "Save a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: int = _opt(2, "Keep the N newest checkpoints.")
+    resume: str | None = _opt(
+        None,
+        "Continue a run: alone (or 'latest') from the newest complete checkpoint in the output folder, "
+        "starting afresh when there is none; or from the given checkpoint folder.",
+        nargs="?",
+        const="latest",
+    )
+    overwrite: bool = _opt(
+        False, "Delete a previous run's checkpoints, metrics and release in the output folder."
+    )
+    seed: int = _opt(42, "Seed of the initial weights, the data order and the augmentations.")
+    log_with: str | None = _opt(
+        None, "Comma-separated Accelerate trackers (tensorboard, wandb, ...) or 'all'."
+    )
+    log_every: int = _opt(10, "Log loss, terms, learning rate and throughput every N optimizer steps.")
+    push_to_hub: str | None = _opt(None, "Hub repository id (user/name) to push the student release to.")
+
+    def __post_init__(self) -> None:
+        _check_ints(self, ("batch_size", "grad_accum", "epochs", "checkpoint_every", "keep_checkpoints"), 1)
+        _check_ints(self, ("log_every",) if self.max_steps is None else ("log_every", "max_steps"), 1)
+        check_number("--learning-rate", self.learning_rate)
+        check_number("--weight-decay", self.weight_decay, allow_zero=True)
+        check_number("--warmup", self.warmup, allow_zero=True)
+        if self.warmup >= 1 and not float(self.warmup).is_integer():
+            raise ConfigError(f"--warmup {self.warmup} must be a fraction below 1 or a whole number of steps")
+        if self.resume is not None and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: pass one of them")
+
+    @property
+    def trackers(self) -> list[str] | str | None:
+        """``--log-with`` as Accelerate's ``log_with``: a list of tracker names, ``"all"`` or None."""
+        if not self.log_with or self.log_with == "all":
+            return self.log_with or None
+        return parse_names(self.log_with)
+
+
+@dataclass
+class DistillTrainingArguments(TrainingArguments):
+    """Distillation's schedule: the paper's (section 6.2 and its released code) by default."""
+
+    output_dir: str = _opt(
+        "runs/distill", "Run folder: checkpoints/, metrics.jsonl, training_args.json, student/."
+    )
+    batch_size: int = _opt(
+        512, "GLOBAL batch size of one micro-step, split evenly over the processes (paper distillation: 512)."
+    )
+    epochs: int = _opt(200, "Passes over the data (paper distillation: 200).")
+    warmup: float = _opt(
+        0.05,
+        "Linear warm-up before the cosine decay, stepped per optimizer step: a fraction of all steps when "
+        "below 1, else a number of steps (paper: 10 of 200 epochs).",
+    )
+
+
+# ----------------------------------------------------------------------------- release commands
+
+DEFAULT_CACHE = "~/.cache/mvmr_hf/features"
+
+
+@dataclass
+class ExportArguments:
+    """Export a training checkpoint as a release folder."""
+
+    checkpoint: str = _opt(
+        MISSING, "Run folder (its latest checkpoint is used) or one of its checkpoints/step-NNNNNN folders."
+    )
+    output_dir: str | None = _opt(None, "Release folder to write; default RUN/student.")
+
+
+@dataclass
+class EvalDataArguments:
+    """The images and how to read them (shared by mvmr-evaluate and mvmr-align)."""
+
+    _argument_group_name = "data"
+
+    dataset: str = _opt(MISSING, "Hub data set id or local folder (parquet shards or an image folder).")
+    dataset_config: str | None = _opt(None, "Configuration name of the data set.")
+    image_column: str | None = _opt(
+        None, "Column holding the images; detected from the features when omitted."
+    )
+    batch_size: int = _opt(256, "Images per forward pass.")
+    num_workers: int = _opt(0, "Data-loading worker processes (decoding and resizing).")
+    device: str | None = _opt(None, "Device to run the models on; default cuda when available, else cpu.")
+    cache_dir: str = _opt(
+        DEFAULT_CACHE, "Folder caching extracted features per model, data set and split; empty for no cache."
+    )
+
+    def __post_init__(self) -> None:
+        _check_ints(self, ("batch_size",), 1)
+        _check_ints(self, ("num_workers",), 0)
+
+
+@dataclass
+class EvaluateArguments:
+    """The model and the protocols."""
+
+    _argument_group_name = "evaluation"
+
+    model: str = _opt(
+        MISSING,
+        "A release folder, a Hub id, a timm model name (pretrained weights) or a transformers model "
+        "(a teacher: its image embedding / pooled output).",
+    )
+    train_split: str = _opt("train", "Split the linear probe and kNN are fitted on.")
+    test_split: str = _opt("test", "Split the accuracies are reported on.")
+    label_column: str = _opt("label", "Column holding the integer class labels.")
+    protocol: str = _opt("linear,knn", "Comma-separated protocols among linear, knn, zero-shot.")
+    teacher_output: str = _opt(
+        "auto", "Output of a transformers --model (see mvmr-distill --teacher-output)."
+    )
+    update_card: bool = _opt(False, "Write the results into the release folder's card (model-index).")
+
+
+@dataclass
+class AlignArguments:
+    """The student, its teacher and the images the head is fitted on (labels unused)."""
+
+    _argument_group_name = "alignment"
+
+    model: str = _opt(MISSING, "Release folder of a distilled student.")
+    split: str = _opt("train", "Split whose images (labels unused) the head is fitted on.")
+    teacher: str | None = _opt(None, "CLIP-style teacher to align to; default the run's --teacher.")
+    max_images: int | None = _opt(None, "Use at most this many images of the split (its first ones).")
+
+
+@dataclass
+class PushArguments:
+    """Upload a release folder to the Hugging Face Hub."""
+
+    folder: str = _opt(MISSING, "Release folder to upload.")
+    repo_id: str = _opt(MISSING, "Hub model repository, ORG/NAME (created when missing).")
+    private: bool = _opt(False, "Create the repository private.")
+    revision: str | None = _opt(None, "Branch to commit to (created when missing); default the main branch.")
+    commit_message: str | None = _opt(None, "Commit message; default names the training step.")
