@@ -1,7 +1,7 @@
 """One MV-MR training step split into its phases, with and without the exact teacher cache.
 
-The step timed is the training loop's own: ``mvmr_hf.train.TrainingStep``, the object
-``mvmr_hf.train.train`` calls for every micro-step, built here from the package's own pieces
+The step timed is the training loop's own: ``mvmr_hf.training.TrainingStep``, the object
+``mvmr_hf.train`` calls for every micro-step, built here from the package's own pieces
 (``build_student`` prepared by Accelerate with the run's mixed precision, the teacher and the
 hand-crafted representations of ``build_representations``, ``MVMRLoss``, ``build_optimizer``
 and the cosine schedule, the ``TeacherCache``) and fed by ``mvmr_hf.data.build_dataloader``
@@ -59,7 +59,7 @@ from mvmr_hf.data import build_dataloader, load_image_dataset
 from mvmr_hf.objective import MVMRLoss
 from mvmr_hf.student import build_student
 from mvmr_hf.teacher_cache import TeacherCache
-from mvmr_hf.train import TrainingStep, build_optimizer, build_representations, share_cache
+from mvmr_hf.training import TrainingStep, build_optimizer, build_representations, share_cache
 
 PHASES = (
     "data_wait", "transfer", "student_forward", "teacher", "representations", "loss_forward", "loss_backward",
@@ -158,7 +158,7 @@ class _Clock:
 
 
 def _epoch(clock: _Clock, run: _Run, step: TrainingStep, *, epoch: int) -> list[dict[str, float]]:
-    """Run one epoch of ``step`` as ``mvmr_hf.train.train`` does; return each step's phase seconds."""
+    """Run one epoch of ``step`` as ``mvmr_hf.train`` does; return each step's phase seconds."""
     clock.steps = []
     run.loader.dataset.set_epoch(epoch)
     batches = iter(run.loader)

@@ -23,7 +23,7 @@ import torch
 
 from mvmr_hf.cli.train import distill_main
 from mvmr_hf.efficientnet_lite import save_efficientnet_lite
-from mvmr_hf.evaluate import evaluate, load_encoder
+from mvmr_hf.evaluation import evaluate, load_encoder
 from mvmr_hf.export import export_student
 from mvmr_hf.sample_data import write_digits
 from mvmr_hf.student import build_student

@@ -19,7 +19,7 @@ from mvmr_hf.augment import CENTER_CROP_FRACTION, center_view
 from mvmr_hf.cli.release import align_main, evaluate_main
 from mvmr_hf.data import load_image_dataset
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.evaluate import (
+from mvmr_hf.evaluation import (
     evaluate,
     extract_features,
     knn_classify,

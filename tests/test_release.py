@@ -21,7 +21,7 @@ from mvmr_hf.augment import CENTER_CROP_FRACTION, center_view
 from mvmr_hf.card import CardInfo
 from mvmr_hf.cli.release import export_main
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.evaluate import load_encoder
+from mvmr_hf.evaluation import load_encoder
 from mvmr_hf.export import (
     check_release,
     export_run,

@@ -37,7 +37,7 @@ from mvmr_hf.representations import build as build_representation
 from mvmr_hf.representations.teacher import Teacher, load_teacher
 from mvmr_hf.student import Student, build_student
 from mvmr_hf.teacher_cache import TeacherCache, cache_folder
-from mvmr_hf.train import TrainingStep, build_optimizer
+from mvmr_hf.training import TrainingStep, build_optimizer
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

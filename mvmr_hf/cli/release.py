@@ -31,7 +31,7 @@ from mvmr_hf.config import (
 )
 from mvmr_hf.data import load_image_dataset
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.evaluate import (
+from mvmr_hf.evaluation import (
     evaluate,
     extract_features,
     format_table,
