@@ -16,7 +16,7 @@ from torch import nn
 
 from mvmr_hf import representations
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.representations import Representation, build, hog_histograms, scattering
+from mvmr_hf.representations import Representation, build, hog_histograms, registry, scattering
 from mvmr_hf.representations.scattering import Scattering2D
 
 EXPECTED = {  # name: (deterministic, gather)
@@ -75,7 +75,7 @@ def test_bad_options_raise_config_error(name: str, options: dict) -> None:
 
 
 def test_register_adds_a_buildable_representation(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(representations, "_REGISTRY", dict(representations._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
     @representations.register("channel-means")
     class ChannelMeans(Representation):

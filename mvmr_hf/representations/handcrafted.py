@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mvmr_hf.augment import ViewAugment
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.representations import Representation, check_options, register
+from mvmr_hf.representations.registry import Representation, check_options, register
 from mvmr_hf.representations.scattering import Scattering2D
 from mvmr_hf.utils import check_int
 
