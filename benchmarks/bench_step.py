@@ -1,17 +1,15 @@
 """One MV-MR training step split into its phases, with and without the exact teacher cache.
 
-The step timed is the training loop's own: ``mvmr_hf.training.TrainingStep``, the object
-``mvmr_hf.train`` calls for every micro-step, built here from the package's own pieces
-(``build_student`` prepared by Accelerate with the run's mixed precision, the teacher and the
-hand-crafted representations of ``build_representations``, ``MVMRLoss``, ``build_optimizer``
-and the cosine schedule, the ``TeacherCache``) and fed by ``mvmr_hf.data.build_dataloader``
-over a local parquet stream of JPEG photographs. The wait for the next batch is the data wait;
-the step reports the end of each of its phases through its ``mark`` callback: the copy to the
-device and the division by 255 (transfer), the student on both views, the teacher (run, or
-read from the cache), the hand-crafted representations, the loss, the backward pass down to
-z and z̃ (a gradient hook inside the one ``accelerator.backward``), the rest of the backward
-through the student, then Adam and the schedule. The device is synchronized at every mark, so
-phases do not overlap (a slight upper bound on a step).
+The step timed is the training loop's own: each mode is a real :func:`mvmr_hf.train` run (the
+run ``mvmr-distill`` / ``mvmr-pretrain`` make) over a local parquet stream of JPEG photographs,
+and the loop is timed from outside, by hooks on what ``train`` builds (:func:`instrument`): the
+wait for the next batch is the data wait; the student's first forward starts when the copy to
+the device and the division by 255 (transfer) end; its second ends the student phase; the first
+hand-crafted representation starts when the teacher (run, or read from the cache) ends; the
+loss's forward marks its start and end; a gradient hook on identity views of z and z̃ ends the
+loss's backward inside the one ``accelerator.backward``, and Adam's step pre-hook ends the
+student's; the loop's call to the metrics meter ends Adam and the schedule. The device is
+synchronized at every mark, so phases do not overlap (a slight upper bound on a step).
 
 Configurations (random-init weights; timing does not depend on them):
 
@@ -33,38 +31,44 @@ GPU configuration with 16 cores.
 
 from __future__ import annotations
 
-import math
+import contextlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
-from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from common import parser, report, resolve_device, synchronize, write_photo_parquet
-from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-    get_cosine_schedule_with_warmup,
-)
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from mvmr_hf import training
 from mvmr_hf.cli import run_cli
-from mvmr_hf.config import PAPER_REPRESENTATIONS, ModelArguments, TeacherArguments
-from mvmr_hf.data import build_dataloader, load_image_dataset
+from mvmr_hf.config import (
+    DataArguments,
+    LossArguments,
+    ModelArguments,
+    PretrainModelArguments,
+    TeacherArguments,
+    TrainingArguments,
+)
+from mvmr_hf.metrics import MetricsLogger
 from mvmr_hf.objective import MVMRLoss
-from mvmr_hf.student import build_student
-from mvmr_hf.teacher_cache import TeacherCache
-from mvmr_hf.training import TrainingStep, build_optimizer, build_representations, share_cache
+from mvmr_hf.training import train
 
 PHASES = (
     "data_wait", "transfer", "student_forward", "teacher", "representations", "loss_forward", "loss_backward",
     "student_backward", "optimizer",
 )  # fmt: skip
+BUILDERS = ("build_student", "build_representations", "build_optimizer", "build_dataloader")
 CPU_TARGET, GPU_TARGET, CACHE_TARGET = 0.20, 0.10, 2.0
 BICUBIC = 3
 
@@ -136,45 +140,140 @@ def _save_teacher(folder: Path, sizes: dict[str, int], image_size: int) -> Path:
 
 
 class _Clock:
-    """Per step, the synchronized wall time of each phase: from the previous mark to ``mark(phase)``."""
+    """Per epoch and step, the synchronized wall time of each phase: from the previous mark to its own."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.steps: list[dict[str, float]] = []
+        self.epochs: list[list[dict[str, float]]] = []
         self.last = 0.0
+
+    def new_epoch(self) -> None:
+        """Start collecting the steps of the next epoch."""
+        self.epochs.append([])
 
     def new_step(self) -> None:
         """Start a step: its phases at zero, its clock at now."""
-        self.steps.append(dict.fromkeys(PHASES, 0.0))
+        self.epochs[-1].append(dict.fromkeys(PHASES, 0.0))
         synchronize(self.device)
         self.last = time.perf_counter()
+
+    def drop_step(self) -> None:
+        """Forget the step just started: the epoch's data ran out."""
+        self.epochs[-1].pop()
 
     def mark(self, phase: str) -> None:
         """End ``phase``: add the time since the previous mark (or the step's start) to it."""
         synchronize(self.device)
         now = time.perf_counter()
-        self.steps[-1][phase] += now - self.last
+        self.epochs[-1][-1][phase] += now - self.last
         self.last = now
 
 
-def _epoch(clock: _Clock, run: _Run, step: TrainingStep, *, epoch: int) -> list[dict[str, float]]:
-    """Run one epoch of ``step`` as ``mvmr_hf.train`` does; return each step's phase seconds."""
-    clock.steps = []
-    run.loader.dataset.set_epoch(epoch)
-    batches = iter(run.loader)
-    while True:
-        clock.new_step()
-        batch = next(batches, None)
-        if batch is None:
-            clock.steps.pop()
-            break
-        clock.mark("data_wait")
-        loss = step(batch, mark=clock.mark)
-        if not math.isfinite(loss.total.item()):
-            raise RuntimeError("the loss is not finite: the benchmark's step is broken")
-    if step.cache is not None:
-        share_cache(run.accelerator, step.cache)
-    return clock.steps
+class _TimedLoader:
+    """The loop's loader, unchanged, that starts a step when the loop asks for a batch and ends its wait."""
+
+    def __init__(self, loader: Any, clock: _Clock) -> None:
+        self.loader, self.clock = loader, clock
+
+    def __getattr__(self, name: str) -> Any:  # dataset, state_dict, load_state_dict: the loader's own
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.clock.new_epoch()
+        batches = iter(self.loader)
+        while True:
+            self.clock.new_step()
+            batch = next(batches, None)
+            if batch is None:
+                self.clock.drop_step()
+                return
+            self.clock.mark("data_wait")
+            yield batch
+
+
+@contextmanager
+def instrument(clock: _Clock) -> Iterator[None]:
+    """Within, :func:`mvmr_hf.train` marks its step's phases on ``clock``; what it computes is unchanged.
+
+    The builders ``train`` calls are wrapped so that what they build carries hooks: the loader
+    (:class:`_TimedLoader`), the student (forward hooks), the hand-crafted representations
+    (forward pre-hooks), the loss (forward hooks and identity views of z and z̃ with a gradient
+    hook), Adam (a step pre-hook) and the metrics meter (its ``add``). Autograd runs the nodes of a
+    graph newest first; the views are newer than every node of the student and older than every
+    node of the loss, so their hook fires exactly between the loss's backward and the student's.
+    """
+    state = {"student_calls": 0, "teacher_done": False}
+    built = {name: getattr(training, name) for name in BUILDERS}  # train's own builders
+
+    def student_pre(module: torch.nn.Module, inputs: tuple) -> None:
+        state["student_calls"] += 1
+        if state["student_calls"] == 1:
+            state["teacher_done"] = False
+            clock.mark("transfer")
+
+    def student_post(module: torch.nn.Module, inputs: tuple, output: Any) -> None:
+        if state["student_calls"] == 2:
+            state["student_calls"] = 0
+            clock.mark("student_forward")
+
+    def end_teacher() -> None:
+        if not state["teacher_done"]:
+            state["teacher_done"] = True
+            clock.mark("teacher")
+
+    def loss_pre(module: torch.nn.Module, inputs: tuple) -> tuple:
+        end_teacher()
+        clock.mark("representations")
+        z, z_aug, *rest = inputs
+        z, z_aug = z.view_as(z), z_aug.view_as(z_aug)
+        torch.autograd.graph.register_multi_grad_hook((z, z_aug), lambda grads: clock.mark("loss_backward"))
+        return (z, z_aug, *rest)
+
+    def build_student(*args: Any, **kwargs: Any) -> torch.nn.Module:
+        student = built["build_student"](*args, **kwargs)
+        student.register_forward_pre_hook(student_pre)
+        student.register_forward_hook(student_post)
+        return student
+
+    def build_representations(*args: Any, **kwargs: Any) -> dict[str, torch.nn.Module]:
+        representations = built["build_representations"](*args, **kwargs)
+        for name, representation in representations.items():
+            if name != "teacher":
+                representation.register_forward_pre_hook(lambda module, inputs: end_teacher())
+        return representations
+
+    def loss(*args: Any, **kwargs: Any) -> MVMRLoss:
+        criterion = MVMRLoss(*args, **kwargs)
+        criterion.register_forward_pre_hook(loss_pre)
+        criterion.register_forward_hook(lambda module, inputs, output: clock.mark("loss_forward"))
+        return criterion
+
+    def build_optimizer(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        optimizer = built["build_optimizer"](*args, **kwargs)
+        optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: clock.mark("student_backward"))
+        return optimizer
+
+    def build_dataloader(*args: Any, **kwargs: Any) -> tuple[_TimedLoader, Any]:
+        loader, stats = built["build_dataloader"](*args, **kwargs)
+        return _TimedLoader(loader, clock), stats
+
+    class Meter(MetricsLogger):
+        def add(self, *args: Any, **kwargs: Any) -> None:
+            clock.mark("optimizer")  # the scheduler's step and zero_grad are done: the loop's own work ends
+            super().add(*args, **kwargs)
+
+    wrappers = {
+        "build_student": build_student,
+        "build_representations": build_representations,
+        "build_optimizer": build_optimizer,
+        "build_dataloader": build_dataloader,
+        "MVMRLoss": loss,
+        "MetricsLogger": Meter,
+    }
+    with contextlib.ExitStack() as stack:
+        for name, wrapper in wrappers.items():
+            stack.enter_context(mock.patch.object(training, name, wrapper))
+        yield
 
 
 def _summary(mode: str, steps: list[dict[str, float]], batch: int, teacher_runs: bool) -> dict[str, Any]:
@@ -203,93 +302,71 @@ def _images_for(setup: Setup) -> tuple[int, int]:
     return batches_per_worker * workers * setup.batch, workers
 
 
-@dataclass
-class _Run:
-    """Everything one benchmark run trains with."""
+def _run(setup: Setup, device: torch.device, folder: Path, *, teacher: Path | None, cache: bool) -> _Clock:
+    """One :func:`mvmr_hf.train` run, instrumented: distillation from ``teacher``, else pretraining.
 
-    accelerator: Accelerator
-    student: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    criterion: MVMRLoss
-    loader: Any
-    teacher: dict[str, torch.nn.Module]
-    handcrafted: dict[str, torch.nn.Module]
-    cache: TeacherCache
+    Without the cache, one epoch of ``warmup + steps`` steps; with it, two whole epochs (the
+    first stores the teacher's outputs, the second reads them).
+    """
+    clock = _Clock(device)
+    model = ModelArguments if teacher is not None else PretrainModelArguments
+    training_args = TrainingArguments(
+        output_dir=str(folder / "run"),
+        batch_size=setup.batch,
+        epochs=2,
+        max_steps=None if cache else setup.warmup + setup.steps,
+        warmup=10,
+        mixed_precision=setup.mixed_precision,
+        checkpoint_every=10**9,  # the last step's checkpoint and the release come after the timed steps
+        log_every=10**9,
+        seed=0,
+    )
+    data_args = DataArguments(
+        dataset=str(folder / "data"),
+        image_size=setup.image_size,
+        shuffle_buffer=1000,
+        num_workers=setup.workers,
+    )
+    teacher_args = None if teacher is None else TeacherArguments(teacher=str(teacher), cache_teacher=cache)
+    environment = {"ACCELERATE_USE_CPU": "true"} if device.type == "cpu" else {}
+    with instrument(clock), mock.patch.dict(os.environ, environment):
+        try:
+            train(
+                model(student=setup.student, projector=setup.projector),
+                data_args,
+                LossArguments(),
+                training_args,
+                teacher=teacher_args,
+            )
+        finally:  # Accelerate keeps process-wide singletons: the next run starts afresh
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+    shutil.rmtree(folder / "run")
+    return clock
 
-    def training_step(
-        self, representations: dict[str, torch.nn.Module], cache: TeacherCache | None
-    ) -> TrainingStep:
-        """The training loop's step over this run's student, loss and optimizer with ``representations``."""
-        return TrainingStep(
-            self.accelerator,
-            self.student,
-            self.criterion,
-            self.optimizer,
-            self.scheduler,
-            representations,
-            cache,
-        )
 
-
-def _build(setup: Setup, device: torch.device, root: Path) -> _Run:
-    """Write the data and the teacher under ``root``; build the student, representations, loader, cache."""
-    accelerator = Accelerator(mixed_precision=setup.mixed_precision, cpu=device.type == "cpu")
+def _measure(setup: Setup, device: torch.device, root: Path) -> list[dict[str, Any]]:
+    """Each mode's phase medians over its timed steps (the warm-up steps of each epoch left out)."""
     images, shards = _images_for(setup)
     write_photo_parquet(root / "data", images, shards=shards)
-    teacher_folder = _save_teacher(root / "teacher", setup.teacher, setup.image_size)
-    model_args = ModelArguments(
-        student=setup.student, projector=setup.projector, handcrafted=",".join(PAPER_REPRESENTATIONS)
-    )
-    representations = build_representations(model_args, TeacherArguments(teacher=str(teacher_folder)))
-    for representation in representations.values():
-        representation.to(accelerator.device)
-    student = build_student(setup.student, projector=setup.projector, image_size=setup.image_size)
-    optimizer = build_optimizer(student, 1e-4, 1e-6, accelerator.device)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, 10, 10_000)
-    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    student.train()
-    loader, _ = build_dataloader(
-        load_image_dataset(str(root / "data")),
-        image_size=setup.image_size,
-        batch_size=setup.batch,
-        num_workers=setup.workers,
-        pin_memory=device.type == "cuda",
-    )
-    return _Run(
-        accelerator=accelerator,
-        student=student,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        criterion=MVMRLoss(),
-        loader=loader,
-        teacher={"teacher": representations.pop("teacher")},
-        handcrafted=representations,
-        cache=TeacherCache(root / "cache", rank=0),
-    )
-
-
-def _measure(setup: Setup, run: _Run) -> list[dict[str, Any]]:
-    """One epoch per mode, in order (the cache's second epoch must follow its first)."""
-    modes = [  # name, teacher, hand-crafted representations, cache, whether the teacher runs
-        ("distill", run.teacher, {}, None, True),
-        ("distill, cache epoch 1", run.teacher, {}, run.cache, True),
-        ("distill, cache epoch 2", run.teacher, {}, run.cache, False),
-        ("pretrain (5 hand-crafted)", {}, run.handcrafted, None, False),
+    teacher = _save_teacher(root / "teacher", setup.teacher, setup.image_size)
+    runs = [  # name, teacher, cache: the epochs of each run, in order
+        (["distill"], teacher, False),
+        (["distill, cache epoch 1", "distill, cache epoch 2"], teacher, True),
+        (["pretrain (5 hand-crafted)"], None, False),
     ]
-    device = run.accelerator.device
-    clock = _Clock(device)
     rows: list[dict[str, Any]] = []
-    for epoch, (mode, teacher, handcrafted, cache, teacher_runs) in enumerate(modes):
+    for modes, run_teacher, cache in runs:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        steps = _epoch(clock, run, run.training_step(teacher | handcrafted, cache), epoch=epoch)
-        steps = steps[setup.warmup :]
-        row = _summary(mode, steps, setup.batch, teacher_runs)
-        if device.type == "cuda":
-            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        rows.append(row)
-        print(f"measured {mode}", file=sys.stderr, flush=True)
+        clock = _run(setup, device, root, teacher=run_teacher, cache=cache)
+        for mode, steps in zip(modes, clock.epochs, strict=True):
+            teacher_runs = run_teacher is not None and mode != "distill, cache epoch 2"
+            row = _summary(mode, steps[setup.warmup :], setup.batch, teacher_runs)
+            if device.type == "cuda":
+                row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            rows.append(row)
+            print(f"measured {mode}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -302,7 +379,7 @@ def main(argv: list[str]) -> None:
     device = resolve_device(args.device)
     setup = _setup(device, args.quick, args.num_workers)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = _measure(setup, _build(setup, device, Path(tmp)))
+        rows = _measure(setup, device, Path(tmp))
     notes = _verdicts(rows, device, quick=args.quick)
     notes += [
         f"student {setup.student}, projector {setup.projector}, teacher {setup.teacher_label} (random init), "

@@ -1,4 +1,4 @@
-"""The one exception type for bad user input.
+"""The exception types: bad user input, and a run that could not finish.
 
 Every check of something a user passed (a name, a path, a shape, a spec) raises
 :class:`ConfigError` with one sentence that says what was wrong and how to fix it.
@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """Bad user input: the message says what was wrong and how to fix it."""
+
+
+class TrainingError(RuntimeError):
+    """A run that started but could not finish (a non-finite loss, no data); the message says why."""

@@ -1,28 +1,25 @@
 """The single Accelerate training loop of ``mvmr-distill`` and ``mvmr-pretrain``.
 
-One step (paper, sections 4-5): the student embeds the non-augmented view (Z) and the
-augmented view (Z̃) in two forward passes, so that batch-norm statistics stay per view; every
-representation - the teacher, the hand-crafted descriptors - sees the non-augmented view on
-the accelerator under ``no_grad``; the MV-MR loss (eq. 10) compares them, on the batch
-gathered from all processes unless ``--dcor-scope local``. Adam with a linear warm-up and a
-cosine decay steps once per optimizer step. One micro-step is a :class:`TrainingStep`, which
-``benchmarks/bench_step.py`` times phase by phase.
+:func:`train` checks everything, builds everything, then runs the loop, whose step reads like
+Accelerate's examples (paper, sections 4-5): the student embeds the non-augmented view (Z) and
+the augmented view (Z̃) in two forward passes, so that batch-norm statistics stay per view;
+every representation - the teacher, the hand-crafted descriptors - sees the non-augmented view
+on the accelerator under ``no_grad``; the MV-MR loss (eq. 10) compares them, on the batch
+gathered from all processes unless ``--dcor-scope local``; ``backward``, then Adam with a
+linear warm-up and a cosine decay, once per optimizer step (``accelerator.accumulate``).
+``benchmarks/bench_step.py`` times this loop from outside, with hooks on what it builds.
 
 The data stream is already split across processes by :mod:`mvmr_hf.data`, so the loader is
 *not* given to ``accelerator.prepare`` (which would split it again); batches move to the
-device here, and each process saves its own loader position in every checkpoint. A run
+device in the loop, and each process saves its own loader position in every checkpoint. A run
 killed at any moment resumes from its latest complete checkpoint at the same step, data
 position and random state (:mod:`mvmr_hf.checkpoint`).
 
-Outputs in ``OUTPUT_DIR``: ``training_args.json`` (all arguments, written first; a valid config
-file), ``metrics.jsonl``, ``checkpoints/step-NNNNNN/``, ``teacher_cache/`` (``--cache-teacher``),
-``logs/`` (``--log-with``) and, at the end, the release folder ``student/``
-(:func:`mvmr_hf.export.export_student`). ``metrics.jsonl`` holds one JSON object per logged step:
-``step``, ``epoch``, ``loss`` and every weighted term of the objective (``invariance``,
-``variance``, ``dcor/views``, ``dcor/<representation>``) averaged over the steps since the
-previous line and over the processes, ``lr``, ``images_per_s`` (global) and ``skipped`` (images
-that could not be decoded since the run (re)started). The loss is read from the device only at
-these logging steps and at checkpoints.
+Outputs in ``OUTPUT_DIR`` (:mod:`mvmr_hf.run_folder`): ``training_args.json`` (all arguments,
+written first; a valid config file), ``metrics.jsonl`` (:mod:`mvmr_hf.metrics`),
+``checkpoints/step-NNNNNN/``, ``teacher_cache/`` (``--cache-teacher``), ``logs/``
+(``--log-with``) and, at the end, the release folder ``student/``
+(:func:`mvmr_hf.export.export_student`).
 
 Example (what ``mvmr-pretrain`` does)::
 
@@ -34,14 +31,12 @@ Example (what ``mvmr-pretrain`` does)::
 from __future__ import annotations
 
 import functools
-import json
-import math
 import shlex
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +46,6 @@ from accelerate import Accelerator
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DataLoaderConfiguration, LoggerType, ProjectConfiguration, set_seed
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -61,24 +54,18 @@ from transformers import get_cosine_schedule_with_warmup
 
 from mvmr_hf.augment import CENTER_CROP_FRACTION
 from mvmr_hf.card import CardInfo
-from mvmr_hf.checkpoint import (
-    CHECKPOINTS_DIR,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    read_trainer_state,
-    remove_partial,
-    save_checkpoint,
-)
+from mvmr_hf.checkpoint import load_checkpoint, save_checkpoint
 from mvmr_hf.config import DataArguments, LossArguments, ModelArguments, TeacherArguments, TrainingArguments
 from mvmr_hf.data import DataStats, build_dataloader, load_image_dataset
 from mvmr_hf.dcor import check_batch_size
-from mvmr_hf.errors import ConfigError
-from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, check_release_target, export_student
+from mvmr_hf.errors import ConfigError, TrainingError
+from mvmr_hf.export import RELEASE_DIR, export_student
 from mvmr_hf.hub import push_to_hub
+from mvmr_hf.metrics import METRICS_FILE, MetricsLogger, truncate_metrics
 from mvmr_hf.objective import LossOutput, MVMRLoss
 from mvmr_hf.representations import build as build_representation
 from mvmr_hf.representations.teacher import load_teacher
+from mvmr_hf.run_folder import LOGS_DIR, check_outputs, flat_arguments, prepare_output_dir, resume_point
 from mvmr_hf.student import Student, build_student
 from mvmr_hf.teacher_cache import TeacherCache, cache_folder
 
@@ -92,19 +79,6 @@ __all__ = [
     "share_cache",
     "train",
 ]
-
-METRICS_FILE = "metrics.jsonl"
-LOGS_DIR = "logs"
-# Arguments that may change when a run is resumed: they do not change what is being trained.
-_CHANGEABLE_ON_RESUME = frozenset(
-    {"resume", "overwrite", "output_dir", "epochs", "max_steps", "num_workers", "checkpoint_every",
-     "keep_checkpoints", "log_with", "log_every", "push_to_hub", "cache_teacher", "mixed_precision",
-     "channels_last", "compile"}
-)  # fmt: skip
-
-
-class TrainingError(RuntimeError):
-    """A run that started but could not finish (a non-finite loss, no data); the message says why."""
 
 
 def train(
@@ -122,7 +96,7 @@ def train(
     or ``accelerate launch``); it raises ConfigError for bad input and TrainingError when the
     loss stops being finite.
     """
-    args = _flat_arguments(model_args, teacher, data_args, loss_args, training_args)
+    args = flat_arguments(model_args, teacher, data_args, loss_args, training_args)
     output_dir = Path(training_args.output_dir)
     _check_trackers(training_args.trackers)
     accelerator = Accelerator(
@@ -149,8 +123,8 @@ def train(
         scope=loss_args.dcor_scope,
     )
     batch_size = _per_process_batch(training_args.batch_size, world, unbiased=criterion.unbiased)
-    resume_from = _resume_point(output_dir, training_args, args)
-    _check_release_target(output_dir / RELEASE_DIR, training_args)
+    resume_from = resume_point(output_dir, training_args, args)
+    check_outputs(output_dir / RELEASE_DIR, training_args)
     # The data first: a wrong or unreachable data set is told before a large teacher is downloaded.
     dataset = load_image_dataset(
         data_args.dataset,
@@ -181,7 +155,7 @@ def train(
     total_steps = _total_steps(training_args, data_stats, batch_size * world)
 
     # From here on the output folder is written.
-    _prepare_output_dir(accelerator, output_dir, args, training_args, resume_from)
+    prepare_output_dir(accelerator, output_dir, args, training_args, resume_from)
     if model_args.sync_batchnorm and world > 1 and device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     _apply_speed_options(student, training_args, device)
@@ -194,20 +168,18 @@ def train(
     for representation in representations.values():
         representation.to(device)
     cache = _teacher_cache(accelerator, output_dir, teacher, data_args, representations)
-    training_step = TrainingStep(
-        accelerator, student, criterion, optimizer, scheduler, representations, cache
-    )
+    gather = {name: getattr(r, "gather", True) for name, r in representations.items()}
 
     step, epoch = 0, 0
     if resume_from is not None:
         restored = load_checkpoint(accelerator, resume_from)
         step, epoch = restored.step, restored.epoch
         loader.load_state_dict(restored.loader_state)  # continues this epoch's stream where it stopped
-        _truncate_metrics(accelerator, output_dir, step)
+        truncate_metrics(accelerator, output_dir, step)
     if training_args.log_with:
         accelerator.init_trackers("mvmr", config={k: v for k, v in args.items() if v is not None})
     images_per_step = training_args.batch_size * training_args.grad_accum
-    meter = _Meter(accelerator, output_dir, images_per_step=images_per_step, step=step)
+    meter = MetricsLogger(accelerator, output_dir, images_per_step=images_per_step, step=step)
     saved_step, started = step, time.perf_counter()
     resumed_epoch = epoch if resume_from is not None else None
 
@@ -227,7 +199,20 @@ def train(
             batches = 0
             for batch in _until_any_process_runs_out(loader, accelerator):
                 batches += 1
-                loss = training_step(batch)
+                # uint8 views on the host (a quarter of the bytes to copy), floats in [0, 1] on the device
+                images = batch["image"].to(device, non_blocking=True).float().div_(255)
+                augmented = batch["augmented"].to(device, non_blocking=True).float().div_(255)
+                with accelerator.accumulate(student):
+                    z = student(images).embedding  # Z: the non-augmented view
+                    z_aug = student(augmented).embedding  # Z̃: a separate pass, its own BN statistics
+                    targets = representation_outputs(
+                        accelerator, representations, images, batch["key"], cache
+                    )
+                    loss = criterion(z, z_aug, targets, gather=gather)  # eq. 10
+                    accelerator.backward(loss.total)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
                 meter.add(loss.total, loss.terms, skipped=batch["skipped"], step=step + 1)
                 if not accelerator.sync_gradients:
                     continue
@@ -271,15 +256,6 @@ def train(
         # After the other processes have finished: a failed push (ConfigError) leaves the release in place.
         push_to_hub(release, training_args.push_to_hub)
     return release
-
-
-def _flat_arguments(*groups: Any) -> dict[str, Any]:
-    """All argument dataclasses as one flat mapping: ``training_args.json``, a valid config file."""
-    flat: dict[str, Any] = {}
-    for group in groups:
-        if group is not None:
-            flat.update(asdict(group))
-    return flat
 
 
 def _check_trackers(trackers: list[str] | str | None) -> None:
@@ -346,8 +322,8 @@ def build_optimizer(
 ) -> torch.optim.Adam:
     """Adam (the paper's optimizer); fused on CPU and CUDA.
 
-    The fused kernel updates all parameters in one pass: 9x faster than the default on CPU for
-    the paper's 8192-wide projector (benchmarks/bench_step.py), and faster on CUDA too.
+    The fused kernel updates all parameters in one pass instead of one kernel per tensor, which
+    matters for the paper's 8192-wide projector (``benchmarks/bench_step.py`` times the optimizer).
     """
     return torch.optim.Adam(
         student.parameters(),
@@ -397,84 +373,6 @@ def _total_steps(training_args: TrainingArguments, data_stats: DataStats, global
             f"{training_args.grad_accum} images: lower --batch-size or --grad-accum"
         )
     return steps_per_epoch * training_args.epochs
-
-
-def _resume_point(output_dir: Path, training_args: TrainingArguments, args: dict[str, Any]) -> Path | None:
-    """The checkpoint to resume from (None: a fresh start), after checking the output folder."""
-    if training_args.resume is None:
-        if list_checkpoints(output_dir) and not training_args.overwrite:
-            raise ConfigError(
-                f"{output_dir} holds the checkpoints of another run: pass --resume to continue it, "
-                "--overwrite to replace it, or another --output-dir"
-            )
-        return None
-    if training_args.resume == "latest":
-        path = latest_checkpoint(output_dir)
-    else:
-        path = Path(training_args.resume)
-        read_trainer_state(path)  # ConfigError unless a complete checkpoint
-    if path is not None:
-        _check_same_run(path.parent.parent / TRAINING_ARGS, args)
-    return path
-
-
-def _check_release_target(release: Path, training_args: TrainingArguments) -> None:
-    """Fail now, not after training, when the release cannot be written or pushed."""
-    check_release_target(  # even with --overwrite
-        release, "the trained student could not be written there; move it away or choose another --output-dir"
-    )
-    if training_args.push_to_hub:
-        try:
-            validate_repo_id(training_args.push_to_hub)
-        except HFValidationError:
-            raise ConfigError(
-                f"--push-to-hub {training_args.push_to_hub!r} is not a Hub repository id: write user/name"
-            ) from None
-
-
-def _check_same_run(saved_args: Path, args: dict[str, Any]) -> None:
-    if not saved_args.is_file():
-        return
-    saved = json.loads(saved_args.read_text())
-    changed = [
-        f"{key}: {saved[key]!r} -> {args[key]!r}"
-        for key in sorted(args.keys() & saved.keys() - _CHANGEABLE_ON_RESUME)
-        if saved[key] != args[key]
-    ]
-    if changed:
-        raise ConfigError(
-            f"--resume continues a run trained with other settings ({'; '.join(changed)}): resume with the "
-            "run's own settings (pass its training_args.json) or start a new run"
-        )
-
-
-def _prepare_output_dir(
-    accelerator: Accelerator,
-    output_dir: Path,
-    args: dict[str, Any],
-    training_args: TrainingArguments,
-    resume_from: Path | None,
-) -> None:
-    """Clear a previous run on --overwrite, drop unfinished checkpoints, write training_args.json."""
-    if accelerator.is_main_process:
-        if training_args.overwrite:
-            for name in (CHECKPOINTS_DIR, RELEASE_DIR, LOGS_DIR):
-                shutil.rmtree(output_dir / name, ignore_errors=True)
-            (output_dir / METRICS_FILE).unlink(missing_ok=True)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial(output_dir)
-        if resume_from is None:
-            (output_dir / METRICS_FILE).unlink(missing_ok=True)
-        (output_dir / TRAINING_ARGS).write_text(json.dumps(args, indent=2))
-    accelerator.wait_for_everyone()
-
-
-def _truncate_metrics(accelerator: Accelerator, output_dir: Path, step: int) -> None:
-    """Drop the metrics a killed run logged after the checkpoint it resumes from."""
-    path = output_dir / METRICS_FILE
-    if accelerator.is_main_process and path.is_file():
-        lines = path.read_text().splitlines()
-        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
 
 
 def _teacher_cache(
@@ -536,82 +434,6 @@ def share_cache(accelerator: Accelerator, cache: TeacherCache) -> None:
     cache.refresh()
 
 
-def _no_mark(phase: str) -> None:
-    """The ``mark`` of an unmeasured step: does nothing."""
-
-
-@dataclass
-class TrainingStep:
-    """One micro-step of the training loop: the one :func:`train` runs and ``benchmarks/bench_step.py`` times.
-
-    Called on a batch of :func:`mvmr_hf.data.build_dataloader`, it moves the batch's two views to
-    the device as floats in [0, 1], embeds each in its own student pass (Z, then Z̃: batch-norm
-    statistics stay per view), computes every representation of the non-augmented view
-    (:func:`representation_outputs`, with the teacher cache), the MV-MR loss with each
-    representation's ``gather`` hint, the backward pass and the optimizer and scheduler steps
-    (applied once per optimizer step through ``accelerator.accumulate``); it returns the loss.
-    ``gather`` is derived from ``representations``.
-    """
-
-    accelerator: Accelerator
-    student: nn.Module
-    criterion: MVMRLoss
-    optimizer: torch.optim.Optimizer
-    scheduler: LRScheduler | AcceleratedScheduler
-    representations: dict[str, nn.Module]
-    cache: TeacherCache | None = None
-    gather: dict[str, bool] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.gather = {name: getattr(r, "gather", True) for name, r in self.representations.items()}
-
-    def __call__(self, batch: dict[str, Any], mark: Callable[[str], None] | None = None) -> LossOutput:
-        """Run the step on ``batch``; ``mark(phase)``, when given, is called right after each phase ends.
-
-        The phases, in order: ``transfer``, ``student_forward``, ``teacher``, ``representations``
-        (hand-crafted), ``loss_forward``, ``loss_backward`` (down to Z and Z̃, marked by a gradient
-        hook inside the one backward pass), ``student_backward`` and ``optimizer``. Marking does not
-        change what is computed (Z and Z̃ reach the loss through identity views that carry the hook).
-        """
-        accelerator, device, note = self.accelerator, self.accelerator.device, mark or _no_mark
-        images = batch["image"].to(device, non_blocking=True).float().div_(255)
-        augmented = batch["augmented"].to(device, non_blocking=True).float().div_(255)
-        note("transfer")
-        with accelerator.accumulate(self.student):
-            z = self.student(images).embedding  # Z: the non-augmented view
-            z_aug = self.student(augmented).embedding  # Z̃: a separate pass, its own BN statistics
-            note("student_forward")
-            targets = representation_outputs(
-                accelerator, self.representations, images, batch["key"], self.cache, mark=note
-            )
-            if mark is not None:
-                z, z_aug = _marked_at_loss_backward_end(z, z_aug, mark)
-            loss = self.criterion(z, z_aug, targets, gather=self.gather)
-            note("loss_forward")
-            accelerator.backward(loss.total)
-            note("student_backward")
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            note("optimizer")
-        return loss
-
-
-def _marked_at_loss_backward_end(
-    z: Tensor, z_aug: Tensor, mark: Callable[[str], None]
-) -> tuple[Tensor, Tensor]:
-    """Z and Z̃ as identity views whose gradient hook calls ``mark("loss_backward")``.
-
-    Autograd runs the nodes of a graph newest first. The views are newer than every node of
-    the student and older than every node of the loss, so the hook fires exactly when the
-    loss's backward is done and before the student's starts. (A hook on Z itself would fire
-    only after the student's backward of Z̃, whose nodes are newer than Z's.)
-    """
-    z, z_aug = z.view_as(z), z_aug.view_as(z_aug)
-    torch.autograd.graph.register_multi_grad_hook((z, z_aug), lambda grads: mark("loss_backward"))
-    return z, z_aug
-
-
 @torch.no_grad()
 def representation_outputs(
     accelerator: Accelerator,
@@ -619,23 +441,18 @@ def representation_outputs(
     images: Tensor,
     keys: list[str],
     cache: TeacherCache | None,
-    *,
-    mark: Callable[[str], None] = _no_mark,
 ) -> dict[str, Tensor]:
     """Every representation of the non-augmented view, in ``representations``' order.
 
     The teacher runs first, under autocast, or is read from ``cache`` when it holds the batch
-    (and stored in it otherwise); then the hand-crafted representations. ``mark("teacher")`` and
-    ``mark("representations")`` are called after each part.
+    (and stored in it otherwise); then the hand-crafted representations.
     """
     outputs = {}
     if "teacher" in representations:
         outputs["teacher"] = _teacher_output(accelerator, representations["teacher"], images, keys, cache)
-    mark("teacher")
     for name, representation in representations.items():
         if name != "teacher":
             outputs[name] = representation(images)
-    mark("representations")
     return {name: outputs[name] for name in representations}
 
 
@@ -675,78 +492,44 @@ def _hardware(accelerator: Accelerator) -> str:
     return f"{accelerator.num_processes}x {name}"
 
 
-class _Meter:
-    """Running sums of the loss and its terms, kept on the device and read only when logging.
+@dataclass
+class TrainingStep:
+    """Deprecated: the step is written out in :func:`train`'s loop; this copy goes in the next release.
 
-    It also records, without a host sync, the first step at which each term stopped being
-    finite, so that the run can stop naming the step and the term.
+    One micro-step as the loop runs it: both views to the device, the student on each, every
+    representation of the non-augmented view, the MV-MR loss, backward, optimizer and scheduler
+    steps (once per optimizer step through ``accelerator.accumulate``); returns the loss.
     """
 
-    def __init__(
-        self, accelerator: Accelerator, output_dir: Path, *, images_per_step: int, step: int
-    ) -> None:
-        self.accelerator = accelerator
-        self.path = output_dir / METRICS_FILE
-        self.images_per_step = images_per_step
-        self.names: list[str] = []
-        self.sums = self.first_bad = torch.zeros(0)
-        self.micro_steps = self.skipped = self.new_skipped = 0
-        self.steps = step  # the optimizer step of the last log
-        self.clock = time.perf_counter()
+    accelerator: Accelerator
+    student: nn.Module
+    criterion: MVMRLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler | AcceleratedScheduler
+    representations: dict[str, nn.Module]
+    cache: TeacherCache | None = None
 
-    def add(self, total: Tensor, terms: dict[str, Tensor], *, skipped: int, step: int) -> None:
-        """Add one micro-step's loss and terms (of optimizer step ``step``) and its skipped images."""
-        values = torch.stack([total.detach(), *(t.detach() for t in terms.values())]).float()
-        if not self.names:
-            self.names = ["loss", *terms]
-            self.sums = torch.zeros_like(values)
-            self.first_bad = torch.full_like(values, math.inf)
-        self.first_bad = torch.where(torch.isfinite(values), self.first_bad, self.first_bad.clamp(max=step))
-        self.sums += values
-        self.micro_steps += 1
-        self.new_skipped += skipped
-
-    def _reduce(self) -> tuple[list[float], list[float], int]:
-        """Over all processes: the mean of each term, the first non-finite step per term, skipped images."""
-        counts = torch.tensor([self.new_skipped], dtype=torch.float32, device=self.sums.device)
-        packed = torch.cat([self.sums / max(self.micro_steps, 1), self.first_bad, counts])
-        gathered = self.accelerator.gather(packed[None]).cpu()
-        n = len(self.names)
-        return (
-            gathered[:, :n].mean(0).tolist(),
-            gathered[:, n : 2 * n].min(0).values.tolist(),
-            int(gathered[:, -1].sum()),
+    def __post_init__(self) -> None:
+        warnings.warn(
+            "TrainingStep is deprecated: the step is written out in mvmr_hf.train's loop, and "
+            "benchmarks/bench_step.py times that loop from outside",
+            DeprecationWarning,
+            stacklevel=3,
         )
 
-    def raise_if_not_finite(self) -> None:
-        """Raise TrainingError, naming the step and the term, if any term was ever non-finite."""
-        if self.names:
-            self._check(self._reduce()[1])
-
-    def _check(self, first_bad: list[float]) -> None:
-        step = min(first_bad)
-        if math.isfinite(step):
-            terms = [
-                name for name, s in zip(self.names, first_bad, strict=True) if s == step and name != "loss"
-            ]
-            raise TrainingError(
-                f"the loss became non-finite at step {int(step)} (term {', '.join(terms or ['loss'])}); the "
-                "last good checkpoint is kept: lower --learning-rate or check the data, then --resume"
+    def __call__(self, batch: dict[str, Any]) -> LossOutput:
+        accelerator, student, device = self.accelerator, self.student, self.accelerator.device
+        images = batch["image"].to(device, non_blocking=True).float().div_(255)
+        augmented = batch["augmented"].to(device, non_blocking=True).float().div_(255)
+        gather = {name: getattr(r, "gather", True) for name, r in self.representations.items()}
+        with accelerator.accumulate(student):
+            z, z_aug = student(images).embedding, student(augmented).embedding
+            targets = representation_outputs(
+                accelerator, self.representations, images, batch["key"], self.cache
             )
-
-    def log(self, step: int, epoch: int, lr: float) -> dict[str, str]:
-        """Write the means since the last log to metrics.jsonl and the trackers; return a short summary."""
-        means, first_bad, new_skipped = self._reduce()
-        self._check(first_bad)
-        self.skipped += new_skipped
-        images_per_s = (step - self.steps) * self.images_per_step / (time.perf_counter() - self.clock)
-        metrics = {"step": step, "epoch": epoch, **dict(zip(self.names, means, strict=True))}
-        metrics.update(lr=lr, images_per_s=images_per_s, skipped=self.skipped)
-        if self.accelerator.is_main_process:
-            with self.path.open("a") as file:
-                file.write(json.dumps(metrics) + "\n")
-        self.accelerator.log(metrics, step=step)
-        self.sums.zero_()
-        self.micro_steps, self.new_skipped, self.steps = 0, 0, step
-        self.clock = time.perf_counter()
-        return {"loss": f"{means[0]:.4f}", "img/s": f"{images_per_s:.0f}"}
+            loss = self.criterion(z, z_aug, targets, gather=gather)
+            accelerator.backward(loss.total)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss

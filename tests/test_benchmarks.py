@@ -12,8 +12,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -68,3 +70,147 @@ def test_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.strip().count("\n") == 0
     assert "--device cpu" in result.stderr
     assert not (tmp_path / "result.json").exists()
+
+
+# ----------------------------------------------------------------------------- bench_step's instruments
+
+PHASES = [
+    "data_wait", "transfer", "student_forward", "teacher", "representations", "loss_forward", "loss_backward",
+    "student_backward", "optimizer",
+]  # fmt: skip
+
+
+@pytest.fixture
+def bench_step(monkeypatch):
+    """``benchmarks/bench_step.py`` as a module (it imports its sibling ``common``)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_step
+
+    return bench_step
+
+
+class _Events:
+    """A clock for ``bench_step.instrument`` that records the marks in order instead of timing them."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def new_epoch(self) -> None:
+        pass
+
+    def new_step(self) -> None:
+        pass
+
+    def drop_step(self) -> None:
+        pass
+
+    def mark(self, phase: str) -> None:
+        self.events.append(phase)
+
+
+def _tiny_distill(digits, teacher, output_dir, *extra):
+    """One tiny distillation run, the teacher and lsd as representations (the arguments of test_train's)."""
+    return [
+        "--dataset", str(digits), "--output-dir", str(output_dir), "--student", "test_resnet",
+        "--projector", "16-16", "--image-size", "32", "--batch-size", "8", "--num-workers", "0",
+        "--log-every", "1", "--teacher", str(teacher), "--handcrafted", "lsd", *extra,
+    ]  # fmt: skip
+
+
+def _autograd_nodes(tensor, stop=frozenset()):
+    """The nodes of ``tensor``'s backward graph, not going past those in ``stop``."""
+    nodes, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in nodes and node not in stop:
+            nodes.add(node)
+            todo += [child for child, _ in node.next_functions]
+    return nodes
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_bench_step_marks_the_loops_phases_in_order_and_splits_the_backward_between_loss_and_student(
+    bench_step, digits, teacher, tmp_path
+):
+    from mvmr_hf import training
+    from mvmr_hf.cli.train import distill_main
+
+    clock, student_nodes = _Events(), set()
+    events = clock.events
+
+    def watch_student(module, inputs, output):
+        nodes = _autograd_nodes(output.embedding)
+        student_nodes.update(nodes)
+        for node in nodes:
+            node.register_prehook(lambda grads: events.append("student node"))
+
+    def watch_loss(module, inputs, output):
+        z_views = {inputs[0].grad_fn, inputs[1].grad_fn}  # identity views of Z and Z̃ that carry the mark
+        for node in _autograd_nodes(output.total, stop=student_nodes) - z_views:
+            node.register_prehook(lambda grads: events.append("loss node"))
+
+    with bench_step.instrument(clock):
+        build_student, loss = training.build_student, training.MVMRLoss  # the instrumented builders
+
+        def watched_student(*args, **kwargs):
+            student = build_student(*args, **kwargs)
+            student.register_forward_hook(watch_student)
+            return student
+
+        def watched_loss(*args, **kwargs):
+            criterion = loss(*args, **kwargs)
+            criterion.register_forward_hook(watch_loss)
+            return criterion
+
+        with (
+            mock.patch.object(training, "build_student", watched_student),
+            mock.patch.object(training, "MVMRLoss", watched_loss),
+        ):
+            assert distill_main(_tiny_distill(digits, teacher, tmp_path / "run", "--max-steps", "1")) == 0
+
+    assert [event for event in events if not event.endswith(" node")] == PHASES
+    loss_backward, student_backward = events.index("loss_backward"), events.index("student_backward")
+    assert "loss node" in events[:loss_backward]
+    assert "loss node" not in events[loss_backward:], "a node of the loss ran after the loss_backward mark"
+    assert set(events[loss_backward + 1 : student_backward]) == {"student node"}
+    assert "student node" not in events[:loss_backward], "the student's backward began before the mark"
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_bench_step_instruments_change_neither_the_loss_nor_the_update(bench_step, digits, teacher, tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+    from safetensors.torch import load_file
+
+    from mvmr_hf import training
+    from mvmr_hf.checkpoint import latest_checkpoint
+    from mvmr_hf.cli.train import distill_main
+
+    initial = {}
+    build_student = training.build_student
+
+    def remembered_student(*args, **kwargs):
+        student = build_student(*args, **kwargs)
+        initial.update({key: value.clone() for key, value in student.state_dict().items()})
+        return student
+
+    with mock.patch.object(training, "build_student", remembered_student):
+        assert distill_main(_tiny_distill(digits, teacher, tmp_path / "plain", "--max-steps", "2")) == 0
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with bench_step.instrument(_Events()):
+        assert distill_main(_tiny_distill(digits, teacher, tmp_path / "marked", "--max-steps", "2")) == 0
+
+    plain, marked = (
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("plain", "marked")
+    )
+    assert len(plain) == len(marked) == 2
+    for a, b in zip(plain, marked, strict=True):
+        for name in ("loss", "invariance", "variance", "dcor/views", "dcor/teacher", "dcor/lsd"):
+            assert a[name] == b[name], (a["step"], name)
+    plain_weights = load_file(latest_checkpoint(tmp_path / "plain") / "model.safetensors")
+    marked_weights = load_file(latest_checkpoint(tmp_path / "marked") / "model.safetensors")
+    assert plain_weights.keys() == marked_weights.keys()
+    for key, value in plain_weights.items():
+        assert torch.equal(marked_weights[key], value), key
+    assert not all(torch.equal(initial[key], plain_weights[key]) for key in initial), "no update"

@@ -1,0 +1,128 @@
+"""The run folder (``OUTPUT_DIR``): what a run may find there, and what it writes before training.
+
+:func:`train <mvmr_hf.train>` calls these before and right after building everything: a folder
+holding another run's checkpoints is refused unless ``--resume`` or ``--overwrite`` says what to
+do with it; ``--resume`` continues only a run trained with the same settings (those in
+:data:`CHANGEABLE_ON_RESUME` aside); a ``student/`` folder that is not a release is never
+replaced. Only then is the folder written: ``training_args.json`` first.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from mvmr_hf.checkpoint import (
+    CHECKPOINTS_DIR,
+    latest_checkpoint,
+    list_checkpoints,
+    read_trainer_state,
+    remove_partial,
+)
+from mvmr_hf.config import TrainingArguments
+from mvmr_hf.errors import ConfigError
+from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, check_release_target
+from mvmr_hf.metrics import METRICS_FILE
+
+__all__ = [
+    "CHANGEABLE_ON_RESUME",
+    "LOGS_DIR",
+    "check_outputs",
+    "flat_arguments",
+    "prepare_output_dir",
+    "resume_point",
+]
+
+LOGS_DIR = "logs"
+# Arguments that may change when a run is resumed: they do not change what is being trained.
+CHANGEABLE_ON_RESUME = frozenset(
+    {"resume", "overwrite", "output_dir", "epochs", "max_steps", "num_workers", "checkpoint_every",
+     "keep_checkpoints", "log_with", "log_every", "push_to_hub", "cache_teacher", "mixed_precision",
+     "channels_last", "compile"}
+)  # fmt: skip
+
+
+def flat_arguments(*groups: Any) -> dict[str, Any]:
+    """All argument dataclasses as one flat mapping: ``training_args.json``, a valid config file."""
+    flat: dict[str, Any] = {}
+    for group in groups:
+        if group is not None:
+            flat.update(asdict(group))
+    return flat
+
+
+def resume_point(output_dir: Path, training_args: TrainingArguments, args: dict[str, Any]) -> Path | None:
+    """The checkpoint to resume from (None: a fresh start), after checking the output folder."""
+    if training_args.resume is None:
+        if list_checkpoints(output_dir) and not training_args.overwrite:
+            raise ConfigError(
+                f"{output_dir} holds the checkpoints of another run: pass --resume to continue it, "
+                "--overwrite to replace it, or another --output-dir"
+            )
+        return None
+    if training_args.resume == "latest":
+        path = latest_checkpoint(output_dir)
+    else:
+        path = Path(training_args.resume)
+        read_trainer_state(path)  # ConfigError unless a complete checkpoint
+    if path is not None:
+        _check_same_run(path.parent.parent / TRAINING_ARGS, args)
+    return path
+
+
+def check_outputs(release: Path, training_args: TrainingArguments) -> None:
+    """Fail now, not after training, when the release cannot be written or pushed."""
+    check_release_target(  # even with --overwrite
+        release, "the trained student could not be written there; move it away or choose another --output-dir"
+    )
+    if training_args.push_to_hub:
+        try:
+            validate_repo_id(training_args.push_to_hub)
+        except HFValidationError:
+            raise ConfigError(
+                f"--push-to-hub {training_args.push_to_hub!r} is not a Hub repository id: write user/name"
+            ) from None
+
+
+def _check_same_run(saved_args: Path, args: dict[str, Any]) -> None:
+    if not saved_args.is_file():
+        return
+    saved = json.loads(saved_args.read_text())
+    changed = [
+        f"{key}: {saved[key]!r} -> {args[key]!r}"
+        for key in sorted(args.keys() & saved.keys() - CHANGEABLE_ON_RESUME)
+        if saved[key] != args[key]
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume continues a run trained with other settings ({'; '.join(changed)}): resume with the "
+            "run's own settings (pass its training_args.json) or start a new run"
+        )
+
+
+def prepare_output_dir(
+    accelerator: Accelerator,
+    output_dir: Path,
+    args: dict[str, Any],
+    training_args: TrainingArguments,
+    resume_from: Path | None,
+) -> None:
+    """Clear a previous run on --overwrite, drop unfinished checkpoints, write training_args.json."""
+    if accelerator.is_main_process:
+        if training_args.overwrite:
+            for name in (CHECKPOINTS_DIR, RELEASE_DIR, LOGS_DIR):
+                shutil.rmtree(output_dir / name, ignore_errors=True)
+            (output_dir / METRICS_FILE).unlink(missing_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial(output_dir)
+        if resume_from is None:
+            (output_dir / METRICS_FILE).unlink(missing_ok=True)
+        (output_dir / TRAINING_ARGS).write_text(json.dumps(args, indent=2))
+    accelerator.wait_for_everyone()
