@@ -13,7 +13,7 @@ returns R = sqrt(R²), which is what the `dcor` package calls ``distance_correla
 which stays near 0 for independent high-dimensional data where the biased one tends to 1;
 it can be negative, so it exists only squared.
 
-Numerics (``../shared/notes/dcor-numerics.md``): each batch is centred by its mean, its Gram
+Numerics: each batch is centred by its mean, its Gram
 matrix is formed in float32 (float64 for float64 input) with autocast off, squared distances
 not above the smallest normal number become 0 before the square root, and those distances
 get a zero gradient. This gives an exact zero diagonal, finite gradients for duplicate rows
@@ -119,8 +119,8 @@ def _blocks(
 ) -> Iterator[Tensor]:
     """Each column block of ``flat`` in ``dtype``, minus ``mean``; never a view that aliases ``flat``.
 
-    Several blocks are copied into one reused cache-sized buffer: 5-8x faster on CPU than a
-    fresh tensor per block (new memory costs page faults), and the extra memory is one block.
+    Several blocks are copied into one reused cache-sized buffer rather than a fresh tensor per
+    block: new memory costs page faults, and the extra memory stays one block.
     """
     if len(blocks) == 1 and mean is not None:  # nothing to reuse
         yield torch.sub(flat, mean)
@@ -153,7 +153,7 @@ class _DistanceMatrix(torch.autograd.Function):
         with _full_precision(x.device):
             if len(blocks) == 1:
                 mean = flat.mean(dim=0, dtype=dtype)
-            else:  # a column mean of a bf16 batch is 7x faster from float32 blocks than in one call
+            else:  # a bf16 batch's column mean is faster from float32 blocks than in one call
                 weights = flat.new_full((batch,), 1.0 / batch, dtype=dtype)
                 mean = torch.cat([torch.mv(block.T, weights) for block in _blocks(flat, blocks, dtype)])
             gram = None

@@ -197,8 +197,8 @@ class HOG(Representation):
         self.interpolate = bool(interpolate)
 
     def compute(self, images: Tensor) -> Tensor:
-        # On CPU, chunks of 8 images keep the per-pixel intermediates in cache: 3-4x faster at
-        # 224 px than the whole batch at once (benchmarks/bench_representations.py), same output.
+        # On CPU, chunks of 8 images keep the per-pixel intermediates in cache, which is faster than the
+        # whole batch at once (benchmarks/bench_representations.py measures it); the output is the same.
         chunk = CPU_HOG_CHUNK if images.device.type == "cpu" else images.shape[0]
         return torch.cat(
             [
