@@ -1,13 +1,19 @@
-"""Fixtures shared by several test modules: real tiny data and a tiny teacher, built once."""
+"""Fixtures and helpers shared by several test modules: real tiny data and a tiny teacher, built once.
+
+Test modules import the helpers (``from conftest import tiny_args``): pytest puts this folder on
+``sys.path``.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
+from mvmr_hf.checkpoint import TRAINER_STATE, checkpoint_path
 from mvmr_hf.sample_data import write_digits
 from mvmr_hf.tiny_models import save_tiny_teacher
 
@@ -24,12 +30,39 @@ def teacher(tmp_path_factory) -> Path:
     return save_tiny_teacher("clip", tmp_path_factory.mktemp("teacher") / "clip", image_size=32)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; reset them after each in-process training run."""
-    yield
+def reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons: reset them between two in-process training runs."""
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Reset Accelerate's singletons after each in-process training run."""
+    yield
+    reset_accelerate()
+
+
+def tiny_args(digits: Path, output_dir: Path, *extra: str) -> list[str]:
+    """A run that takes seconds: 32 px digits, a 0.4M-parameter timm ResNet, a 16-16 projector."""
+    return [
+        "--dataset", str(digits), "--output-dir", str(output_dir), "--student", "test_resnet",
+        "--projector", "16-16", "--image-size", "32", "--batch-size", "8", "--num-workers", "0", *extra,
+    ]  # fmt: skip
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    """The lines of a run's ``metrics.jsonl``."""
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under ``folder`` with its size, modification time and content: equal means untouched."""
+    return {
+        str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns, path.read_bytes())
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +72,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def fake_checkpoint(output_dir: Path, step: int, *, complete: bool = True) -> Path:
+    """A checkpoint folder holding only its trainer state (``complete``) or nothing (a partial ``.tmp``)."""
+    path = checkpoint_path(output_dir, step)
+    if not complete:
+        path = path.with_name(path.name + ".tmp")
+    path.mkdir(parents=True)
+    if complete:
+        (path / TRAINER_STATE).write_text(json.dumps({"step": step, "epoch": 0, "num_processes": 1}))
+    return path

@@ -16,6 +16,7 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import read_metrics, reset_accelerate, tiny_args
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -109,12 +110,10 @@ class _Events:
 
 
 def _tiny_distill(digits, teacher, output_dir, *extra):
-    """One tiny distillation run, the teacher and lsd as representations (the arguments of test_train's)."""
-    return [
-        "--dataset", str(digits), "--output-dir", str(output_dir), "--student", "test_resnet",
-        "--projector", "16-16", "--image-size", "32", "--batch-size", "8", "--num-workers", "0",
-        "--log-every", "1", "--teacher", str(teacher), "--handcrafted", "lsd", *extra,
-    ]  # fmt: skip
+    """One tiny distillation run with the teacher and lsd as representations, logging every step."""
+    return tiny_args(
+        digits, output_dir, "--log-every", "1", "--teacher", str(teacher), "--handcrafted", "lsd", *extra
+    )
 
 
 def _autograd_nodes(tensor, stop=frozenset()):
@@ -178,7 +177,6 @@ def test_bench_step_marks_the_loops_phases_in_order_and_splits_the_backward_betw
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_bench_step_instruments_change_neither_the_loss_nor_the_update(bench_step, digits, teacher, tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
     from safetensors.torch import load_file
 
     from mvmr_hf import training
@@ -195,15 +193,11 @@ def test_bench_step_instruments_change_neither_the_loss_nor_the_update(bench_ste
 
     with mock.patch.object(training, "build_student", remembered_student):
         assert distill_main(_tiny_distill(digits, teacher, tmp_path / "plain", "--max-steps", "2")) == 0
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     with bench_step.instrument(_Events()):
         assert distill_main(_tiny_distill(digits, teacher, tmp_path / "marked", "--max-steps", "2")) == 0
 
-    plain, marked = (
-        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        for run in ("plain", "marked")
-    )
+    plain, marked = (read_metrics(tmp_path / run) for run in ("plain", "marked"))
     assert len(plain) == len(marked) == 2
     for a, b in zip(plain, marked, strict=True):
         for name in ("loss", "invariance", "variance", "dcor/views", "dcor/teacher", "dcor/lsd"):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import snapshot
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import save_file
@@ -50,10 +51,6 @@ def _trained_student(name: str = "test_resnet") -> torch.nn.Module:
         for _ in range(3):
             student(torch.rand(8, 3, IMAGE_SIZE, IMAGE_SIZE) * 0.5 + 0.2)
     return student.eval()
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def _normalize(images01: torch.Tensor, data_config: dict) -> torch.Tensor:
@@ -164,7 +161,7 @@ def test_update_card_writes_model_index_atomically(tmp_path):
 
 def test_failed_export_leaves_the_previous_release_untouched(tmp_path, monkeypatch):
     folder = export_student(_trained_student(), tmp_path / "student", training_args=ARGS)
-    before = _snapshot(folder)
+    before = snapshot(folder)
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -172,7 +169,7 @@ def test_failed_export_leaves_the_previous_release_untouched(tmp_path, monkeypat
     monkeypatch.setattr("mvmr_hf.export.save_config_for_hf", broken)
     with pytest.raises(OSError, match="disk full"):
         export_student(_trained_student(), folder, training_args=ARGS)
-    assert _snapshot(folder) == before
+    assert snapshot(folder) == before
     assert not list(tmp_path.glob(".student*"))
 
 

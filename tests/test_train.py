@@ -1,4 +1,4 @@
-"""The training loop's helpers and end-to-end single-process runs of both entry points."""
+"""End-to-end single-process runs of both entry points (checkpoints and the teacher cache: own modules)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 import timm
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
+from conftest import fake_checkpoint, read_metrics, reset_accelerate, tiny_args
 from safetensors.torch import load_file
 from transformers import get_cosine_schedule_with_warmup
 
@@ -26,17 +26,14 @@ from mvmr_hf.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     read_trainer_state,
-    remove_partial,
-    rotate_checkpoints,
 )
 from mvmr_hf.cli.train import distill_main, pretrain_main
-from mvmr_hf.errors import ConfigError
 from mvmr_hf.export import load_student
 from mvmr_hf.objective import MVMRLoss
 from mvmr_hf.representations import build as build_representation
 from mvmr_hf.representations.teacher import Teacher, load_teacher
 from mvmr_hf.student import Student, build_student
-from mvmr_hf.teacher_cache import TeacherCache, cache_folder
+from mvmr_hf.teacher_cache import TeacherCache
 from mvmr_hf.training import TrainingStep, build_optimizer
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -44,78 +41,7 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _fake_checkpoint(output_dir, step, *, complete=True):
-    path = checkpoint_path(output_dir, step)
-    if not complete:
-        path = path.with_name(path.name + ".tmp")
-    path.mkdir(parents=True)
-    if complete:
-        (path / TRAINER_STATE).write_text(json.dumps({"step": step, "epoch": 0, "num_processes": 1}))
-    return path
-
-
-def test_checkpoints_are_ordered_by_step_and_partial_ones_ignored(tmp_path):
-    assert latest_checkpoint(tmp_path) is None
-    for step in (1000, 20, 300):
-        _fake_checkpoint(tmp_path, step)
-    partial = _fake_checkpoint(tmp_path, 4000, complete=False)
-    no_state = checkpoint_path(tmp_path, 5000)
-    no_state.mkdir()  # a folder without trainer_state.json is not complete either
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000020", "step-000300", "step-001000"]
-    assert latest_checkpoint(tmp_path).name == "step-001000"
-    assert read_trainer_state(latest_checkpoint(tmp_path))["step"] == 1000
-    with pytest.raises(ConfigError, match="not a complete checkpoint"):
-        read_trainer_state(partial)
-    remove_partial(tmp_path)
-    assert not partial.exists()
-
-
-def test_rotation_keeps_the_newest(tmp_path):
-    for step in (1, 2, 3, 4):
-        _fake_checkpoint(tmp_path, step)
-    deleted = rotate_checkpoints(tmp_path, keep=2)
-    assert [p.name for p in deleted] == ["step-000001", "step-000002"]
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
-
-
-def test_teacher_cache_returns_the_stored_outputs_bit_for_bit(tmp_path):
-    folder = cache_folder(tmp_path, {"teacher": "tiny", "image_size": 32})
-    assert folder != cache_folder(tmp_path, {"teacher": "tiny", "image_size": 64})
-    outputs = {f"k{i}": torch.randn(3, 5, dtype=torch.float64) for i in range(10)}
-    rank0 = TeacherCache(folder, rank=0, rows_per_shard=4)
-    rank1 = TeacherCache(folder, rank=1, rows_per_shard=4)
-    keys0, keys1 = ["k0", "k1", "k2", "k3", "k4"], ["k5", "k6", "k7", "k8", "k9"]
-    rank0.store(keys0[:2], torch.stack([outputs[k] for k in keys0[:2]]))
-    assert rank0.lookup(["k0"], "cpu") is None  # buffered, not yet in a shard
-    rank0.store(keys0[2:], torch.stack([outputs[k] for k in keys0[2:]]))  # 5 rows buffered: a shard
-    rank1.store(keys1, torch.stack([outputs[k] for k in keys1]))
-    assert rank0.lookup(["k0"], "cpu") is not None
-    assert rank0.lookup(["k5"], "cpu") is None  # another process's shard: only after refresh()
-    rank0.refresh()
-    assert rank0.lookup(["k9", "new"], "cpu") is None
-    got = rank0.lookup(["k9", "k0", "k4", "k9"], "cpu")
-    assert got.dtype == torch.float64
-    assert torch.equal(got, torch.stack([outputs[k] for k in ("k9", "k0", "k4", "k9")]))
-
-    reopened = TeacherCache(folder, rank=0)  # a resumed run sees every shard and appends new ones
-    assert len(reopened) == 10
-    reopened.store(["new"], torch.zeros(1, 3, 5, dtype=torch.float64))
-    reopened.flush()
-    assert sorted(p.name for p in folder.glob("shard-r000-*")) == [
-        "shard-r000-000000.safetensors",
-        "shard-r000-000001.safetensors",
-    ]
-    with pytest.raises(ValueError, match="one key per sample"):
-        reopened.store(["a", "b"], torch.zeros(1, 2))
-
-
 # ----------------------------------------------------------------------------- the deprecated step
-
-
-def _reset_accelerate():
-    """Between two in-process runs of one test: Accelerate keeps process-wide singletons."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def test_the_deprecated_training_step_warns_and_still_trains(teacher):
@@ -145,16 +71,8 @@ def test_the_deprecated_training_step_warns_and_still_trains(teacher):
 
 
 def _tiny(digits, output_dir, *extra):
-    """A run that takes seconds: 32 px digits, a 0.4M-parameter timm ResNet, a 16-16 projector."""
-    return [
-        "--dataset", str(digits), "--output-dir", str(output_dir), "--student", "test_resnet",
-        "--projector", "16-16", "--image-size", "32", "--batch-size", "8", "--num-workers", "0",
-        "--log-every", "1", *extra,
-    ]  # fmt: skip
-
-
-def _metrics(output_dir):
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    """A tiny run (:func:`conftest.tiny_args`) that logs every step."""
+    return tiny_args(digits, output_dir, "--log-every", "1", *extra)
 
 
 TERMS = ("loss", "invariance", "variance", "dcor/views", "dcor/lsd")
@@ -162,7 +80,7 @@ TERMS = ("loss", "invariance", "variance", "dcor/views", "dcor/lsd")
 
 def _assert_trains_alike(expected, run, *, rel):
     """``run`` logged the losses of ``expected`` within ``rel``, and saved and released the same format."""
-    for a, b in zip(_metrics(expected), _metrics(run), strict=True):
+    for a, b in zip(read_metrics(expected), read_metrics(run), strict=True):
         assert a["step"] == b["step"]
         for name in TERMS:
             assert b[name] == pytest.approx(a[name], rel=rel), (a["step"], name)
@@ -190,7 +108,7 @@ def test_pretrain_end_to_end(digits, tmp_path, capsys):
         2,
         8,
     )
-    metrics = _metrics(run)
+    metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     terms = ["invariance", "variance", "dcor/views", "dcor/hog", "dcor/lsd"]
     for m in metrics:
@@ -228,11 +146,11 @@ def test_distill_teacher_cache_gives_the_same_losses(digits, teacher, tmp_path, 
     assert distill_main(_tiny(digits, tmp_path / "plain", *common)) == 0
     assert calls == [16] * 4
     calls.clear()
-    _reset_accelerate()
+    reset_accelerate()
     assert distill_main(_tiny(digits, tmp_path / "cached", *common, "--cache-teacher")) == 0
     assert calls == [16] * 2, "the second epoch ran the teacher instead of reading the cache"
 
-    plain, cached = _metrics(tmp_path / "plain"), _metrics(tmp_path / "cached")
+    plain, cached = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "cached")
     assert [m["step"] for m in plain] == [1, 2, 3, 4]
     assert [m["epoch"] for m in plain] == [0, 0, 1, 1]
     for a, b in zip(plain, cached, strict=True):
@@ -255,14 +173,14 @@ def test_teacher_cache_runs_the_teacher_only_on_images_it_lacks(digits, teacher,
               "--epochs", "2", "--seed", "3"]  # fmt: skip
     assert distill_main(_tiny(digits, tmp_path / "plain", *common)) == 0
     calls.clear()
-    _reset_accelerate()
+    reset_accelerate()
     assert distill_main(_tiny(digits, tmp_path / "cached", *common, "--cache-teacher")) == 0
     assert calls[:2] == [16, 16], calls
     # Epoch 2 ran the teacher only on the images epoch 1 dropped (at most 8 of them), never on whole batches.
     assert calls[2:], "epoch 2 met no unseen image: pick another seed for this test"
     assert all(0 < size < 16 for size in calls[2:]), calls
     assert sum(calls[2:]) <= 8
-    for a, b in zip(_metrics(tmp_path / "plain"), _metrics(tmp_path / "cached"), strict=True):
+    for a, b in zip(read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "cached"), strict=True):
         for name in ("loss", "dcor/teacher"):
             # Cached and fresh rows assembled in batch order; a matmul over 3 rows may round differently
             # from one over 16 (measured: 2e-7 relative), so equal to rounding rather than bit for bit.
@@ -275,7 +193,7 @@ def test_channels_last_trains_like_the_default_and_releases_the_same_format(digi
     common = ["--handcrafted", "lsd", "--max-steps", "3", "--seed", "3"]
     assert pretrain_main(_tiny(digits, tmp_path / "default", *common)) == 0
     assert calls == [], "channels-last is on by default only on CUDA"
-    _reset_accelerate()
+    reset_accelerate()
     assert pretrain_main(_tiny(digits, tmp_path / "channels-last", *common, "--channels-last")) == 0
     assert calls == [1]
     # Other convolution kernels: measured within 2.2e-6 relative (2 CPU cores, torch 2.14).
@@ -289,15 +207,15 @@ def test_a_compiled_student_trains_like_an_eager_one_and_resumes_without_compili
     """
     common = ["--handcrafted", "lsd", "--seed", "3"]
     assert pretrain_main(_tiny(digits, tmp_path / "eager", *common, "--max-steps", "2")) == 0
-    _reset_accelerate()
+    reset_accelerate()
     compiled = tmp_path / "compiled"
     assert pretrain_main(_tiny(digits, compiled, *common, "--max-steps", "2", "--compile")) == 0
     # Inductor's fused kernels: measured within 2.3e-6 relative (2 CPU cores, torch 2.14).
     _assert_trains_alike(tmp_path / "eager", compiled, rel=1e-5)
 
-    _reset_accelerate()
+    reset_accelerate()
     assert pretrain_main(_tiny(digits, tmp_path / "eager", *common, "--max-steps", "3", "--resume")) == 0
-    _reset_accelerate()
+    reset_accelerate()
     # Without --compile: a setting that may change on resume, since it does not change what is trained.
     assert pretrain_main(_tiny(digits, compiled, *common, "--max-steps", "3", "--resume")) == 0
     _assert_trains_alike(tmp_path / "eager", compiled, rel=1e-5)
@@ -305,12 +223,12 @@ def test_a_compiled_student_trains_like_an_eager_one_and_resumes_without_compili
 
 def test_overwrite_replaces_a_previous_run_but_keeps_the_teacher_cache(digits, tmp_path):
     run = tmp_path / "run"
-    _fake_checkpoint(run, 5)
+    fake_checkpoint(run, 5)
     (run / "metrics.jsonl").write_text('{"step": 5}\n')
     (run / "teacher_cache" / "0123").mkdir(parents=True)
     assert pretrain_main(_tiny(digits, run, "--handcrafted", "lsd", "--max-steps", "1", "--overwrite")) == 0
     assert [p.name for p in list_checkpoints(run)] == ["step-000001"]
-    assert [m["step"] for m in _metrics(run)] == [1]
+    assert [m["step"] for m in read_metrics(run)] == [1]
     assert (run / "teacher_cache" / "0123").is_dir()
 
 
@@ -384,7 +302,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_result(digits, tmp_path):
         == read_trainer_state(latest_checkpoint(whole))["step"]
         == 8
     )
-    expected, resumed = _metrics(whole), _metrics(killed)
+    expected, resumed = read_metrics(whole), read_metrics(killed)
     assert [m["step"] for m in resumed] == list(range(1, 9)), "each step logged once, none lost"
     for a, b in zip(expected, resumed, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-6)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import snapshot, tiny_args
 
 from mvmr_hf.checkpoint import TRAINER_STATE, checkpoint_path
 from mvmr_hf.cli import parse_arguments
@@ -38,29 +39,18 @@ PRETRAIN_GROUPS = [PretrainModelArguments, DataArguments, LossArguments, Trainin
 
 
 def _tiny(digits: Path, output_dir: Path) -> list[str]:
-    return [
-        "--dataset", str(digits), "--output-dir", str(output_dir), "--student", "test_resnet",
-        "--projector", "16-16", "--image-size", "32", "--batch-size", "8", "--max-steps", "1",
-        "--num-workers", "0", "--handcrafted", "lsd",
-    ]  # fmt: skip
-
-
-def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {
-        str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
-        for path in sorted(folder.rglob("*"))
-    }
+    return tiny_args(digits, output_dir, "--max-steps", "1", "--handcrafted", "lsd")
 
 
 def _fails_cleanly(main, argv: list[str], capsys, folder: Path, match: str) -> str:
-    before = _snapshot(folder)
+    before = snapshot(folder)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ")
     assert "\n" not in err
     assert "Traceback" not in err
     assert match in err, err
-    assert _snapshot(folder) == before, "a rejected run must not write anything"
+    assert snapshot(folder) == before, "a rejected run must not write anything"
     return err
 
 

@@ -11,7 +11,6 @@ and a one-layer projector.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from conftest import read_metrics
 from safetensors.torch import load_file
 
 from mvmr_hf.checkpoint import latest_checkpoint, read_trainer_state
@@ -54,10 +54,6 @@ def _args(dataset: Path, output_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_process_on_the_global_batch(digits, tmp_path):
     # R² rather than the default R: with R and the mean invariance together, a few of this tiny student's
@@ -69,7 +65,7 @@ def test_two_processes_match_one_process_on_the_global_batch(digits, tmp_path):
     _launch(_args(digits, tmp_path / "one", *extra), processes=1)
     _launch(_args(digits, tmp_path / "two", *extra), processes=2)
 
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2]
     for a, b in zip(one, two, strict=True):
         for term in TERMS:
@@ -98,6 +94,6 @@ def test_processes_with_different_amounts_of_data_stop_the_epoch_together(digits
 
     run = tmp_path / "run"
     _launch(_args(folder.parent, run, "--epochs", "1"), processes=2)
-    assert [m["step"] for m in _metrics(run)] == [1, 2]
+    assert [m["step"] for m in read_metrics(run)] == [1, 2]
     assert read_trainer_state(latest_checkpoint(run))["step"] == 2
     assert (run / "student" / "model.safetensors").is_file()
