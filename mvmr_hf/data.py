@@ -1,52 +1,11 @@
 """Streaming ``datasets`` -> decoded, validated images -> the two views of MV-MR.
 
-A batch holds, for each image, the non-augmented view x (shorter side resized to
-S / :data:`~mvmr_hf.augment.CENTER_CROP_FRACTION`, centre crop S: 256 then 224 at S = 224) in
-``"image"``, the augmented view x̃ (the paper's augmentation of section 7, its random resized crop
-taken from the decoded full-resolution image as torchvision's ``RandomResizedCrop`` does) in
-``"augmented"``, both ``uint8 (B, 3, S, S)`` to
-halve the host-to-device traffic (the training step divides by 255), and in ``"key"`` a stable
-key: the blake2b hash of the encoded image bytes, identical in every epoch, process and run, so
-that teacher outputs can be cached exactly.
-
-**Decoding.** The image column is read undecoded (``Image(decode=False)``) and decoded here with
-PIL, so that a bad image cannot stop the stream. EXIF orientation is applied. Every mode becomes
-8-bit RGB: grayscale (``1``, ``L``) and ``P``/``CMYK``/``YCbCr``/``LAB``/``HSV`` with PIL's
-conversion; 16-bit (``I;16*``) and 32-bit integer (``I``, which PIL uses for 16-bit data)
-images are read as 16-bit and rounded to ``v / 257`` (65535 -> 255: the full contrast is kept,
-where PIL's own conversion clips everything above 255); float (``F``) images are read as [0, 1]
-and scaled by 255. Images with transparency (alpha, or a transparent palette colour) are
-composited on **white**, not stripped of alpha: the colour under a transparent pixel is arbitrary
-(often black), while white is what the image looks like on a page. An image that cannot be
-decoded (truncated, empty, not an image, an unsupported mode) or that is degenerate (shorter side
-under :data:`MIN_IMAGE_SIDE` pixels, or longer/shorter side over :data:`MAX_ASPECT_RATIO`) is
-**skipped and counted**, never a crash: each batch's ``skipped`` is the number of images its worker
-skipped since its previous batch (the last batch of a worker's epoch also counts those after it),
-so summing ``batch["skipped"]`` over a run counts every skipped image exactly once.
-
-**Order, processes and workers.** A streaming data set is split between processes with
-:func:`datasets.distributed.split_dataset_by_node` (whole shards when the shard count is a
-multiple of the world size, else every ``world_size``-th example) and between DataLoader workers
-by shard (``datasets`` does that). Shard order is reshuffled every epoch from ``(seed, epoch)``;
-rows are shuffled in consecutive blocks of ``shuffle_buffer`` rows. A map-style
-:class:`datasets.Dataset` gets a full permutation per epoch from ``(seed, epoch)``, truncated to
-a multiple of the world size and dealt to processes then workers in turn, so every process
-gets the same number of images and every class in every process (``split_dataset_by_node`` would
-give each process the same contiguous chunk in every epoch). Augmentation randomness comes from
-``(seed, epoch, key)``: it differs between images, epochs and seeds, cannot be shared by two
-workers, and is reproduced exactly by a resumed run.
-
-**Epochs and resuming.** Call ``loader.dataset.set_epoch(epoch)`` before iterating each epoch.
-``loader.state_dict()`` (a :class:`torchdata.stateful_dataloader.StatefulDataLoader`) holds the
-epoch and, for each worker, the position after the last batch it yielded; after
-``loader.load_state_dict(state)`` the next ``iter(loader)`` continues the saved epoch where the
-stream stopped, whatever ``set_epoch`` said (the loop numbers the following epochs as usual).
-``datasets`` does not save the content of its shuffle buffers (a resumed shuffled stream would
-lose them), so the shuffle here is done in blocks whose start is a ``datasets`` state: a resumed
-stream re-reads the current block's encoded rows (at most ``shuffle_buffer``), redraws the same
-permutation and decodes only the rows not yet yielded. Within an epoch no image is seen twice
-and none is lost, provided the run resumes with the same data, world size, ``num_workers``,
-``shuffle_buffer`` and seed.
+A batch holds, for each image, the non-augmented view x in ``"image"``, the augmented view x̃
+(the paper's augmentation of section 7) in ``"augmented"``, both ``uint8 (B, 3, S, S)``, a stable
+content key in ``"key"`` (so teacher outputs can be cached exactly) and the count of images
+skipped since the previous batch in ``"skipped"``: a bad image is counted, never a crash. How
+every image mode is decoded, how the stream is split between processes and workers, and how a
+resumed epoch continues where it stopped are specified in ``docs/data.md``.
 
 Example::
 
@@ -291,7 +250,7 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
-    """An opened PIL image as an ``(H, W, 3)`` uint8 array (see the module docstring for each mode)."""
+    """An opened PIL image as an ``(H, W, 3)`` uint8 array (``docs/data.md`` lists each mode)."""
     mode = image.mode
     if mode.startswith("I;16") or mode == "I":
         values = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257.0
@@ -347,7 +306,7 @@ def _to_uint8(images01: torch.Tensor) -> torch.Tensor:
 class ViewsDataset(torch.utils.data.IterableDataset):
     """Batches of decoded, validated MV-MR views from one process's part of a ``datasets`` split.
 
-    Built by :func:`build_dataloader` (which documents the batches); see the module docstring for
+    Built by :func:`build_dataloader` (which documents the batches); see ``docs/data.md`` for
     the order, the per-process split, the skipped-image counts and resuming. Batching happens
     here rather than in the DataLoader so that the images skipped after a worker's last full
     batch, and those of its dropped incomplete batch, are still counted: each full batch is held
@@ -529,7 +488,7 @@ def build_dataloader(
         pin_memory: pin batches in page-locked memory for faster copies to the GPU.
 
     Call ``loader.dataset.set_epoch(epoch)`` before each epoch; save ``loader.state_dict()`` with
-    checkpoints and restore it with ``loader.load_state_dict(state)`` (module docstring).
+    checkpoints and restore it with ``loader.load_state_dict(state)`` (``docs/data.md``).
     """
     if not isinstance(dataset, datasets.Dataset | datasets.IterableDataset):
         raise ConfigError(

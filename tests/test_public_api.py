@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import pkgutil
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import mvmr_hf
 
@@ -42,3 +44,52 @@ def test_import_does_not_pull_in_transformers_or_datasets():
     code = "import sys, mvmr_hf; print(any(m in sys.modules for m in ('transformers', 'datasets', 'timm')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def _imports(path, module, package_root):
+    """The mvmr_hf modules that ``module`` (at ``path``) imports, anywhere in its body, from its source."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                parts = module.split(".")[: -node.level + (path.name == "__init__.py")]
+                base = ".".join([*parts, *filter(None, [node.module])])
+            found.add(base)
+            for alias in node.names:  # `from mvmr_hf import config` imports the submodule mvmr_hf.config
+                found.add(f"{base}.{alias.name}")
+    modules = {
+        ".".join(p.relative_to(package_root.parent).with_suffix("").parts).removesuffix(".__init__")
+        for p in package_root.rglob("*.py")
+    }
+    return {name for name in found if name in modules and name != module}
+
+
+def test_the_package_import_graph_has_no_cycle():
+    """Every import between mvmr_hf's modules, function-level ones too, points down a layering."""
+    root = Path(mvmr_hf.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        module = ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        graph[module] = _imports(path, module, root)
+    done, on_path = set(), []
+
+    def visit(module):
+        if module in on_path:
+            raise AssertionError(" -> ".join([*on_path[on_path.index(module) :], module]))
+        if module in done:
+            return
+        on_path.append(module)
+        for imported in sorted(graph[module]):
+            visit(imported)
+        on_path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+    for module, imported in graph.items():  # the command line is the top layer: the library never imports it
+        if not module.startswith("mvmr_hf.cli"):
+            assert not any(name.startswith("mvmr_hf.cli") for name in imported), f"{module} imports the CLI"
