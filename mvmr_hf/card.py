@@ -17,8 +17,8 @@ from string import Template
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
+
+from mvmr_hf.utils import is_hub_id, is_local_path
 
 TASK_TYPE = "image-classification"
 TASK_NAME = "Image Classification"
@@ -66,13 +66,7 @@ class BackboneInfo:
 
 def hub_id_or_none(name: str | None) -> str | None:
     """``name`` when it is a Hub repository id, ``None`` for local paths and non-ids (not linkable)."""
-    if not name or Path(name).expanduser().exists():
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
+    return name if name and not is_local_path(name) and is_hub_id(name) else None
 
 
 def read_results(readme: str | Path) -> list[EvalResult]:

@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 
 from mvmr_hf.checkpoint import (
     CHECKPOINTS_DIR,
@@ -30,6 +28,7 @@ from mvmr_hf.config import TrainingArguments
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, check_release_target
 from mvmr_hf.metrics import METRICS_FILE
+from mvmr_hf.utils import is_hub_id
 
 __all__ = [
     "CHANGEABLE_ON_RESUME",
@@ -82,13 +81,10 @@ def check_outputs(release: Path, training_args: TrainingArguments) -> None:
     check_release_target(  # even with --overwrite
         release, "the trained student could not be written there; move it away or choose another --output-dir"
     )
-    if training_args.push_to_hub:
-        try:
-            validate_repo_id(training_args.push_to_hub)
-        except HFValidationError:
-            raise ConfigError(
-                f"--push-to-hub {training_args.push_to_hub!r} is not a Hub repository id: write user/name"
-            ) from None
+    if training_args.push_to_hub and not is_hub_id(training_args.push_to_hub):
+        raise ConfigError(
+            f"--push-to-hub {training_args.push_to_hub!r} is not a Hub repository id: write user/name"
+        )
 
 
 def _check_same_run(saved_args: Path, args: dict[str, Any]) -> None:

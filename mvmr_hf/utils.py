@@ -17,6 +17,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
 from mvmr_hf.errors import ConfigError
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "check_int",
     "check_number",
     "deprecated_alias",
+    "is_hub_id",
     "is_local_path",
     "partial_path",
     "replace_folder",
@@ -48,6 +52,15 @@ def is_local_path(name_or_path: str) -> bool:
         or name_or_path.count("/") > 1
         or (os.sep != "/" and os.sep in name_or_path)
     )
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` is a valid Hub repository id (``name`` or ``owner/name``), by the Hub's own rule."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def partial_path(path: Path) -> Path:
