@@ -199,7 +199,7 @@ def train(
             batches = 0
             for batch in _until_any_process_runs_out(loader, accelerator):
                 batches += 1
-                # uint8 views on the host (a quarter of the bytes to copy), floats in [0, 1] on the device
+                # the views travel as uint8 (fewer bytes than floats), become floats in [0, 1] on the device
                 images = batch["image"].to(device, non_blocking=True).float().div_(255)
                 augmented = batch["augmented"].to(device, non_blocking=True).float().div_(255)
                 with accelerator.accumulate(student):
