@@ -277,7 +277,10 @@ def dcor_from_centered(a: CenteredDistances, b: CenteredDistances, *, squared: b
         )
     check_estimator(unbiased=a.unbiased, squared=squared, fix="pass squared=True")
     dcov = _dcov_sqr(a.matrix, b.matrix, unbiased=a.unbiased)
-    denominator = (a.variance * b.variance).clamp(min=torch.finfo(dcov.dtype).tiny).sqrt()
+    # Each scale on its own: the product of the two variances underflows float32 for inputs of scale
+    # 1e-10 and below (the variances are fourth powers of the input scale), and dCor dropped to 0.
+    tiny = torch.finfo(dcov.dtype).tiny
+    denominator = a.variance.clamp(min=tiny).sqrt() * b.variance.clamp(min=tiny).sqrt()
     r_squared = dcov / denominator
     return r_squared if squared else _sqrt_with_zero(r_squared)
 

@@ -85,6 +85,21 @@ def test_scale_invariance():
 
 
 @pytest.mark.parametrize("unbiased", [False, True])
+def test_tiny_float32_inputs_keep_their_correlation(unbiased):
+    """Scale 1e-12 in float32: each distance variance is ~1e-24, their product would underflow (~1e-48)."""
+    x, y = _dependent_pair((24, 12), (24, 6), seed=1)
+    reference = (
+        dcor_reference.u_distance_correlation_sqr if unbiased else dcor_reference.distance_correlation_sqr
+    )
+    expected = reference(x.numpy(), y.numpy())
+    for scale in (1e-12, 1e-6):
+        tiny = distance_correlation(
+            (x * scale).float(), (y * scale).float(), squared=True, unbiased=unbiased
+        ).item()
+        assert tiny == pytest.approx(expected, rel=1e-4), scale
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
 def test_gradients_match_finite_differences(unbiased):
     x, y = _dependent_pair((8, 3), (8, 2), seed=2)
     x.requires_grad_(True)
