@@ -134,12 +134,19 @@ def test_pretrain_end_to_end(digits, tmp_path, capsys):
         assert torch.equal(value, weights[f"backbone.{key}"]), key
 
 
-def test_distill_teacher_cache_gives_the_same_losses(digits, teacher, tmp_path, monkeypatch):
-    calls = []
+@pytest.fixture
+def teacher_calls(monkeypatch) -> list[int]:
+    """The batch size of every teacher forward, in order."""
+    calls: list[int] = []
     forward = Teacher.forward
     monkeypatch.setattr(
         Teacher, "forward", lambda self, images: calls.append(len(images)) or forward(self, images)
     )
+    return calls
+
+
+def test_distill_teacher_cache_gives_the_same_losses(digits, teacher, tmp_path, teacher_calls):
+    calls = teacher_calls
     # 32 images, 2 batches per epoch, 2 epochs: the second epoch must read the teacher from the cache.
     common = ["--teacher", str(teacher), "--no-streaming", "--split", "train[:32]", "--batch-size", "16",
               "--epochs", "2", "--seed", "3"]  # fmt: skip
@@ -161,13 +168,9 @@ def test_distill_teacher_cache_gives_the_same_losses(digits, teacher, tmp_path, 
     assert json.loads((folder / "fingerprint.json").read_text())["image_size"] == 32
 
 
-def test_teacher_cache_runs_the_teacher_only_on_images_it_lacks(digits, teacher, tmp_path, monkeypatch):
+def test_teacher_cache_runs_the_teacher_only_on_images_it_lacks(digits, teacher, tmp_path, teacher_calls):
     """An epoch that drops its incomplete last batch leaves a few images uncached: only they run later."""
-    calls = []
-    forward = Teacher.forward
-    monkeypatch.setattr(
-        Teacher, "forward", lambda self, images: calls.append(len(images)) or forward(self, images)
-    )
+    calls = teacher_calls
     # 40 images in batches of 16: each epoch uses 32 and drops 8, so epoch 2 meets a few unseen images.
     common = ["--teacher", str(teacher), "--no-streaming", "--split", "train[:40]", "--batch-size", "16",
               "--epochs", "2", "--seed", "3"]  # fmt: skip
