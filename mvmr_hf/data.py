@@ -412,8 +412,10 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         # A fresh split per iteration: datasets keeps its epoch in a tensor shared by all DataLoader
         # workers, which would race if two workers set it at once.
         stream = split_dataset_by_node(self.source, self.rank, self.world_size)
-        # datasets reshuffles the shard order when the epoch is non-zero: derive it from the seed too.
-        stream.set_epoch(1 + _seed(self.seed, self.epoch) % (1 << 31))
+        if self.shuffle_buffer > 0:
+            # datasets >= 5.0 permutes the shards by a non-zero epoch (earlier releases only after
+            # .shuffle(), whose buffer would be lost on resume); derived from the seed, never 0.
+            stream.set_epoch(1 + _seed(self.seed, self.epoch) % (1 << 31))
         if start["block_start"] is not None:
             stream.load_state_dict(start["block_start"])
         rows = iter(stream)

@@ -14,6 +14,7 @@ from pathlib import Path
 import datasets
 import huggingface_hub
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -371,6 +372,33 @@ def test_keys_stable_across_epochs_and_formats(digits, digits_folder, cache):
     table = load_image_dataset(str(digits), split="test", streaming=False, cache_dir=cache)
     assert set(_all_keys(build_dataloader(table, image_size=SIZE, batch_size=1)[0])) == set(first)
     assert set(first) == _keys_of_files((digits_folder / "test").rglob("*.png"))
+
+
+def _shard_order(dataset, shard_of: dict[str, int], *, epoch: int, shuffle_buffer: int) -> list[int]:
+    """The shards in the order an epoch reads them (blocks of one row keep each shard's row order)."""
+    loader, _ = build_dataloader(dataset, image_size=SIZE, batch_size=1, shuffle_buffer=shuffle_buffer)
+    loader.dataset.set_epoch(epoch)
+    order: list[int] = []
+    for key in _all_keys(loader):
+        if not order or order[-1] != shard_of[key]:
+            order.append(shard_of[key])
+    return order
+
+
+def test_shard_order_is_permuted_per_epoch(digits):
+    files = sorted((digits / "data").glob("test-*.parquet"))
+    shard_of = {
+        image_key(row["bytes"]): index
+        for index, path in enumerate(files)
+        for row in pq.read_table(path, columns=["image"]).column("image").to_pylist()
+    }
+    dataset = load_image_dataset(str(digits), split="test", streaming=True)
+    orders = [_shard_order(dataset, shard_of, epoch=e, shuffle_buffer=1) for e in range(4)]
+    assert all(sorted(order) == list(range(len(files))) for order in orders)  # each shard read once, whole
+    assert len({tuple(order) for order in orders}) > 1  # a new shard order in some epoch
+    assert _shard_order(dataset, shard_of, epoch=2, shuffle_buffer=1) == orders[2]  # reproducible
+    stored = [_shard_order(dataset, shard_of, epoch=e, shuffle_buffer=0) for e in range(2)]
+    assert stored == [list(range(len(files)))] * 2  # shuffle_buffer=0 keeps the stored order
 
 
 def _views_by_key(dataset, *, seed, epoch):
