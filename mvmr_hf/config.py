@@ -176,10 +176,25 @@ class DataArguments:
     image_size: int = _opt(224, "Side of the square training views, in pixels.")
     shuffle_buffer: int = _opt(10_000, "Streaming shuffle buffer per process (0: keep the stored order).")
     num_workers: int = _opt(4, "Data-loading worker processes per training process.")
+    device_views: bool | None = _opt(
+        None,
+        "Make the augmented view on the accelerator, batched, with the same per-image random parameters: "
+        "workers only decode and resize. When omitted, on for CUDA and off elsewhere; --device-views false "
+        "turns it off.",
+        nargs="?",
+        const=True,
+    )
+    view_source_size: int | None = _opt(
+        None,
+        "With device views, the side of the square image the workers send (default image_size / 0.875: "
+        "256 px for 224); larger brings the views closer to crops of the full-resolution image.",
+    )
 
     def __post_init__(self) -> None:
         _check_ints(self, ("image_size",), 1)
         _check_ints(self, ("shuffle_buffer", "num_workers"), 0)
+        if self.view_source_size is not None:
+            _check_ints(self, ("view_source_size",), self.image_size)
 
 
 DEFAULT_DISTILL_DATASET = "tanganke/stl10"

@@ -3,7 +3,10 @@
 A batch holds, for each image, the non-augmented view x in ``"image"``, the augmented view x̃
 (the paper's augmentation of section 7) in ``"augmented"``, both ``uint8 (B, 3, S, S)``, a stable
 content key in ``"key"`` (so teacher outputs can be cached exactly) and the count of images
-skipped since the previous batch in ``"skipped"``: a bad image is counted, never a crash. How
+skipped since the previous batch in ``"skipped"``: a bad image is counted, never a crash. With
+``device_views`` the workers only decode and resize: instead of ``"augmented"`` a batch carries
+each image resized to a square ``"source"`` and the augmentation's random parameters, drawn as
+without it, and :meth:`ViewsDataset.augmented_view` makes x̃ batched on the accelerator. How
 every image mode is decoded, how the stream is split between processes and workers, and how a
 resumed epoch continues where it stopped are specified in ``docs/data.md``.
 
@@ -15,7 +18,7 @@ Example::
     for epoch in range(epochs):
         loader.dataset.set_epoch(epoch)
         for batch in loader:   # {"image": (B,3,S,S) uint8, "augmented": ..., "key": [...], "skipped": int}
-            ...
+            augmented = loader.dataset.augmented_view(batch, device)   # x̃, float in [0, 1]
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -37,8 +41,9 @@ from datasets.distributed import split_dataset_by_node
 from datasets.utils.file_utils import xopen
 from PIL import Image, ImageOps
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchvision.transforms.v2 import functional as TF
 
-from mvmr_hf.augment import CENTER_CROP_FRACTION, ViewAugment, center_view
+from mvmr_hf.augment import CENTER_CROP_FRACTION, ViewAugment, ViewParams, center_view
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.utils import check_int, is_local_path
 
@@ -300,6 +305,16 @@ def _to_uint8(images01: torch.Tensor) -> torch.Tensor:
     return images01.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def default_source_size(image_size: int) -> int:
+    """The side of the square ``"source"`` image sent for device views: ``image_size / 0.875``.
+
+    The non-augmented view is cut at that resolution too (256 px for 224, see
+    :data:`~mvmr_hf.augment.CENTER_CROP_FRACTION`); ``benchmarks/bench_dataloading.py`` measures
+    how far larger sources bring the views to those cut from the full-resolution image.
+    """
+    return math.floor(image_size / CENTER_CROP_FRACTION)
+
+
 # ----------------------------------------------------------------------------- the iterable
 
 
@@ -327,6 +342,7 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         world_size: int = 1,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        source_size: int | None = None,
     ) -> None:
         super().__init__()
         undecoded = dataset.select_columns([image_column])
@@ -340,6 +356,7 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.augment = ViewAugment(image_size)
+        self.source_size = source_size
         self.epoch = 0
         self._state = self._start_state()
         self._resume: dict | None = None
@@ -379,8 +396,7 @@ class ViewsDataset(torch.utils.data.IterableDataset):
                 logger.debug("Skipping an image: %s", error)
                 continue
             key = image_key(encoded)
-            plain, augmented = self._views(image, key)
-            samples.append({"image": plain, "augmented": augmented, "key": key})
+            samples.append({**self._views(image, key), "key": key})
             if len(samples) == self.batch_size:
                 if held is not None:
                     yield self._emit(*held)
@@ -391,21 +407,49 @@ class ViewsDataset(torch.utils.data.IterableDataset):
 
     def _emit(self, samples: list[dict], skipped: int, position: dict) -> dict:
         self._state = {"epoch": self.epoch, **position}
-        return {
-            "image": torch.stack([s["image"] for s in samples]),
-            "augmented": torch.stack([s["augmented"] for s in samples]),
-            "key": [s["key"] for s in samples],
-            "skipped": skipped,
-        }
+        views = [name for name in ("image", "augmented", "source") if name in samples[0]]
+        batch = {name: torch.stack([s[name] for s in samples]) for name in views}
+        if "view_params" in samples[0]:
+            names = samples[0]["view_params"]
+            batch["view_params"] = {n: torch.cat([s["view_params"][n] for s in samples]) for n in names}
+        return {**batch, "key": [s["key"] for s in samples], "skipped": skipped}
 
-    def _views(self, image: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _views(self, image: torch.Tensor, key: str) -> dict[str, Any]:
+        """The non-augmented view and either the augmented view or what the device needs to make it."""
         images01 = image.unsqueeze(0).float().div_(255.0)
         plain = center_view(images01, self.image_size, crop_fraction=CENTER_CROP_FRACTION)
         generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch, key))
-        # The crop comes from the full-resolution image: a small crop of an image first shrunk to
-        # S would be upsampled more, and so blurrier, than torchvision's RandomResizedCrop makes it.
-        augmented = self.augment(images01, generator=generator)
-        return _to_uint8(plain[0]), _to_uint8(augmented[0])
+        # The parameters are drawn on the full-resolution image in both paths, from the same
+        # generator: the device views differ from the worker views only by the resampling.
+        height, width = image.shape[-2:]
+        params = self.augment.sample(1, height, width, generator=generator)
+        if self.source_size is None:
+            # The crop comes from the full-resolution image: a small crop of an image first shrunk to
+            # S would be upsampled more, and so blurrier, than torchvision's RandomResizedCrop makes it.
+            return {
+                "image": _to_uint8(plain[0]),
+                "augmented": _to_uint8(self.augment.apply(images01, params)[0]),
+            }
+        side = self.source_size
+        # Squashed to a square so that images of any shape batch; the crop boxes follow the squash.
+        source = TF.resize(images01, [side, side], antialias=True)
+        scale = torch.tensor([side / width, side / height] * 2, dtype=torch.float64)
+        values = {f.name: getattr(params, f.name) for f in fields(params)}
+        values["crop_boxes"] = params.crop_boxes * scale
+        return {"image": _to_uint8(plain[0]), "source": _to_uint8(source[0]), "view_params": values}
+
+    def augmented_view(self, batch: Mapping[str, Any], device: torch.device | str) -> torch.Tensor:
+        """The batch's augmented view x̃ on ``device`` as floats in ``[0, 1]``.
+
+        Made by the workers, it is only moved; with device views it is made here, batched, and
+        rounded to 8 bits like the workers' views, so both paths give the same values for the
+        same parameters when the source is the image itself.
+        """
+        if "augmented" in batch:
+            return batch["augmented"].to(device, non_blocking=True).float().div_(255)
+        source = batch["source"].to(device, non_blocking=True).float().div_(255)
+        views = self.augment.apply(source, ViewParams(**batch["view_params"]))
+        return views.mul_(255).round_().div_(255)
 
     def _stream_records(self, start: dict, worker: int, num_workers: int) -> Iterator[tuple[Record, dict]]:
         """This worker's rows in blocks of ``shuffle_buffer``, each block permuted, resumable per block."""
@@ -466,6 +510,8 @@ def build_dataloader(
     num_workers: int = 0,
     image_column: str | None = None,
     pin_memory: bool = False,
+    device_views: bool = False,
+    source_size: int | None = None,
 ) -> tuple[StatefulDataLoader, DataStats]:
     """A resumable loader of MV-MR batches for process ``rank`` of ``world_size``.
 
@@ -488,6 +534,10 @@ def build_dataloader(
             more workers than shards per process leaves some idle).
         image_column: the image column, or ``None`` to detect it (:func:`resolve_image_column`).
         pin_memory: pin batches in page-locked memory for faster copies to the GPU.
+        device_views: workers only decode and resize; the augmented view is made on the device by
+            ``loader.dataset.augmented_view(batch, device)`` (which also moves worker-made views).
+        source_size: side of the square image sent for device views (default
+            :func:`default_source_size`).
 
     Call ``loader.dataset.set_epoch(epoch)`` before each epoch; save ``loader.state_dict()`` with
     checkpoints and restore it with ``loader.load_state_dict(state)`` (``docs/data.md``).
@@ -502,6 +552,8 @@ def build_dataloader(
     check_int("world_size", world_size, 1)
     check_int("num_workers", num_workers, 0)
     check_int("shuffle_buffer", shuffle_buffer, 0)
+    if source_size is not None:
+        check_int("source_size", source_size, MIN_IMAGE_SIDE)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ConfigError(f"rank must be an integer in [0, {world_size}), got {rank!r}.")
     column = resolve_image_column(dataset.features, image_column)
@@ -524,6 +576,7 @@ def build_dataloader(
         world_size=world_size,
         shuffle_buffer=shuffle_buffer,
         seed=seed,
+        source_size=(source_size or default_source_size(image_size)) if device_views else None,
     )
     # The views are batched by the dataset itself (see ViewsDataset), hence batch_size=None.
     loader = StatefulDataLoader(views, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)

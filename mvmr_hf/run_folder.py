@@ -44,7 +44,7 @@ LOGS_DIR = "logs"
 CHANGEABLE_ON_RESUME = frozenset(
     {"resume", "overwrite", "output_dir", "epochs", "max_steps", "num_workers", "checkpoint_every",
      "keep_checkpoints", "log_with", "log_every", "push_to_hub", "cache_teacher", "mixed_precision",
-     "channels_last", "compile"}
+     "channels_last", "compile", "device_views", "view_source_size"}
 )  # fmt: skip
 
 

@@ -151,6 +151,8 @@ def train(
         num_workers=data_args.num_workers,
         image_column=data_args.image_column,
         pin_memory=device.type == "cuda",
+        device_views=data_args.device_views if data_args.device_views is not None else device.type == "cuda",
+        source_size=data_args.view_source_size,
     )
     total_steps = _total_steps(training_args, data_stats, batch_size * world)
 
@@ -201,7 +203,7 @@ def train(
                 batches += 1
                 # the views travel as uint8 (fewer bytes than floats), become floats in [0, 1] on the device
                 images = batch["image"].to(device, non_blocking=True).float().div_(255)
-                augmented = batch["augmented"].to(device, non_blocking=True).float().div_(255)
+                augmented = loader.dataset.augmented_view(batch, device)  # made here with --device-views
                 with accelerator.accumulate(student):
                     z = student(images).embedding  # Z: the non-augmented view
                     z_aug = student(augmented).embedding  # Z̃: a separate pass, its own BN statistics

@@ -27,6 +27,7 @@ from mvmr_hf.data import (
     BadImageError,
     build_dataloader,
     decode_image,
+    default_source_size,
     image_key,
     load_image_dataset,
     resolve_image_column,
@@ -358,6 +359,81 @@ def test_augmented_view_is_cropped_from_the_full_resolution_image(tmp_path):
         # roi_align's adaptive box average against torchvision's antialiased bilinear filter: 1.6-3.2
         # gray levels on average (measured); a crop of the image first shrunk to 32 px gives 5-21.
         assert gray_levels.mean() < 4.0
+
+
+def _photo_loader(folder: Path, photos: list[np.ndarray], image_size: int, **options):
+    """One batch of ``photos`` per epoch, in file order (``shuffle_buffer=0``)."""
+    if not folder.exists():
+        (folder / "train").mkdir(parents=True)
+        for index, photo in enumerate(photos):
+            Image.fromarray(photo).save(folder / "train" / f"{index}.png")
+    dataset = load_image_dataset(str(folder), streaming=False)
+    loader, _ = build_dataloader(
+        dataset, image_size=image_size, batch_size=len(photos), shuffle_buffer=0, **options
+    )
+    return loader
+
+
+def _one_batch(loader, epoch: int) -> dict:
+    loader.dataset.set_epoch(epoch)
+    (batch,) = list(loader)
+    return batch
+
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")
+
+
+def test_device_views_equal_worker_views_when_the_source_is_the_image(tmp_path):
+    """Square photos of the source's side: the device makes exactly the workers' views."""
+    photos = [np.asarray(Image.fromarray(getattr(skdata, n)()).resize((64, 64))) for n in PHOTOS]
+    workers = _photo_loader(tmp_path / "photos", photos, 48)
+    device = _photo_loader(tmp_path / "photos", photos, 48, device_views=True, source_size=64)
+    for epoch in range(3):
+        expected, batch = _one_batch(workers, epoch), _one_batch(device, epoch)
+        assert "augmented" not in batch
+        assert batch["source"].shape == (len(photos), 3, 64, 64)
+        assert torch.equal(batch["image"], expected["image"])
+        made = device.dataset.augmented_view(batch, "cpu")
+        assert torch.equal(made, workers.dataset.augmented_view(expected, "cpu"))
+        if torch.cuda.is_available():  # other kernels: at most one gray level on a few pixels
+            on_gpu = device.dataset.augmented_view(batch, "cuda").cpu()
+            assert (on_gpu - made).abs().max() <= 1.5 / 255
+            assert (on_gpu != made).float().mean() < 0.01
+
+
+@pytest.mark.parametrize(("source_size", "gray_levels"), [(None, 8.0), (128, 1.5)])
+def test_device_views_draw_the_workers_parameters_from_the_full_resolution_image(
+    tmp_path, source_size, gray_levels
+):
+    """Photos of other shapes and sizes: the same crop boxes, drawn on the decoded image and carried to
+    the squashed source; the crops (colour and blur off) differ from the workers' only by the source's
+    resampling: 6.2-6.9 gray levels on average from the default 36 px source at 32 px, 1.1-1.2 from a
+    128 px one (measured; a crop of the image first shrunk to 32 px gives 5-21)."""
+    photos = [skdata.astronaut()[:300, :400], skdata.chelsea(), skdata.coffee(), skdata.rocket()]
+    photos.append(np.stack([skdata.camera()] * 3, axis=-1))
+    workers = _photo_loader(tmp_path / "photos", photos, 32)
+    device = _photo_loader(tmp_path / "photos", photos, 32, device_views=True, source_size=source_size)
+    recorders = [_RecordingAugment(32), _RecordingAugment(32)]
+    workers.dataset.augment, device.dataset.augment = recorders
+    for epoch in range(3):
+        expected, batch = _one_batch(workers, epoch), _one_batch(device, epoch)
+        side = batch["source"].shape[-1]
+        assert side == (source_size or 36)  # 32 / 0.875
+        drawn = recorders[1].drawn[-len(photos) :]
+        assert [(h, w) for h, w, _ in drawn] == [photo.shape[:2] for photo in photos]
+        for (_, _, box), (_, _, same) in zip(recorders[0].drawn[-len(photos) :], drawn, strict=True):
+            assert torch.equal(box, same)
+        scale = torch.tensor([[side / w, side / h] * 2 for h, w, _ in drawn], dtype=torch.float64)
+        boxes = torch.stack([box for *_, box in drawn])
+        torch.testing.assert_close(batch["view_params"]["crop_boxes"], boxes * scale)
+        made = device.dataset.augmented_view(batch, "cpu")
+        difference = made - workers.dataset.augmented_view(expected, "cpu")
+        assert difference.abs().mean() * 255 < gray_levels
+
+
+def test_default_source_size_is_the_plain_views_resize():
+    assert default_source_size(224) == 256
+    assert default_source_size(96) == 109
 
 
 def test_keys_stable_across_epochs_and_formats(digits, digits_folder, cache):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,6 +223,32 @@ def test_a_compiled_student_trains_like_an_eager_one_and_resumes_without_compili
     # Without --compile: a setting that may change on resume, since it does not change what is trained.
     assert pretrain_main(_tiny(digits, compiled, *common, "--max-steps", "3", "--resume")) == 0
     _assert_trains_alike(tmp_path / "eager", compiled, rel=1e-5)
+
+
+def test_device_views_train_like_worker_views_and_resume_exactly(digits, tmp_path):
+    """--device-views: the workers send the image resized to a square source and the view's random
+    parameters; the view is made in the training process. The digits are 32 px squares, so a 32 px
+    source is the image itself and the views, losses and weights are the workers' exactly. A run
+    stopped after its first checkpoint resumes to the same weights as the uninterrupted one."""
+    common = ["--handcrafted", "lsd", "--seed", "2", "--max-steps", "4", "--checkpoint-every", "2",
+              "--keep-checkpoints", "5", "--shuffle-buffer", "64"]  # fmt: skip
+    workers, device = tmp_path / "workers", tmp_path / "device"
+    assert pretrain_main(_tiny(digits, workers, *common, "--device-views", "false")) == 0
+    reset_accelerate()
+    device_args = [*common, "--device-views", "--view-source-size", "32"]
+    assert pretrain_main(_tiny(digits, device, *device_args)) == 0
+    _assert_trains_alike(workers, device, rel=1e-6)
+
+    # As if killed before the step-4 checkpoint: the step-2 checkpoint and everything logged after it.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(device, resumed)
+    shutil.rmtree(checkpoint_path(resumed, 4))
+    shutil.rmtree(resumed / "student")
+    reset_accelerate()
+    assert pretrain_main([*_tiny(digits, resumed, *device_args), "--resume"]) == 0
+    expected = load_file(latest_checkpoint(device) / "model.safetensors")
+    for key, value in load_file(latest_checkpoint(resumed) / "model.safetensors").items():
+        assert torch.equal(value, expected[key]), key
 
 
 def test_overwrite_replaces_a_previous_run_but_keeps_the_teacher_cache(digits, tmp_path):
