@@ -18,6 +18,16 @@ from mvmr_hf.sample_data import write_digits
 from mvmr_hf.tiny_models import save_tiny_teacher
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped where CUDA is not available (CI); ``make gpu-check`` runs them."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a GPU (make gpu-check runs it)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory) -> Path:
     """scikit-learn's digits at 32 px as a local parquet data set (train/test splits)."""

@@ -196,7 +196,7 @@ def test_output_shape_range_dtype_device(photos: torch.Tensor, dtype: torch.dtyp
     assert ViewAugment(None)(torch.rand(2, 3, 20, 30)).shape == (2, 3, 20, 20)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_same_views_on_gpu_as_on_cpu(photos: torch.Tensor) -> None:
     augment = ViewAugment(32)
     cpu = augment(photos, generator=torch.Generator().manual_seed(3))

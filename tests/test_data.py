@@ -395,10 +395,19 @@ def test_device_views_equal_worker_views_when_the_source_is_the_image(tmp_path):
         assert torch.equal(batch["image"], expected["image"])
         made = device.dataset.augmented_view(batch, "cpu")
         assert torch.equal(made, workers.dataset.augmented_view(expected, "cpu"))
-        if torch.cuda.is_available():  # other kernels: at most one gray level on a few pixels
-            on_gpu = device.dataset.augmented_view(batch, "cuda").cpu()
-            assert (on_gpu - made).abs().max() <= 1.5 / 255
-            assert (on_gpu != made).float().mean() < 0.01
+
+
+@pytest.mark.gpu
+def test_device_views_on_cuda_match_the_cpu(tmp_path):
+    """The same batch made on CUDA: other kernels, so at most one gray level on a few pixels."""
+    photos = [np.asarray(Image.fromarray(getattr(skdata, n)()).resize((300, 240))) for n in PHOTOS]
+    loader = _photo_loader(tmp_path / "photos", photos, 224, device_views=True)
+    batch = _one_batch(loader, 0)
+    made = loader.dataset.augmented_view(batch, "cpu")
+    on_gpu = loader.dataset.augmented_view(batch, "cuda")
+    assert on_gpu.device.type == "cuda"
+    assert (on_gpu.cpu() - made).abs().max() <= 1.5 / 255
+    assert (on_gpu.cpu() != made).float().mean() < 0.01
 
 
 @pytest.mark.parametrize(("source_size", "gray_levels"), [(None, 8.0), (128, 1.5)])

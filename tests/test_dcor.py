@@ -123,6 +123,30 @@ def test_gradients_finite_with_duplicate_rows_and_constant_input():
     assert dcor_reference.distance_correlation(constant.detach().numpy(), y.numpy()) == 0.0
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(("unbiased", "squared"), [(False, False), (False, True), (True, True)])
+def test_cuda_matches_dcor_package_and_its_gradient_the_cpus(unbiased, squared):
+    x, y = _dependent_pair((256, 3 * 32 * 32), (256, 512), seed=5)
+    reference = {
+        (False, False): dcor_reference.distance_correlation,
+        (False, True): dcor_reference.distance_correlation_sqr,
+        (True, True): dcor_reference.u_distance_correlation_sqr,
+    }[unbiased, squared](_np(x), _np(y))
+    gradients = []
+    for device in ("cpu", "cuda"):
+        x_device = x.float().to(device).requires_grad_(True)
+        value = distance_correlation(x_device, y.float().to(device), unbiased=unbiased, squared=squared)
+        assert value.item() == pytest.approx(reference, abs=1e-5)
+        value.backward()
+        gradients.append(x_device.grad.cpu())
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-3, atol=1e-4 * gradients[0].abs().max())
+    x32, y32 = x.float().cuda(), y.float().cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = distance_correlation(x32 @ torch.eye(x32.shape[1], device="cuda"), y32, squared=squared)
+    assert low.dtype == torch.float32
+    assert abs(low.item() - distance_correlation(x32, y32, squared=squared).item()) <= 1e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_stays_within_1e5_of_fp32(dtype):
     generator = torch.Generator().manual_seed(0)

@@ -285,7 +285,7 @@ def test_lsd_equals_scipy_generic_filter_std(photos: torch.Tensor) -> None:
 # ---------------------------------------------------------------- devices
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["pixels", "scatnet", "hog", "lsd"])
 def test_gpu_output_matches_cpu(photos: torch.Tensor, name: str) -> None:
     images = torch.nn.functional.interpolate(photos, size=(64, 64), mode="area").float()

@@ -251,6 +251,21 @@ def test_device_views_train_like_worker_views_and_resume_exactly(digits, tmp_pat
         assert torch.equal(value, expected[key]), key
 
 
+@pytest.mark.gpu
+def test_a_cuda_run_with_the_gpu_defaults_trains_and_releases(digits, teacher, tmp_path, teacher_calls):
+    """On CUDA: bf16, channels-last and device views (both on by default there), the teacher cache."""
+    run = tmp_path / "run"
+    argv = _tiny(digits, run, "--teacher", str(teacher), "--handcrafted", "lsd", "--mixed-precision", "bf16",
+                 "--epochs", "2", "--cache-teacher", "--seed", "4")  # fmt: skip
+    assert distill_main(argv) == 0
+    metrics = read_metrics(run)
+    assert all(math.isfinite(m[name]) for m in metrics for name in ("loss", "dcor/teacher", "dcor/lsd"))
+    steps_per_epoch = len(metrics) // 2
+    assert teacher_calls[:steps_per_epoch] == [8] * steps_per_epoch
+    assert sum(teacher_calls[steps_per_epoch:]) < 8 * steps_per_epoch / 4  # epoch 2: mostly the cache
+    _assert_trains_alike(run, run, rel=0)  # the release holds the checkpoint's weights, loads with timm
+
+
 def test_overwrite_replaces_a_previous_run_but_keeps_the_teacher_cache(digits, tmp_path):
     run = tmp_path / "run"
     fake_checkpoint(run, 5)

@@ -73,7 +73,9 @@ BAD_PRETRAIN_INPUT = [
     pytest.param(["--representation-weights", "teacher=2"], "teacher", id="weight-for-unused-representation"),
     pytest.param(["--representation-weights", "lsd:2"], "name=number", id="malformed-weights"),
     pytest.param(["--learning-rate", "0"], "--learning-rate", id="zero-learning-rate"),
-    pytest.param(["--view-source-size", "16"], "--view-source-size must be an integer >= 32", id="small-source"),
+    pytest.param(
+        ["--view-source-size", "16"], "--view-source-size must be an integer >= 32", id="small-source"
+    ),
     pytest.param(["--mixed-precision", "fp8"], "invalid choice", id="bad-choice"),
     pytest.param(["--resume", "/no/such/checkpoint"], "not a complete checkpoint", id="resume-path-missing"),
     pytest.param(["--resume", "--overwrite"], "contradict", id="resume-and-overwrite"),
