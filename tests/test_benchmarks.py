@@ -27,9 +27,11 @@ EXPECTED = {
     "bench_step.py": ("step_ms", "images_per_s", "student_forward_ms", "optimizer_ms", "overhead_share"),
     "bench_dataloading.py": ("images_per_s", "images_per_s_per_worker", "decode_ms", "views_ms"),
     "bench_quality.py": ("linear", "knn"),
+    "bench_distill.py": ("linear", "knn"),
 }
 # A real teacher on real images: one seed and one epoch are enough to show the script runs end to end.
 EXTRA = {"bench_quality.py": ("--seeds", "1", "--epochs", "1")}
+SLOW = {"bench_quality.py", "bench_distill.py"}  # real teachers: a minute or two each
 
 
 def _run(script: str, output: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -43,7 +45,7 @@ def _run(script: str, output: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     "script",
-    [pytest.param(s, marks=pytest.mark.slow) if s in EXTRA else s for s in sorted(EXPECTED)],
+    [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s for s in sorted(EXPECTED)],
 )
 def test_quick_run_writes_a_report(script, tmp_path):
     output = tmp_path / "result.json"
@@ -71,6 +73,15 @@ def test_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.strip().count("\n") == 0
     assert "--device cpu" in result.stderr
     assert not (tmp_path / "result.json").exists()
+
+
+def test_the_gpu_check_without_a_gpu_is_one_line_and_exit_2():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py")],
+                            capture_output=True, text=True, env=env, timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "needs a CUDA device" in result.stderr
 
 
 # ----------------------------------------------------------------------------- bench_step's instruments

@@ -1,0 +1,89 @@
+"""The GPU check (``make gpu-check``): the GPU tests, every benchmark on CUDA and a real distillation.
+
+Run on a CUDA machine after installing the package (``make gpu-check`` does both). Each step is a
+subprocess with its own time limit, in order of what it proves (the GPU targets first), so that
+the whole check fits the 8 minutes a lent GPU machine allows, installation included:
+
+1. ``pytest -m gpu``: the tests marked ``gpu`` (skipped on CPU-only CI);
+2. ``bench_step.py``: step overhead with and without the teacher cache, data wait with device
+   views (targets: overhead <= 10 %, cache epoch 2 >= 2x epoch 1, data wait <= 2 %);
+3. ``bench_evaluation.py``: linear probe and kNN of ImageNet-sized features (target <= 10 min);
+4. ``bench_distill.py``: a real distillation with bf16, channels-last, ``--compile`` and device
+   views (2 processes when 2 GPUs exist), against an eager fp32 run;
+5. ``bench_dataloading.py``, ``bench_dcor.py``, ``bench_representations.py`` (reduced grids).
+
+Each benchmark writes ``benchmarks/results/<name>-cuda.json``; this script prints each step's
+status and time and writes them to ``benchmarks/results/gpu-check-cuda.json``. It exits 1 when a
+step failed or ran out of time (the others still run), 2 without a CUDA device.
+
+    make gpu-check
+    python benchmarks/gpu_check.py [--quick]        # --quick: every benchmark's reduced grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import RESULTS, machine
+
+HERE = Path(__file__).resolve().parent
+TESTS = ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
+# (benchmark, seconds allowed, reduced grid always): the GPU targets first
+BENCHMARKS = [("step", 150, False), ("evaluation", 120, False), ("distill", 150, False),
+              ("dataloading", 45, True), ("dcor", 30, True), ("representations", 30, True)]  # fmt: skip
+
+
+def _run(name: str, command: list[str], limit: int) -> dict:
+    """Run one step; its output streams to ours. Returns its status and seconds."""
+    print(f"\n=== {name} (at most {limit} s)", flush=True)
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    began = time.perf_counter()
+    # A session of its own, so that a step out of time is killed with its workers and launched processes,
+    # which would otherwise hold the GPU's memory during the next steps.
+    process = subprocess.Popen([sys.executable, *command], env=environment, start_new_session=True)
+    try:
+        code = process.wait(timeout=limit)
+        status = "passed" if code == 0 else f"failed (exit {code})"
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        status = f"ran out of time ({limit} s)"
+    seconds = time.perf_counter() - began
+    print(f"=== {name}: {status} in {seconds:.0f} s", flush=True)
+    return {"step": name, "command": " ".join(command), "status": status, "seconds": round(seconds, 1)}
+
+
+def main(argv: list[str]) -> int:
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("--quick", action="store_true", help="every benchmark's reduced grid")
+    args = cli.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: the GPU check needs a CUDA device and torch sees none: run it on a GPU machine",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    device = torch.device("cuda")
+    began = time.perf_counter()
+    steps = [_run("gpu tests", TESTS, 120)]
+    for name, limit, always_quick in BENCHMARKS:
+        quick = always_quick or args.quick
+        output = RESULTS / f"{name}-cuda{'-quick' if args.quick and not always_quick else ''}.json"
+        command = [str(HERE / f"bench_{name}.py"), "--device", "cuda", "--output", str(output)]
+        steps.append(_run(f"bench_{name}", command + (["--quick"] if quick else []), limit))
+    summary = {"machine": machine(device), "seconds": round(time.perf_counter() - began, 1), "steps": steps}
+    (RESULTS / "gpu-check-cuda.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("\n| step | status | s |\n|---|---|---|")
+    for step in steps:
+        print(f"| {step['step']} | {step['status']} | {step['seconds']:.0f} |")
+    return 0 if all(step["status"] == "passed" for step in steps) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
