@@ -19,7 +19,10 @@ Cells (each against the candidate defaults, one change at a time):
   (eq. 4 as printed); dCor as R (the released code) or R² (eq. 11 as printed); the biased or the
   bias-corrected estimator; L1 (invariance + variance) and L2 (dCor between the views) each on or
   off; projector widths;
-- pretraining (no teacher): no descriptor, each of the paper's five alone, all five.
+- pretraining (no teacher): no descriptor, each of the paper's five alone, all five;
+- several teachers: EfficientNet-Lite2 (ImageNet, 260 px) alone, Lite0 and Lite2 distilled together
+  (two dCor terms, no adaptor), and Lite0 together with a teacher that knows nothing (the same
+  architecture, randomly initialised): what a useless teacher does to the mix.
 
 Rows also give the two references: the same student randomly initialised (the floor) and the
 teacher itself (the ceiling). Numbers are means over seeds with the spread (max - min) / 2.
@@ -27,7 +30,8 @@ CPU only (``--device cuda`` runs the same cells on a GPU); ``--quick`` runs two 
 of the data (256 training and 128 test images, so that the teacher's passes take seconds) for the
 smoke test and ``make bench``: its numbers show the script runs, not what the objective does.
 
-    python benchmarks/bench_quality.py            # full grid, about 45 minutes on 2 cores
+    python benchmarks/bench_quality.py            # full grid, about an hour on 2 cores
+    python benchmarks/bench_quality.py --groups teachers --output benchmarks/results/quality-teachers-cpu.json
     python benchmarks/bench_quality.py --quick
 """
 
@@ -41,19 +45,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import timm
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from common import Column, parser, report, resolve_device
+from safetensors.torch import save_file
 
 from mvmr_hf.cli.train import distill_main, pretrain_main
 from mvmr_hf.config import PAPER_REPRESENTATIONS
 from mvmr_hf.efficientnet_lite import save_efficientnet_lite
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.evaluation import evaluate, load_encoder
-from mvmr_hf.export import export_student
+from mvmr_hf.export import CONFIG, WEIGHTS, export_student, write_timm_config
 from mvmr_hf.sample_data import write_digits
 from mvmr_hf.student import build_student
 from mvmr_hf.teacher_cache import CACHE_DIR
+from mvmr_hf.utils import atomic_folder
 
 IMAGE_SIZE = 16  # the digits are 8 x 8: 16 px keeps every detail at a quarter of the cost of 32 px
 STUDENT = "resnet18"
@@ -78,6 +85,15 @@ DISTILL_CELLS = [
      ["--invariance-weight", "0", "--variance-weight", "0", "--view-weight", "0"]),
     ("distill", "projector none", "distill", ["--projector", "none"]),
     ("distill", "projector 512-512", "distill", ["--projector", "512-512"]),
+]  # fmt: skip
+# {lite0}, {lite2} and {random} are the teachers' folders.
+TEACHER_CELLS = [
+    ("teachers", "EfficientNet-Lite0 alone (the defaults cell)", "distill", []),
+    ("teachers", "EfficientNet-Lite2 alone", "distill", ["--teacher", "{lite2}"]),
+    ("teachers", "Lite0 + Lite2", "distill",
+     ["--teacher", "{lite0},{lite2}", "--teacher-names", "lite0,lite2"]),
+    ("teachers", "Lite0 + random-init Lite0", "distill",
+     ["--teacher", "{lite0},{random}", "--teacher-names", "lite0,random"]),
 ]  # fmt: skip
 PRETRAIN_CELLS = [
     ("pretrain", "no descriptor (L1 + L2 only)", "pretrain", ["--handcrafted", ""]),
@@ -106,10 +122,24 @@ def _probe(
     return {result.protocol: result.top1 for result in results}
 
 
-def _share_teacher_cache(source: Path | None, run: Path) -> None:
-    """Start ``run`` from a hard-linked copy of a finished run's exact teacher cache."""
-    if source is not None and (source / CACHE_DIR).is_dir():
-        shutil.copytree(source / CACHE_DIR, run / CACHE_DIR, copy_function=os.link)
+def _share_teacher_caches(pool: Path, run: Path, *, after: bool) -> None:
+    """Hard-link exact teacher caches (one folder per teacher setting) from ``pool`` into a new ``run``,
+    or, ``after`` it, from the run into the pool."""
+    source, target = (run / CACHE_DIR, pool) if after else (pool, run / CACHE_DIR)
+    for folder in sorted(source.iterdir()) if source.is_dir() else []:
+        if not (target / folder.name).exists():
+            shutil.copytree(folder, target / folder.name, copy_function=os.link)
+
+
+def _random_teacher(folder: Path) -> Path:
+    """EfficientNet-Lite0's architecture with random weights: a teacher that knows nothing."""
+    if not (folder / WEIGHTS).is_file():
+        torch.manual_seed(0)
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        with atomic_folder(folder) as work:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, work / WEIGHTS)
+            write_timm_config(model, work / CONFIG)
+    return folder
 
 
 def _summary(values: list[float]) -> tuple[float, float]:
@@ -121,6 +151,8 @@ def main() -> int:
     arguments.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 2, quick 2)")
     arguments.add_argument("--epochs", type=int, default=None, help="epochs per run (default 8, quick 2)")
     arguments.add_argument("--work-dir", type=Path, default=None, help="keep runs here (default: a temp dir)")
+    arguments.add_argument("--groups", default="distill,pretrain,teachers",
+                           help="cell groups to run, comma-separated (references always run)")  # fmt: skip
     args = arguments.parse_args()
     try:
         device = resolve_device(args.device)
@@ -129,7 +161,9 @@ def main() -> int:
         return 2
     seeds = list(range(args.seeds or 2))
     epochs = args.epochs or (2 if args.quick else 8)
-    cells = QUICK_CELLS if args.quick else DISTILL_CELLS + PRETRAIN_CELLS
+    groups = set(args.groups.split(","))
+    cells = QUICK_CELLS if args.quick else DISTILL_CELLS + PRETRAIN_CELLS + TEACHER_CELLS
+    cells = [cell for cell in cells if cell[0] in groups]
     splits = SPLITS["quick" if args.quick else "full"]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-quality-"))
     data = (
@@ -138,6 +172,10 @@ def main() -> int:
         else work / "digits"
     )
     teacher = save_efficientnet_lite(work / "teacher-efficientnet-lite0")
+    folders = {"lite0": teacher, "random": _random_teacher(work / "teacher-random-lite0"),
+               "lite2": save_efficientnet_lite(work / "teacher-efficientnet-lite2", "lite2")}  # fmt: skip
+    pool = work / "teacher-caches"
+    pool.mkdir(exist_ok=True)
     features = work / "feature-cache"
 
     rows: list[dict] = []
@@ -154,8 +192,8 @@ def main() -> int:
         random_scores.append(_probe(str(release), data, features, device, splits))
     rows.append(_row("reference", f"{STUDENT} randomly initialised", random_scores, 0.0))
 
-    filled_cache: Path | None = None
     for group, cell, command, changes in cells:
+        changes = [change.format(**folders) for change in changes]
         scores, seconds = [], 0.0
         for seed in seeds:
             run = work / "runs" / f"{cell}-{seed}".replace(" ", "_").replace("/", "_")
@@ -163,9 +201,15 @@ def main() -> int:
                     *(["--split", splits[0], "--no-streaming"] if args.quick else []),
                     "--seed", str(seed), "--epochs", str(epochs)]  # fmt: skip
             if command == "distill":
-                argv += ["--teacher", str(teacher), "--cache-teacher"]
+                argv = [
+                    *argv[: len(COMMON)],
+                    "--teacher",
+                    str(teacher),
+                    "--cache-teacher",
+                    *argv[len(COMMON) :],
+                ]
                 if not run.exists():
-                    _share_teacher_cache(filled_cache, run)
+                    _share_teacher_caches(pool, run, after=False)
             began = time.perf_counter()
             _reset_accelerate()
             status = (distill_main if command == "distill" else pretrain_main)([*argv, "--resume"])
@@ -174,7 +218,7 @@ def main() -> int:
                 return status
             seconds += time.perf_counter() - began
             if command == "distill":
-                filled_cache = filled_cache or run
+                _share_teacher_caches(pool, run, after=True)
             scores.append(_probe(str(run / "student"), data, features, device, splits))
         rows.append(_row(group, cell, scores, seconds / len(seeds)))
         print(f"[{time.perf_counter() - start:.0f} s] {group}: {cell}: {rows[-1]['linear']:.2f} linear, "

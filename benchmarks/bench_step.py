@@ -63,6 +63,7 @@ from mvmr_hf.config import (
 )
 from mvmr_hf.metrics import MetricsLogger
 from mvmr_hf.objective import MVMRLoss
+from mvmr_hf.representations.teacher import Teacher
 from mvmr_hf.training import train
 
 PHASES = (
@@ -238,8 +239,8 @@ def instrument(clock: _Clock) -> Iterator[None]:
 
     def build_representations(*args: Any, **kwargs: Any) -> dict[str, torch.nn.Module]:
         representations = built["build_representations"](*args, **kwargs)
-        for name, representation in representations.items():
-            if name != "teacher":
+        for representation in representations.values():
+            if not isinstance(representation, Teacher):
                 representation.register_forward_pre_hook(lambda module, inputs: end_teacher())
         return representations
 

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mvmr_hf.config import teacher_specs
 from mvmr_hf.errors import ConfigError
 
 ALIGNMENT_WEIGHTS = "alignment.safetensors"
@@ -165,3 +166,25 @@ def load_alignment(folder: str | Path) -> tuple[AlignmentHead, AlignmentInfo] | 
     head = AlignmentHead(info.in_features, info.out_features)
     head.load_state_dict(load_file(folder / ALIGNMENT_WEIGHTS))
     return head.eval(), info
+
+
+def alignment_teacher(training_args: dict[str, Any], requested: str | None) -> str:
+    """The teacher whose image-embedding space a student's head maps to: a model id or folder.
+
+    ``requested`` is one of the run's teacher names, or any CLIP-style model; without it, the
+    run's teacher, which must then be the only one.
+    """
+    specs = teacher_specs(training_args)
+    by_name = {spec.name: spec.model for spec in specs}
+    if requested:
+        return by_name.get(requested, requested)
+    if not specs:
+        raise ConfigError(
+            "the student was not distilled from a teacher: pass the CLIP-style model with --teacher"
+        )
+    if len(specs) > 1:
+        raise ConfigError(
+            f"the student was distilled from {len(specs)} teachers ({', '.join(by_name)}): choose the one "
+            "whose embedding space the head maps to with --teacher NAME"
+        )
+    return specs[0].model

@@ -18,6 +18,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from mvmr_hf.config import parse_weights, teacher_specs
 from mvmr_hf.utils import is_hub_id, is_local_path
 
 TASK_TYPE = "image-classification"
@@ -44,6 +45,8 @@ class CardInfo:
         command: the exact command line that reproduces the run.
         repo_id: the Hub id the release is (or will be) pushed to, used in the loading snippets.
         license: an SPDX-style Hub licence id.
+        teachers: each teacher as the run loaded it: ``name``, ``model``, ``output`` (the resolved
+            kind), ``input_size`` (the side its processor fed the model) and ``weight`` (β).
     """
 
     step: int | None = None
@@ -52,6 +55,7 @@ class CardInfo:
     command: str | None = None
     repo_id: str | None = None
     license: str = "apache-2.0"
+    teachers: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -123,11 +127,23 @@ def _objective_form(training_args: Mapping[str, Any]) -> str:
     return f"invariance {invariance}; dCor {'R²' if squared else 'R'}, {estimator} estimator"
 
 
-def _representations(training_args: Mapping[str, Any]) -> str:
-    teacher = training_args.get("teacher")
-    parts = (
-        [f"teacher `{teacher}` (output `{training_args.get('teacher_output', 'auto')}`)"] if teacher else []
-    )
+def _teachers(training_args: Mapping[str, Any], info: CardInfo) -> list[str]:
+    """One line per teacher: as the run loaded it, else as its arguments say (an export from a checkpoint)."""
+    if info.teachers:
+        return [
+            f"teacher `{t['model']}` as `{t['name']}`: output `{t['output']}`, {t['input_size']}×"
+            f"{t['input_size']} px input, β = {t['weight']:g}"
+            for t in info.teachers
+        ]
+    weights = parse_weights(training_args.get("representation_weights") or "")
+    return [
+        f"teacher `{s.model}` as `{s.name}`: output `{s.output}`, β = {weights.get(s.name, 1.0):g}"
+        for s in teacher_specs(training_args)
+    ]
+
+
+def _representations(training_args: Mapping[str, Any], info: CardInfo) -> str:
+    parts = _teachers(training_args, info)
     handcrafted = training_args.get("handcrafted") or []
     if isinstance(handcrafted, str):
         handcrafted = [h for h in handcrafted.split(",") if h]
@@ -155,6 +171,12 @@ def _alignment_line(alignment: Mapping[str, Any] | None) -> str:
     )
 
 
+def _base_model(teachers: Sequence[str]) -> str | list[str] | None:
+    """The teachers on the Hub, for the card's ``base_model``: one id, a list of ids, or none."""
+    hub_ids = [hub_id for hub_id in map(hub_id_or_none, teachers) if hub_id]
+    return hub_ids[0] if len(hub_ids) == 1 else hub_ids or None
+
+
 def render_card(
     *,
     backbone: BackboneInfo,
@@ -170,7 +192,8 @@ def render_card(
     pretraining), ``projector`` the projector spec and ``alignment`` the content of ``alignment.json``.
     The result parses with ``huggingface_hub.ModelCard``.
     """
-    teacher = training_args.get("teacher")
+    teachers = [spec.model for spec in teacher_specs(training_args)]
+    teacher = ", ".join(teachers)
     repo_id = info.repo_id or f"ORG/mvmr-{backbone.architecture}"
     model_name = repo_id.split("/")[-1]
     tags = [
@@ -184,7 +207,7 @@ def render_card(
         pipeline_tag=PIPELINE_TAG,
         license=info.license,
         tags=tags,
-        base_model=hub_id_or_none(teacher),
+        base_model=_base_model(teachers),
         datasets=[dataset_id] if dataset_id else None,
         model_name=model_name if results else None,
         eval_results=list(results) or None,
@@ -192,8 +215,10 @@ def render_card(
     if teacher:
         title = f"{backbone.architecture} distilled from {teacher} with MV-MR"
         summary = (
-            f"A `timm` **{backbone.architecture}** student trained without labels to match the teacher "
-            f"`{teacher}` by distance correlation (MV-MR knowledge distillation)."
+            f"A `timm` **{backbone.architecture}** student trained without labels to match "
+            f"{'the teacher' if len(teachers) == 1 else f'{len(teachers)} teachers at once,'} "
+            f"{', '.join(f'`{t}`' for t in teachers)}, by distance correlation (MV-MR knowledge "
+            "distillation)."
         )
     else:
         title = f"{backbone.architecture} pretrained with MV-MR"
@@ -209,7 +234,7 @@ def render_card(
         num_params=f"{backbone.num_params / 1e6:.1f} M",
         num_features=backbone.num_features,
         image_size=backbone.image_size,
-        representations=_representations(training_args),
+        representations=_representations(training_args, info),
         weights=_loss_weights(training_args),
         objective_form=_objective_form(training_args),
         dataset=f"`{training_args.get('dataset', 'unknown')}`",

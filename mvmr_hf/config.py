@@ -16,7 +16,10 @@ Training (``mvmr-distill`` / ``mvmr-pretrain``): :class:`ModelArguments` (or
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from mvmr_hf.dcor import check_estimator
@@ -39,9 +42,11 @@ __all__ = [
     "PretrainModelArguments",
     "PushArguments",
     "TeacherArguments",
+    "TeacherSpec",
     "TrainingArguments",
     "parse_names",
     "parse_weights",
+    "teacher_specs",
 ]
 
 PAPER_REPRESENTATIONS = ("pixels", "augmented-pixels", "scatnet", "hog", "lsd")
@@ -73,6 +78,45 @@ def parse_weights(text: str) -> dict[str, float]:
                 f"--representation-weights entry {item!r} is not name=number: write e.g. teacher=1,hog=0.5"
             )
     return weights
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """One teacher of a run: its name (in weights, metrics and trackers), model id or folder, output kind."""
+
+    name: str
+    model: str
+    output: str
+
+
+TEACHER_NAME = re.compile(r"[A-Za-z0-9._-]+")
+RESERVED_NAMES = frozenset({"views", *PAPER_REPRESENTATIONS})
+"""Term names a teacher cannot take: the L2 term between the views and the hand-crafted descriptors."""
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _per_teacher(flag: str, values: list[str], teachers: int) -> list[str]:
+    """One value for every teacher, or exactly one per teacher."""
+    if len(values) == 1:
+        return values * teachers
+    if len(values) != teachers:
+        raise ConfigError(
+            f"{flag} lists {len(values)} values for {teachers} teachers: give one for all or one per teacher"
+        )
+    return values
+
+
+def _deduplicated(names: list[str]) -> list[str]:
+    """``[a, b, a]`` -> ``[a, b, a-2]``."""
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return unique
 
 
 def _flag(name: str) -> str:
@@ -143,21 +187,84 @@ class TeacherArguments:
 
     teacher: str = _opt(
         "openai/clip-vit-base-patch16",
-        "Hub id or local folder of a transformers vision model (paper: CLIP ViT-B/16).",
+        "Hub id or local folder of a transformers vision model (paper: CLIP ViT-B/16); several teachers as a "
+        "comma-separated list, each one more dCor term of eq. 9 (no adaptor: dCor needs no common width).",
     )
     teacher_output: str = _opt(
         "auto",
         "Teacher output to match: auto (the image embedding of image-text models, else the pooled output, "
-        "else the CLS token, else the token mean), embedding, pooler, cls, mean or tokens.",
+        "else the CLS token, else the token mean), embedding, pooler, cls, mean or tokens; one for every "
+        "teacher, or a comma-separated list with one per teacher.",
+    )
+    teacher_names: str = _opt(
+        "",
+        "Names of the teachers in --representation-weights, metrics.jsonl and the trackers, comma-separated, "
+        "one per teacher; default: 'teacher' for one teacher, else each id's last part (a repeated one "
+        "gets -2, -3, ...).",
+    )
+    teacher_dtype: Literal["float32", "bfloat16"] = _opt(
+        "float32",
+        "Hold the teachers' weights in this dtype: bfloat16 halves their memory (its agreement with float32: "
+        "README, 'Several teachers').",
     )
     cache_teacher: bool = _opt(
         False,
-        "Store the teacher's outputs in OUTPUT_DIR/teacher_cache during the first epoch and read them "
-        "afterwards; exact, since the teacher only sees the non-augmented view.",
+        "Store the teachers' outputs in OUTPUT_DIR/teacher_cache during the first epoch and read them "
+        "afterwards; exact, since the teachers only see the non-augmented view.",
     )
     trust_remote_code: bool = _opt(
         False, "Let a Hub teacher run its own code; only for repositories you trust."
     )
+
+    def __post_init__(self) -> None:
+        self.teachers()  # every mistake in the teacher options is told before anything is loaded
+
+    def teachers(self) -> list[TeacherSpec]:
+        """The teachers of ``--teacher``, each with its name and output kind.
+
+        Raises ConfigError for an empty list, a per-teacher option whose count does not match the
+        teachers', two teachers under one name, a name that a term already uses, or the same
+        teacher and output twice (one term twice: a weight says that).
+        """
+        models = _comma_list(self.teacher)
+        if not models:
+            raise ConfigError("--teacher is empty: give a Hub id or a local folder (several: a,b)")
+        outputs = _per_teacher("--teacher-output", _comma_list(self.teacher_output), len(models))
+        if self.teacher_names.strip():
+            names = _comma_list(self.teacher_names)
+            if len(names) != len(models):
+                raise ConfigError(
+                    f"--teacher-names lists {len(names)} names for {len(models)} teachers: name each teacher"
+                )
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise ConfigError(f"--teacher-names gives two teachers the name {repeated[0]}: use each once")
+        elif len(models) == 1:
+            names = ["teacher"]
+        else:
+            names = _deduplicated([Path(model.rstrip("/")).name or model for model in models])
+        for name in names:
+            if not TEACHER_NAME.fullmatch(name) or name in RESERVED_NAMES:
+                raise ConfigError(
+                    f"teacher name {name!r} cannot name a term (letters, digits, '.', '_', '-'; not one of "
+                    f"{', '.join(sorted(RESERVED_NAMES))}): choose names with --teacher-names"
+                )
+        specs = [TeacherSpec(*spec) for spec in zip(names, models, outputs, strict=True)]
+        for index, spec in enumerate(specs):
+            if any((spec.model, spec.output) == (other.model, other.output) for other in specs[:index]):
+                raise ConfigError(
+                    f"--teacher lists {spec.model} twice with the output {spec.output}: the same term twice; "
+                    f"give it a weight instead (--representation-weights {spec.name}=2)"
+                )
+        return specs
+
+
+def teacher_specs(training_args: Mapping[str, Any]) -> list[TeacherSpec]:
+    """The teachers a run's saved arguments (``training_args.json``) name; none for pretraining."""
+    if not training_args.get("teacher"):
+        return []
+    options = ("teacher", "teacher_output", "teacher_names")
+    return TeacherArguments(**{k: training_args[k] for k in options if k in training_args}).teachers()
 
 
 @dataclass
@@ -428,7 +535,11 @@ class AlignArguments:
 
     model: str = _opt(MISSING, "Release folder of a distilled student.")
     split: str = _opt("train", "Split whose images (labels unused) the head is fitted on.")
-    teacher: str | None = _opt(None, "CLIP-style teacher to align to; default the run's --teacher.")
+    teacher: str | None = _opt(
+        None,
+        "CLIP-style teacher to align to: one of the run's teacher names, or a model id or folder; default "
+        "the run's teacher (required when it had several).",
+    )
     max_images: int | None = _opt(None, "Use at most this many images of the split (its first ones).")
 
 

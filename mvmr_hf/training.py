@@ -3,8 +3,8 @@
 :func:`train` checks everything, builds everything, then runs the loop, whose step reads like
 Accelerate's examples (paper, sections 4-5): the student embeds the non-augmented view (Z) and
 the augmented view (Z̃) in two forward passes, so that batch-norm statistics stay per view;
-every representation - the teacher, the hand-crafted descriptors - sees the non-augmented view
-on the accelerator under ``no_grad``; the MV-MR loss (eq. 10) compares them, on the batch
+every representation - the teachers, one after another, the hand-crafted descriptors - sees the
+non-augmented view on the accelerator under ``no_grad``; the MV-MR loss (eq. 10) compares them, on the batch
 gathered from all processes unless ``--dcor-scope local``; ``backward``, then Adam with a
 linear warm-up and a cosine decay, once per optimizer step (``accelerator.accumulate``).
 ``benchmarks/bench_step.py`` times this loop from outside, with hooks on what it builds.
@@ -35,7 +35,7 @@ import shlex
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,7 @@ from mvmr_hf.hub import push_to_hub
 from mvmr_hf.metrics import METRICS_FILE, MetricsLogger, truncate_metrics
 from mvmr_hf.objective import LossOutput, MVMRLoss
 from mvmr_hf.representations import build as build_representation
-from mvmr_hf.representations.teacher import load_teacher
+from mvmr_hf.representations.teacher import Teacher, load_teacher
 from mvmr_hf.run_folder import LOGS_DIR, check_outputs, flat_arguments, prepare_output_dir, resume_point
 from mvmr_hf.student import Student, build_student
 from mvmr_hf.teacher_cache import TeacherCache, cache_folder
@@ -136,8 +136,9 @@ def train(
     student = build_student(
         model_args.student, projector=model_args.projector, image_size=data_args.image_size
     )
+    # Weights for terms the run does not have are told before any teacher is loaded.
+    _check_representation_weights(criterion, _term_names(model_args, teacher))
     representations = build_representations(model_args, teacher)
-    _check_representation_weights(criterion, representations)
     _check_local_batch(batch_size, criterion, representations, student)
     set_seed(training_args.seed, device_specific=True)  # e.g. augmented-pixels: per-process random draws
     loader, data_stats = build_dataloader(
@@ -169,7 +170,7 @@ def train(
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     for representation in representations.values():
         representation.to(device)
-    cache = _teacher_cache(accelerator, output_dir, teacher, data_args, representations)
+    caches = _teacher_caches(accelerator, output_dir, teacher, data_args, representations)
     gather = {name: getattr(r, "gather", True) for name, r in representations.items()}
 
     step, epoch = 0, 0
@@ -208,7 +209,7 @@ def train(
                     z = student(images).embedding  # Z: the non-augmented view
                     z_aug = student(augmented).embedding  # Z̃: a separate pass, its own BN statistics
                     targets = representation_outputs(
-                        accelerator, representations, images, batch["key"], cache
+                        accelerator, representations, images, batch["key"], caches
                     )
                     loss = criterion(z, z_aug, targets, gather=gather)  # eq. 10
                     accelerator.backward(loss.total)
@@ -233,7 +234,7 @@ def train(
                         "lower --batch-size or check the data set"
                     )
                 epoch += 1
-                if cache is not None:
+                for cache in caches.values():
                     share_cache(accelerator, cache)
 
     if step > meter.steps:
@@ -250,6 +251,7 @@ def train(
             training_seconds=time.perf_counter() - started,
             command=shlex.join(sys.argv),
             repo_id=training_args.push_to_hub,
+            teachers=_teacher_facts(representations, criterion, data_args.image_size, device),
         )
         export_student(accelerator.unwrap_model(student).eval(), release, training_args=args, card_info=info)
     accelerator.wait_for_everyone()
@@ -338,20 +340,29 @@ def build_optimizer(
 def build_representations(
     model_args: ModelArguments, teacher: TeacherArguments | None
 ) -> dict[str, nn.Module]:
+    """The representations r_k of eq. 9 by name: the teachers in ``--teacher`` order, then the descriptors."""
     representations: dict[str, nn.Module] = {}
     if teacher is not None:
-        representations["teacher"] = load_teacher(
-            teacher.teacher, output=teacher.teacher_output, trust_remote_code=teacher.trust_remote_code
-        )
+        dtype = torch.bfloat16 if teacher.teacher_dtype == "bfloat16" else None
+        for spec in teacher.teachers():
+            representations[spec.name] = load_teacher(
+                spec.model, output=spec.output, trust_remote_code=teacher.trust_remote_code, dtype=dtype
+            )
     for name in model_args.handcrafted_names:
         representations[name] = build_representation(name)
     return representations
 
 
-def _check_representation_weights(criterion: MVMRLoss, representations: dict[str, nn.Module]) -> None:
-    unknown = sorted(set(criterion.representation_weights) - set(representations))
+def _term_names(model_args: ModelArguments, teacher: TeacherArguments | None) -> list[str]:
+    """The names of the run's representations: its teachers' (never a descriptor's), then its descriptors'."""
+    teachers = [spec.name for spec in teacher.teachers()] if teacher is not None else []
+    return teachers + list(model_args.handcrafted_names)
+
+
+def _check_representation_weights(criterion: MVMRLoss, names: list[str]) -> None:
+    unknown = sorted(set(criterion.representation_weights) - set(names))
     if unknown:
-        active = ", ".join(representations) or "none"
+        active = ", ".join(names) or "none"
         raise ConfigError(
             f"--representation-weights names {', '.join(unknown)}, which this run does not use (its "
             f"representations: {active}): weight only those"
@@ -377,17 +388,32 @@ def _total_steps(training_args: TrainingArguments, data_stats: DataStats, global
     return steps_per_epoch * training_args.epochs
 
 
-def _teacher_cache(
+def _teacher_caches(
     accelerator: Accelerator,
     output_dir: Path,
     teacher: TeacherArguments | None,
     data_args: DataArguments,
     representations: dict[str, nn.Module],
-) -> TeacherCache | None:
+) -> dict[str, TeacherCache]:
+    """One exact cache per teacher, in a folder keyed by what its outputs depend on (none without caching).
+
+    A teacher's folder does not depend on the other teachers of the run: adding or removing one
+    keeps the others' caches and never reads another teacher's.
+    """
     if teacher is None or not teacher.cache_teacher:
-        return None
+        return {}
+    return {
+        name: _teacher_cache(accelerator, output_dir, representation, data_args)
+        for name, representation in representations.items()
+        if isinstance(representation, Teacher)
+    }
+
+
+def _teacher_cache(
+    accelerator: Accelerator, output_dir: Path, teacher: Teacher, data_args: DataArguments
+) -> TeacherCache:
     fingerprint = {
-        "teacher": representations["teacher"].fingerprint(),
+        "teacher": teacher.fingerprint(),
         "mixed_precision": accelerator.mixed_precision,  # the teacher runs under autocast
         "image_size": data_args.image_size,
         "center_crop_fraction": CENTER_CROP_FRACTION,  # the teacher's input is the non-augmented view
@@ -442,20 +468,23 @@ def representation_outputs(
     representations: dict[str, nn.Module],
     images: Tensor,
     keys: list[str],
-    cache: TeacherCache | None,
+    caches: Mapping[str, TeacherCache] | TeacherCache | None = None,
 ) -> dict[str, Tensor]:
     """Every representation of the non-augmented view, in ``representations``' order.
 
-    The teacher runs first, under autocast, or is read from ``cache`` when it holds the batch
-    (and stored in it otherwise); then the hand-crafted representations.
+    Each teacher runs under autocast, one after another, or is read from its cache in ``caches``
+    (by name) when that holds the batch, and stored in it otherwise; then the hand-crafted
+    representations. A single :class:`TeacherCache` is the cache of the teacher named ``teacher``.
     """
-    outputs = {}
-    if "teacher" in representations:
-        outputs["teacher"] = _teacher_output(accelerator, representations["teacher"], images, keys, cache)
-    for name, representation in representations.items():
-        if name != "teacher":
-            outputs[name] = representation(images)
-    return {name: outputs[name] for name in representations}
+    if isinstance(caches, TeacherCache):
+        caches = {"teacher": caches}
+    caches = caches or {}
+    return {
+        name: _teacher_output(accelerator, representation, images, keys, caches.get(name))
+        if isinstance(representation, Teacher)
+        else representation(images)
+        for name, representation in representations.items()
+    }
 
 
 def _teacher_output(
@@ -486,6 +515,19 @@ def _teacher_output(
     output[hits] = stored
     output[missing] = computed.to(stored.dtype)
     return output
+
+
+def _teacher_facts(
+    representations: dict[str, nn.Module], criterion: MVMRLoss, image_size: int, device: torch.device
+) -> list[dict[str, Any]]:
+    """What the card says of each teacher: name, model, output kind, the side its model sees, weight β."""
+    view = torch.zeros(1, 3, image_size, image_size, device=device)
+    return [
+        {"name": name, "model": teacher.model_name_or_path, "output": teacher.output,
+         "input_size": teacher.preprocess(view).shape[-1], "weight": criterion.weight(name)}
+        for name, teacher in representations.items()
+        if isinstance(teacher, Teacher)
+    ]  # fmt: skip
 
 
 def _hardware(accelerator: Accelerator) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mvmr_hf import config
-from mvmr_hf.align import fit_alignment
+from mvmr_hf.align import alignment_teacher, fit_alignment
 from mvmr_hf.cli import parse_arguments, run_cli
 from mvmr_hf.config import (
     AlignArguments,
@@ -105,11 +105,7 @@ def _align(argv: Sequence[str]) -> None:
         [AlignArguments, EvalDataArguments], argv, prog="mvmr-align", description=align_main.__doc__
     )
     folder = check_release(args.model)
-    teacher = args.teacher or json.loads((folder / TRAINING_ARGS).read_text()).get("teacher")
-    if not teacher:
-        raise ConfigError(
-            f"{folder} was not distilled from a teacher: pass the CLIP-style model with --teacher."
-        )
+    teacher = alignment_teacher(json.loads((folder / TRAINING_ARGS).read_text()), args.teacher)
     split = load_image_dataset(data.dataset, config=data.dataset_config, split=args.split, streaming=False)
     if args.max_images is not None:
         split = split.select(range(min(args.max_images, len(split))))
