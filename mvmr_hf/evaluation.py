@@ -140,9 +140,8 @@ def _row_chunks(
 ) -> Iterator[tuple[slice, Tensor]]:
     """``(positions, features[rows][positions])`` chunk by chunk, each cast to ``dtype`` on ``device``.
 
-    ``rows`` (on ``features``' device) selects and orders the rows, all of them when ``None``; a
-    subset is gathered a chunk at a time, never copied whole. Features kept on the CPU because
-    they do not fit on the device cross to it a chunk at a time.
+    ``rows`` (on ``features``' device) selects and orders the rows, all of them when ``None``.
+    Features kept on the CPU because they do not fit on the device cross to it a chunk at a time.
     """
     count = len(features) if rows is None else len(rows)
     for start in range(0, count, chunk_size):
@@ -167,35 +166,45 @@ def _moments(
     return mean, (squares / count).sqrt().clamp_min(1e-6)
 
 
-class _ProbeData:
-    """Rows of a split as a linear probe reads them: standardised chunks with their labels, on the device.
+def _standardised(
+    features: Tensor, moments: tuple[Tensor, Tensor], chunk_size: int, rows: Tensor | None = None
+) -> Tensor:
+    """``(features[rows] - mean) / std`` as one matrix where the moments are, filled a chunk at a time."""
+    mean, std = moments
+    result = torch.empty(
+        len(features) if rows is None else len(rows), features.shape[1], device=mean.device, dtype=mean.dtype
+    )
+    for positions, chunk in _row_chunks(features, chunk_size, mean.device, mean.dtype, rows):
+        torch.sub(chunk, mean, out=result[positions]).div_(std)
+    return result
 
-    A chunk is standardised when it is read: a standardised copy of the whole matrix would double
-    the features' memory (10.5 GB more for ImageNet's training split in float32).
+
+class _ProbeData:
+    """Rows as a linear probe reads them: chunks of features, as ``dtype`` on ``device``, with their labels.
+
+    ``features`` are standardised already, or, with ``moments``, a chunk at a time when read.
     """
 
     def __init__(
         self,
         features: Tensor,
         labels: Tensor,
-        moments: tuple[Tensor, Tensor],
         chunk_size: int,
-        rows: Tensor | None = None,
+        device: torch.device,
+        dtype: torch.dtype,
+        moments: tuple[Tensor, Tensor] | None = None,
     ) -> None:
-        self.mean, self.std = moments
-        self.features, self.chunk_size = features, chunk_size
-        self.rows = None if rows is None else rows.to(features.device)
-        labels = labels.to(self.mean.device)
-        self.labels = labels if rows is None else labels[rows.to(labels.device)]
+        self.features, self.chunk_size, self.device, self.dtype = features, chunk_size, device, dtype
+        self.labels, self.moments = labels.to(device), moments
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for positions, chunk in _row_chunks(
-            self.features, self.chunk_size, self.mean.device, self.mean.dtype, self.rows
-        ):
-            yield (chunk - self.mean) / self.std, self.labels[positions]
+        for positions, chunk in _row_chunks(self.features, self.chunk_size, self.device, self.dtype):
+            if self.moments is not None:
+                chunk = (chunk - self.moments[0]) / self.moments[1]
+            yield chunk, self.labels[positions]
 
 
 def _fit_logistic(data: _ProbeData, classifier: nn.Linear, weight_decay: float, max_iter: int) -> nn.Linear:
@@ -280,7 +289,10 @@ def linear_probe(
     ``LogisticRegression(C=1 / (N·weight_decay))``, minimised with full-batch L-BFGS whose
     loss and gradient are accumulated over chunks of ``chunk_size`` rows (default: about
     :data:`CHUNK_ELEMENTS` numbers of features and logits per chunk) on ``device`` (default:
-    where ``train_features`` are). Features in half precision are computed in float32.
+    where ``train_features`` are). Features in half precision are computed in float32. The
+    search's rows are standardised once into a copy (at most ``search_rows`` of them), and so is
+    the whole training split for the refit where the copy fits on the device
+    (:func:`feature_device`); otherwise each L-BFGS step standardises it a chunk at a time.
     """
     _check_features(train_features, train_labels, "training")
     _check_features(test_features, test_labels, "test")
@@ -292,24 +304,40 @@ def linear_probe(
         chunk_size = max(1, CHUNK_ELEMENTS // (train_features.shape[1] + num_classes))
     check_int("chunk_size", chunk_size)
     moments = _moments(train_features, chunk_size, device, dtype)
+
+    def standardised(rows: Tensor | None = None) -> _ProbeData:
+        if rows is None:
+            return _ProbeData(
+                _standardised(train_features, moments, chunk_size), train_labels, chunk_size, device, dtype
+            )
+        features = _standardised(train_features, moments, chunk_size, rows.to(train_features.device))
+        return _ProbeData(features, train_labels[rows.to(train_labels.device)], chunk_size, device, dtype)
+
     classifier = nn.Linear(train_features.shape[1], num_classes, device=device, dtype=dtype)
     nn.init.zeros_(classifier.weight)
     nn.init.zeros_(classifier.bias)
     best = weight_decays[0]
     if len(weight_decays) > 1:
-        fit, val = _search_rows(len(train_features), val_fraction, search_rows, seed)
-        fit_data = _ProbeData(train_features, train_labels, moments, chunk_size, fit)
-        val_data = _ProbeData(train_features, train_labels, moments, chunk_size, val)
+        # Standardised once: the search's rows are read at every step of six fits, and there are
+        # at most search_rows of them.
+        fit, val = (
+            standardised(rows) for rows in _search_rows(len(train_features), val_fraction, search_rows, seed)
+        )
         scores, path = {}, {}
         for weight_decay in sorted(weight_decays, reverse=True):
-            classifier = _fit_logistic(fit_data, classifier, weight_decay, max_iter)
-            scores[weight_decay] = _probe_accuracy(classifier, val_data).top1
+            classifier = _fit_logistic(fit, classifier, weight_decay, max_iter)
+            scores[weight_decay] = _probe_accuracy(classifier, val).top1
             path[weight_decay] = classifier
         best = max(sorted(weight_decays, reverse=True), key=scores.__getitem__)
         classifier = path[best]
-    train = _ProbeData(train_features, train_labels, moments, chunk_size)
+    # The whole split standardised once where such a copy fits, else a chunk at a time at every step.
+    if feature_device(train_features.shape[0] * train_features.shape[1] * dtype.itemsize, device) == device:
+        train = standardised()
+    else:
+        train = _ProbeData(train_features, train_labels, chunk_size, device, dtype, moments)
     classifier = _fit_logistic(train, classifier, best, max_iter)
-    accuracy = _probe_accuracy(classifier, _ProbeData(test_features, test_labels, moments, chunk_size))
+    test = _ProbeData(test_features, test_labels, chunk_size, device, dtype, moments)
+    accuracy = _probe_accuracy(classifier, test)
     return ProbeResult(top1=accuracy.top1, top5=accuracy.top5, weight_decay=best)
 
 

@@ -19,6 +19,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 from transformers import CLIPModel, CLIPProcessor
 
+from mvmr_hf import evaluation
 from mvmr_hf.align import fit_alignment, load_alignment, save_alignment
 from mvmr_hf.augment import CENTER_CROP_FRACTION, center_view
 from mvmr_hf.cli.release import align_main, evaluate_main
@@ -100,10 +101,15 @@ def test_knn_matches_sklearn_weighted_cosine_neighbours(digit_pixels):
     assert result.top1 == pytest.approx(_sklearn_knn_accuracy(train_x, train_y, test_x, test_y), abs=1e-6)
 
 
-def test_linear_probe_in_small_chunks_matches_sklearn_and_one_chunk(digit_pixels):
+@pytest.mark.parametrize("standardised_copy_fits", [True, False])
+def test_linear_probe_in_small_chunks_matches_sklearn_and_one_chunk(
+    digit_pixels, standardised_copy_fits, monkeypatch
+):
     train_x, train_y, test_x, test_y = digit_pixels
     tensors = list(map(torch.from_numpy, digit_pixels))
     whole = linear_probe(*tensors, chunk_size=len(train_x))
+    if not standardised_copy_fits:  # the refit then standardises a chunk at a time at every step
+        monkeypatch.setattr(evaluation, "feature_device", lambda nbytes, device: torch.device("meta"))
     chunked = linear_probe(*tensors, chunk_size=37)  # 38 chunks, the last one of 31 rows
     assert chunked.weight_decay == whole.weight_decay
     assert chunked.top1 == pytest.approx(whole.top1, abs=100 / len(test_y))  # one test image at most
