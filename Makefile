@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_representations.py --quick
 	$(PY) benchmarks/bench_step.py --quick
 	$(PY) benchmarks/bench_dataloading.py --quick
+	$(PY) benchmarks/bench_evaluation.py --quick
 	$(PY) benchmarks/bench_quality.py --quick
 
 # The full quality grid behind the README's defaults table (about 45 minutes on 2 CPU cores).
