@@ -400,24 +400,35 @@ def test_align_then_student_zero_shot_approaches_the_teacher(
     assert student > teacher.top1 - 25
 
 
-def test_two_processes_extract_the_features_of_one_process(digits, releases, tmp_path):
-    """``mvmr-evaluate`` on 2 CPU processes (gloo): each extracts half of the rows (719 + 718 train
-    images, in batches of 64), the gathered features are the single process's, in row order; the
-    main process alone prints the table and writes the card and the feature cache."""
-    folder = shutil.copytree(releases["random"], tmp_path / "release")
-    script = tmp_path / "evaluate.py"
-    script.write_text(
-        "import sys\nfrom mvmr_hf.cli.release import evaluate_main\nsys.exit(evaluate_main())\n"
+def _on_two_processes(tmp_path: Path, command: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """``command`` (``evaluate_main`` or ``align_main``) on 2 CPU processes (torchrun, gloo)."""
+    script = tmp_path / f"{command}.py"
+    script.write_text(f"import sys\nfrom mvmr_hf.cli.release import {command}\nsys.exit({command}())\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+    ]
+    result = subprocess.run(
+        [*launch, *argv], env=env, capture_output=True, text=True, timeout=600, check=False
     )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_processes_extract_the_features_of_one_process(digits, releases, tmp_path):
+    """``mvmr-evaluate`` on 2 CPU processes: each extracts half of the rows (719 + 718 train images,
+    in batches of 64), the gathered features are the single process's, in row order; the main
+    process alone prints the table and writes the card and the feature cache."""
+    folder = shutil.copytree(releases["random"], tmp_path / "release")
     cache = tmp_path / "cache"
     argv = ["--model", str(folder), "--dataset", str(digits), "--cache-dir", str(cache), "--batch-size", "64",
             "--update-card"]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(script), *argv]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("protocol") == 1, result.stdout
+    assert _on_two_processes(tmp_path, "evaluate_main", argv).stdout.count("protocol") == 1
 
     encoder = load_encoder(str(folder))
     for split_name in ("train", "test"):
@@ -432,6 +443,20 @@ def test_two_processes_extract_the_features_of_one_process(digits, releases, tmp
     single = evaluate(encoder, str(digits), device="cpu")
     assert card == pytest.approx({f"{r.protocol} top-{k}": round(v, 2) for r in single
                                   for k, v in ((1, r.top1), (5, r.top5))}, abs=0.3)  # fmt: skip
+
+
+def test_two_processes_fit_the_alignment_head_of_one_process(digits, releases, tmp_path):
+    """``mvmr-align`` on 2 CPU processes: the student's and the teacher's features are gathered, and
+    the main process alone fits and writes the head, the one a single process fits."""
+    one, two = (shutil.copytree(releases["random"], tmp_path / name) for name in ("one", "two"))
+    argv = ["--dataset", str(digits), "--cache-dir", "", "--batch-size", "64"]
+    assert align_main(["--model", str(one), *argv]) == 0
+    result = _on_two_processes(tmp_path, "align_main", ["--model", str(two), *argv])
+    assert result.stdout.count("alignment head fitted") == 1
+    (head_one, info_one), (head_two, info_two) = load_alignment(one), load_alignment(two)
+    assert (info_two.num_images, info_two.ridge) == (info_one.num_images, pytest.approx(info_one.ridge))
+    torch.testing.assert_close(head_two.weight, head_one.weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(head_two.bias, head_one.bias, rtol=1e-4, atol=1e-5)
 
 
 def test_features_are_read_back_from_the_cache(digits, releases, tmp_path, monkeypatch):
