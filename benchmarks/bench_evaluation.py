@@ -17,7 +17,7 @@ weak by construction; its time does not depend on the data.
   probe plus kNN of ImageNet-sized features in at most 10 minutes on one GPU.
 
     python benchmarks/bench_evaluation.py --quick      # N = 2 k, D = 512: seconds
-    python benchmarks/bench_evaluation.py              # the CPU grid, about 5 minutes on 2 cores
+    python benchmarks/bench_evaluation.py              # the CPU grid, about 2 minutes on 2 cores
     python benchmarks/bench_evaluation.py --device cuda
 """
 
