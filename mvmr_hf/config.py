@@ -496,7 +496,11 @@ class EvalDataArguments:
     )
     batch_size: int = _opt(256, "Images per forward pass.")
     num_workers: int = _opt(0, "Data-loading worker processes (decoding and resizing).")
-    device: str | None = _opt(None, "Device to run the models on; default cuda when available, else cpu.")
+    device: str | None = _opt(
+        None,
+        "Device to run the models, the probe and kNN on; default the launch's device for each process "
+        "(its GPU under accelerate launch / torchrun; cuda when available, else cpu).",
+    )
     cache_dir: str = _opt(
         DEFAULT_CACHE, "Folder caching extracted features per model, data set and split; empty for no cache."
     )

@@ -28,6 +28,7 @@ EXPECTED = {
     "bench_dataloading.py": ("images_per_s", "images_per_s_per_worker", "decode_ms", "views_ms"),
     "bench_quality.py": ("linear", "knn"),
     "bench_distill.py": ("linear", "knn"),
+    "bench_evaluation.py": ("probe_s", "knn_s", "total_s", "probe_top1", "knn_top1"),
 }
 # A real teacher on real images: one seed and one epoch are enough to show the script runs end to end.
 EXTRA = {"bench_quality.py": ("--seeds", "1", "--epochs", "1")}

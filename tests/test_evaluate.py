@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 from transformers import CLIPModel, CLIPProcessor
 
+from mvmr_hf import evaluation
 from mvmr_hf.align import fit_alignment, load_alignment, save_alignment
 from mvmr_hf.augment import CENTER_CROP_FRACTION, center_view
 from mvmr_hf.cli.release import align_main, evaluate_main
 from mvmr_hf.data import load_image_dataset
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.evaluation import (
+    WEIGHT_DECAYS,
     evaluate,
     extract_features,
+    feature_device,
     knn_classify,
+    knn_scores,
     linear_probe,
     load_encoder,
     topk_accuracy,
@@ -49,6 +58,17 @@ def _sklearn_probe_accuracy(train_x, train_y, test_x, test_y, weight_decay):
     classifier = LogisticRegression(C=1.0 / (len(train_x) * weight_decay), max_iter=10_000)
     classifier.fit(scaler.transform(train_x), train_y)
     return 100.0 * classifier.score(scaler.transform(test_x), test_y)
+
+
+def _sklearn_search_scores(train_x, train_y, fit, val):
+    """Validation top-1 of each weight decay, fitted by scikit-learn on the ``fit`` rows (scaled on all)."""
+    scaler = StandardScaler().fit(train_x)
+    scores = {}
+    for weight_decay in WEIGHT_DECAYS:
+        classifier = LogisticRegression(C=1.0 / (len(fit) * weight_decay), max_iter=10_000)
+        classifier.fit(scaler.transform(train_x[fit]), train_y[fit])
+        scores[weight_decay] = 100.0 * classifier.score(scaler.transform(train_x[val]), train_y[val])
+    return scores
 
 
 def _sklearn_knn_accuracy(train_x, train_y, test_x, test_y):
@@ -79,6 +99,96 @@ def test_knn_matches_sklearn_weighted_cosine_neighbours(digit_pixels):
     train_x, train_y, test_x, test_y = digit_pixels
     result = knn_classify(*map(torch.from_numpy, digit_pixels))
     assert result.top1 == pytest.approx(_sklearn_knn_accuracy(train_x, train_y, test_x, test_y), abs=1e-6)
+
+
+@pytest.mark.parametrize("standardised_copy_fits", [True, False])
+def test_linear_probe_in_small_chunks_matches_sklearn_and_one_chunk(
+    digit_pixels, standardised_copy_fits, monkeypatch
+):
+    train_x, train_y, test_x, test_y = digit_pixels
+    tensors = list(map(torch.from_numpy, digit_pixels))
+    whole = linear_probe(*tensors, chunk_size=len(train_x))
+    if not standardised_copy_fits:  # the refit then standardises a chunk at a time at every step
+        monkeypatch.setattr(evaluation, "feature_device", lambda nbytes, device: torch.device("meta"))
+    chunked = linear_probe(*tensors, chunk_size=37)  # 38 chunks, the last one of 31 rows
+    assert chunked.weight_decay == whole.weight_decay
+    assert chunked.top1 == pytest.approx(whole.top1, abs=100 / len(test_y))  # one test image at most
+    assert chunked.top1 == pytest.approx(
+        _sklearn_probe_accuracy(train_x, train_y, test_x, test_y, chunked.weight_decay), abs=1.0
+    )
+    # half-precision features are computed in float32: the same as their float32 values
+    half = linear_probe(tensors[0].half(), tensors[1], tensors[2].half(), tensors[3], chunk_size=37)
+    rounded = linear_probe(tensors[0].half().float(), tensors[1], tensors[2].half().float(), tensors[3])
+    assert (half.weight_decay, half.top1) == pytest.approx((rounded.weight_decay, rounded.top1), abs=0.3)
+
+
+@pytest.mark.parametrize("search_rows", [600, 100_000])
+def test_weight_decay_search_fits_a_subsample_of_the_training_split_only(digit_pixels, search_rows):
+    """The documented rule: rows ``randperm(N, seed 0)[:search_rows]``, the first 10 % of them validate."""
+    train_x, train_y, _, test_y = digit_pixels
+    tensors = list(map(torch.from_numpy, digit_pixels))
+    result = linear_probe(*tensors, search_rows=search_rows)
+    subsample = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:search_rows].numpy()
+    num_val = len(subsample) // 10
+    val, fit = subsample[:num_val], subsample[num_val:]
+    # the choice is (up to one validation image) scikit-learn's best on these rows
+    scores = _sklearn_search_scores(train_x, train_y, fit, val)
+    assert scores[result.weight_decay] >= max(scores.values()) - 100 / num_val - 1e-9
+
+    # labels outside the subsample (the test split's included) do not change the choice ...
+    outside = np.setdiff1d(np.arange(len(train_x)), subsample)
+    noisy_y = train_y.copy()
+    noisy_y[outside] = np.random.default_rng(1).integers(0, 10, len(outside))
+    shuffled_test_y = np.random.default_rng(2).permutation(test_y)
+    noisy = linear_probe(tensors[0], torch.from_numpy(noisy_y), tensors[2], torch.from_numpy(shuffled_test_y),
+                         search_rows=search_rows)  # fmt: skip
+    assert noisy.weight_decay == result.weight_decay
+    # ... but the refit sees the whole training split
+    if len(outside):
+        refit = linear_probe(tensors[0], torch.from_numpy(noisy_y), *tensors[2:], search_rows=search_rows)
+        assert refit.top1 < result.top1 - 5
+
+
+def test_knn_in_small_chunks_matches_sklearn_and_the_votes_by_hand(digit_pixels):
+    train_x, train_y, test_x, test_y = digit_pixels
+    tensors = list(map(torch.from_numpy, digit_pixels))
+    chunked = knn_classify(*tensors, chunk_size=7, train_chunk_size=13)
+    assert chunked.top1 == pytest.approx(_sklearn_knn_accuracy(train_x, train_y, test_x, test_y), abs=1e-6)
+
+    train, test = (torch.nn.functional.normalize(t, dim=1) for t in (tensors[0], tensors[2]))
+    similarity, index = (test @ train.T).topk(20, dim=1)
+    by_hand = torch.zeros(len(test), 10).scatter_add_(1, tensors[1][index], (similarity / 0.07).exp())
+    votes = knn_scores(tensors[0], tensors[1], tensors[2], num_classes=10, chunk_size=7, train_chunk_size=13)
+    torch.testing.assert_close(votes, by_hand, rtol=1e-4, atol=0.0)
+    # fewer training rows than k: every training row votes
+    few = knn_scores(tensors[0][:5], tensors[1][:5], tensors[2], num_classes=10, train_chunk_size=2)
+    torch.testing.assert_close(few.sum(1), (test @ train[:5].T / 0.07).exp().sum(1), rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.gpu
+def test_probe_and_knn_on_cuda_match_the_cpu(digit_pixels):
+    tensors = list(map(torch.from_numpy, digit_pixels))
+    on_gpu = [t.cuda() for t in tensors]
+    probe_cpu, probe_gpu = linear_probe(*tensors), linear_probe(*on_gpu)
+    assert probe_gpu.weight_decay == probe_cpu.weight_decay
+    assert probe_gpu.top1 == pytest.approx(probe_cpu.top1, abs=0.3)  # one test image at most
+    # CPU features, computed on the GPU a chunk at a time
+    assert linear_probe(*tensors, device="cuda", chunk_size=100).top1 == pytest.approx(
+        probe_cpu.top1, abs=0.3
+    )
+    votes_cpu = knn_scores(tensors[0], tensors[1], tensors[2], num_classes=10)
+    votes_gpu = knn_scores(on_gpu[0], on_gpu[1], on_gpu[2], num_classes=10, train_chunk_size=100)
+    assert votes_gpu.is_cuda
+    torch.testing.assert_close(votes_gpu.cpu(), votes_cpu, rtol=1e-3, atol=1e-3)
+    assert knn_classify(*on_gpu) == knn_classify(*tensors)
+
+
+def test_features_stay_on_the_gpu_when_they_take_at_most_half_its_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * 2**30, 80 * 2**30))
+    gpu = torch.device("cuda", 0)
+    assert feature_device(2 * 2**30, gpu) == gpu
+    assert feature_device(2 * 2**30 + 1, gpu) == torch.device("cpu")
+    assert feature_device(10**12, torch.device("cpu")) == torch.device("cpu")
 
 
 def test_topk_accuracy_by_hand():
@@ -288,6 +398,65 @@ def test_align_then_student_zero_shot_approaches_the_teacher(
     (teacher,) = evaluate(load_encoder(str(clip_teacher)), str(digits), protocols=["zero-shot"])
     assert student > 30  # chance is 10
     assert student > teacher.top1 - 25
+
+
+def _on_two_processes(tmp_path: Path, command: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """``command`` (``evaluate_main`` or ``align_main``) on 2 CPU processes (torchrun, gloo)."""
+    script = tmp_path / f"{command}.py"
+    script.write_text(f"import sys\nfrom mvmr_hf.cli.release import {command}\nsys.exit({command}())\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+    ]
+    result = subprocess.run(
+        [*launch, *argv], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_processes_extract_the_features_of_one_process(digits, releases, tmp_path):
+    """``mvmr-evaluate`` on 2 CPU processes: each extracts half of the rows (719 + 718 train images,
+    in batches of 64), the gathered features are the single process's, in row order; the main
+    process alone prints the table and writes the card and the feature cache."""
+    folder = shutil.copytree(releases["random"], tmp_path / "release")
+    cache = tmp_path / "cache"
+    argv = ["--model", str(folder), "--dataset", str(digits), "--cache-dir", str(cache), "--batch-size", "64",
+            "--update-card"]  # fmt: skip
+    assert _on_two_processes(tmp_path, "evaluate_main", argv).stdout.count("protocol") == 1
+
+    encoder = load_encoder(str(folder))
+    for split_name in ("train", "test"):
+        split = load_image_dataset(str(digits), split=split_name, streaming=False)
+        one = extract_features(encoder, split, batch_size=64, device="cpu")
+        (path,) = [p for p in cache.glob("*.safetensors") if len(load_file(p)["labels"]) == len(split)]
+        two = load_file(path)
+        torch.testing.assert_close(two["features"], one.features)
+        assert torch.equal(two["labels"], one.labels)
+        assert torch.equal(one.labels, torch.tensor(split["label"]))
+    card = _card_results(folder)
+    single = evaluate(encoder, str(digits), device="cpu")
+    assert card == pytest.approx({f"{r.protocol} top-{k}": round(v, 2) for r in single
+                                  for k, v in ((1, r.top1), (5, r.top5))}, abs=0.3)  # fmt: skip
+
+
+def test_two_processes_fit_the_alignment_head_of_one_process(digits, releases, tmp_path):
+    """``mvmr-align`` on 2 CPU processes: the student's and the teacher's features are gathered, and
+    the main process alone fits and writes the head, the one a single process fits."""
+    one, two = (shutil.copytree(releases["random"], tmp_path / name) for name in ("one", "two"))
+    argv = ["--dataset", str(digits), "--cache-dir", "", "--batch-size", "64"]
+    assert align_main(["--model", str(one), *argv]) == 0
+    result = _on_two_processes(tmp_path, "align_main", ["--model", str(two), *argv])
+    assert result.stdout.count("alignment head fitted") == 1
+    (head_one, info_one), (head_two, info_two) = load_alignment(one), load_alignment(two)
+    assert (info_two.num_images, info_two.ridge) == (info_one.num_images, pytest.approx(info_one.ridge))
+    torch.testing.assert_close(head_two.weight, head_one.weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(head_two.bias, head_one.bias, rtol=1e-4, atol=1e-5)
 
 
 def test_features_are_read_back_from_the_cache(digits, releases, tmp_path, monkeypatch):

@@ -9,6 +9,10 @@ them, errors are one line, exit 2)::
     mvmr-align --model runs/kd/student --dataset tanganke/stl10 --split unlabelled
     mvmr-evaluate --model runs/kd/student --dataset tanganke/stl10 --protocol zero-shot --update-card
     mvmr-push runs/kd/student me/resnet50-mvmr-clip --private
+
+``mvmr-evaluate`` and ``mvmr-align`` also run under ``accelerate launch`` (or ``torchrun``) with
+several processes: each extracts the features of its share of the images, and the main process
+prints and writes the results.
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
 
 from mvmr_hf import config
 from mvmr_hf.align import alignment_teacher, fit_alignment
@@ -35,6 +37,7 @@ from mvmr_hf.evaluation import (
     evaluate,
     extract_features,
     format_table,
+    launch_state,
     load_encoder,
     parse_protocols,
     to_eval_results,
@@ -44,10 +47,6 @@ from mvmr_hf.hub import push_to_hub
 from mvmr_hf.utils import deprecated_alias
 
 __all__ = ["align_main", "evaluate_main", "export_main", "push_main"]
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _with_positionals(argv: Sequence[str], names: Sequence[str]) -> list[str]:
@@ -87,10 +86,12 @@ def _evaluate(argv: Sequence[str]) -> None:
         label_column=args.label_column,
         protocols=protocols,
         batch_size=data.batch_size,
-        device=data.device or _default_device(),
+        device=data.device,
         num_workers=data.num_workers,
         cache_dir=data.cache_dir or None,
     )
+    if not launch_state().is_main_process:  # every process has the results; one reports them
+        return
     print(format_table(results))
     if args.update_card:
         entries = to_eval_results(
@@ -113,7 +114,7 @@ def _align(argv: Sequence[str]) -> None:
         "image_column": data.image_column,
         "label_column": None,
         "batch_size": data.batch_size,
-        "device": data.device or _default_device(),
+        "device": data.device,
         "num_workers": data.num_workers,
         "cache_dir": data.cache_dir or None,
     }
@@ -123,7 +124,10 @@ def _align(argv: Sequence[str]) -> None:
         raise ConfigError(
             "the student and the teacher decoded different images: clear --cache-dir and retry."
         )
-    fit = fit_alignment(student.features, target.features)
+    if not launch_state().is_main_process:  # every process has the features; one fits and writes the head
+        return
+    # On the CPU: the closed-form fit is a float64 D x D solve, which not every accelerator has.
+    fit = fit_alignment(student.features.cpu(), target.features.cpu())
     add_alignment(folder, fit, teacher=teacher, teacher_output="embedding")
     print(
         f"alignment head fitted on {fit.num_images} images: held-out cosine {fit.val_cosine:.4f} "
