@@ -10,7 +10,8 @@ the whole check fits the 8 minutes a lent GPU machine allows, installation inclu
 3. ``bench_evaluation.py``: linear probe and kNN of ImageNet-sized features (target <= 10 min);
 4. ``bench_distill.py``: a real distillation with bf16, channels-last, ``--compile`` and device
    views (2 processes when 2 GPUs exist), against an eager fp32 run;
-5. ``bench_dataloading.py``, ``bench_dcor.py``, ``bench_representations.py`` (reduced grids).
+5. ``bench_teachers.py``: each default teacher's memory at batch 512, and bfloat16's agreement;
+6. ``bench_dataloading.py``, ``bench_dcor.py``, ``bench_representations.py`` (reduced grids).
 
 Each benchmark writes ``benchmarks/results/<name>-cuda.json``; this script prints each step's
 status and time and writes them to ``benchmarks/results/gpu-check-cuda.json``. It exits 1 when a
@@ -38,7 +39,8 @@ HERE = Path(__file__).resolve().parent
 TESTS = ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
 # (benchmark, seconds allowed, reduced grid always): the GPU targets first
 BENCHMARKS = [("step", 150, False), ("evaluation", 120, False), ("distill", 150, False),
-              ("dataloading", 45, True), ("dcor", 30, True), ("representations", 30, True)]  # fmt: skip
+              ("teachers", 60, False), ("dataloading", 45, True), ("dcor", 30, True),
+              ("representations", 30, True)]  # fmt: skip
 
 
 def _run(name: str, command: list[str], limit: int) -> dict:
