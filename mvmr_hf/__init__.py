@@ -49,6 +49,7 @@ _LAZY = {
     "ModelArguments": "mvmr_hf.config",
     "PretrainModelArguments": "mvmr_hf.config",
     "TeacherArguments": "mvmr_hf.config",
+    "TeacherSpec": "mvmr_hf.config",
     "DataArguments": "mvmr_hf.config",
     "DistillDataArguments": "mvmr_hf.config",
     "DistillTrainingArguments": "mvmr_hf.config",
