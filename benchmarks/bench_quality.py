@@ -180,9 +180,13 @@ def main() -> int:
 
     rows: list[dict] = []
     start = time.perf_counter()
-    reference = _probe(str(teacher), data, features, device, splits)
-    rows.append({"group": "reference", "cell": "teacher (EfficientNet-Lite0, ImageNet)",
-                 "linear": reference["linear"], "knn": reference["knn"], "seeds": 1})  # fmt: skip
+    references = [("lite0", "EfficientNet-Lite0, ImageNet")]
+    if any(group == "teachers" for group, *_ in cells):
+        references += [("lite2", "EfficientNet-Lite2, ImageNet"), ("random", "random-init Lite0")]
+    for key, label in references:
+        reference = _probe(str(folders[key]), data, features, device, splits)
+        rows.append({"group": "reference", "cell": f"teacher ({label})",
+                     "linear": reference["linear"], "knn": reference["knn"], "seeds": 1})  # fmt: skip
     random_scores = []
     for seed in seeds:
         torch.manual_seed(seed)
