@@ -264,3 +264,28 @@ def test_a_one_teacher_run_from_before_several_teachers_resumes(digits, teacher,
     assert [m["step"] for m in read_metrics(run)][-1] == 3
     assert "dcor/teacher" in read_metrics(run)[-1]
     assert np.isfinite(read_metrics(run)[-1]["loss"])
+
+
+def test_bfloat16_teachers_stay_close_to_float32_and_cache_apart(digits, teacher, timm_teacher, tmp_path):
+    loader, _ = build_dataloader(load_image_dataset(str(digits)), image_size=32, batch_size=16)
+    batch = next(iter(loader))
+    images01 = batch["image"].float() / 255
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+        arguments = TeacherArguments(teacher=f"{teacher},{timm_teacher}", teacher_dtype=dtype)
+        representations = build_representations(ModelArguments(), arguments)
+        outputs[dtype] = representation_outputs(
+            Accelerator(cpu=True), representations, images01, batch["key"]
+        )
+    for name, full in outputs["float32"].items():
+        low = outputs["bfloat16"][name]
+        assert low.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(low, full).min() > 0.99, name
+
+    run = tmp_path / "run"
+    argv = _two(digits, teacher, timm_teacher, run, "--teacher-dtype", "bfloat16", "--max-steps", "2",
+                "--cache-teacher")  # fmt: skip
+    assert distill_main(argv) == 0
+    fingerprints = [json.loads((c / "fingerprint.json").read_text()) for c in (run / CACHE_DIR).iterdir()]
+    assert [f["teacher"]["dtype"] for f in fingerprints] == ["bfloat16", "bfloat16"]
+    assert all(np.isfinite(m["loss"]) for m in read_metrics(run))
