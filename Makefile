@@ -35,7 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_distill.py --quick
 	$(PY) benchmarks/bench_teachers.py --quick
 
-# The full quality grid behind the README's defaults table (about 45 minutes on 2 CPU cores).
+# The full quality grid behind the README's defaults table (about 70 minutes on 2 CPU cores).
 bench-quality: $(STAMP)
 	$(PY) benchmarks/bench_quality.py
 
