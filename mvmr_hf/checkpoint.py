@@ -4,7 +4,9 @@ A checkpoint is ``OUTPUT_DIR/checkpoints/step-NNNNNN/`` holding what
 ``accelerator.save_state`` writes (``model.safetensors`` with the Student's ``backbone.*``
 and ``projector.*`` keys, optimizer, scheduler, gradient scaler, one RNG file per process),
 one ``dataloader_rank{r}.json`` per process (the position of that process's data stream)
-and ``trainer_state.json`` (step, epoch, number of processes). Every process writes into
+and ``trainer_state.json`` (step, epoch, number of processes, and under ``files`` every other
+file's size and SHA-256, so that a truncated, missing or altered file is found before it is
+loaded: :func:`checkpoint_problem`, :func:`newest_intact_checkpoint`). Every process writes into
 ``step-NNNNNN.tmp``; when all have finished, the main process renames it. A folder without
 the ``.tmp`` suffix is therefore complete: a run killed while saving leaves only a ``.tmp``
 folder, which the next save of that step or :func:`remove_partial` deletes. The output
@@ -19,15 +21,17 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.utils import PARTIAL_SUFFIX, atomic_write, partial_path, replace_folder
@@ -37,9 +41,12 @@ __all__ = [
     "TRAINER_STATE",
     "CheckpointState",
     "checkpoint_path",
+    "checkpoint_problem",
+    "intact_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "newest_intact_checkpoint",
     "read_trainer_state",
     "remove_partial",
     "rotate_checkpoints",
@@ -77,6 +84,78 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
         return []
     complete = [path for path in folder.iterdir() if _is_complete(path)]
     return sorted(complete, key=lambda path: int(_NAME.fullmatch(path.name).group(1)))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file of a checkpoint folder but its trainer state, by relative path."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != TRAINER_STATE)
+    return {
+        file.relative_to(folder).as_posix(): {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        for file in files
+    }
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why the complete checkpoint ``path`` cannot be used (a file missing, truncated or altered), else None.
+
+    Checkpoints written before the manifest existed have nothing to check against and pass.
+    """
+    path = Path(path)
+    try:
+        files = json.loads((path / TRAINER_STATE).read_text()).get("files", {})
+    except (OSError, ValueError):
+        return f"{TRAINER_STATE} cannot be read"
+    for name, record in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != record["bytes"]:
+            return f"{name} holds {file.stat().st_size} bytes where {record['bytes']} were written"
+        if _sha256(file) != record["sha256"]:
+            return f"{name} does not match the SHA-256 recorded when it was written"
+    return None
+
+
+def newest_intact_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint whose files are all as written (None when there is no checkpoint).
+
+    Each newer, damaged one is skipped with one line on stderr (from the main process) naming it
+    and what is wrong. Raises ConfigError when there are checkpoints but every one is damaged.
+    """
+    checkpoints = list_checkpoints(output_dir)
+    for path in reversed(checkpoints):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if PartialState().is_main_process:
+            print(f"skipping checkpoint {path}: {problem}", file=sys.stderr)
+    if checkpoints:
+        raise ConfigError(
+            f"every checkpoint in {Path(output_dir) / CHECKPOINTS_DIR} is damaged (see above): restore one "
+            "from a copy, or start again with --overwrite"
+        )
+    return None
+
+
+def intact_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` when it is a complete checkpoint whose files are all as written; ConfigError otherwise."""
+    path = Path(path)
+    read_trainer_state(path)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ConfigError(
+            f"checkpoint {path} is damaged: {problem}; name another one, or --resume alone for the newest "
+            "intact one"
+        )
+    return path
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -130,7 +209,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes}
-        _write_json(partial / TRAINER_STATE, state)
+        _write_json(partial / TRAINER_STATE, {**state, "files": _manifest(partial)})
         replace_folder(partial, final)
         rotate_checkpoints(output_dir, keep)
     accelerator.wait_for_everyone()
@@ -145,7 +224,12 @@ def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a complete checkpoint folder (checkpoints/step-NNNNNN with {TRAINER_STATE}): "
             "pass a folder from OUTPUT_DIR/checkpoints, or --resume alone for the latest one"
         )
-    return json.loads((path / TRAINER_STATE).read_text())
+    try:
+        return json.loads((path / TRAINER_STATE).read_text())
+    except ValueError:
+        raise ConfigError(
+            f"{path / TRAINER_STATE} is damaged (not JSON): resume from another checkpoint"
+        ) from None
 
 
 def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> CheckpointState:

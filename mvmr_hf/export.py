@@ -44,7 +44,7 @@ from torch import nn
 from mvmr_hf.align import AlignmentFit, load_alignment, save_alignment
 from mvmr_hf.augment import CENTER_CROP_FRACTION
 from mvmr_hf.card import BackboneInfo, CardInfo, merge_results, read_results, render_card
-from mvmr_hf.checkpoint import latest_checkpoint, read_trainer_state
+from mvmr_hf.checkpoint import intact_checkpoint, newest_intact_checkpoint, read_trainer_state
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.student import Student, build_student
 from mvmr_hf.utils import atomic_folder
@@ -262,7 +262,7 @@ def add_alignment(folder: str | os.PathLike, fit: AlignmentFit, *, teacher: str,
 def _find_checkpoint(path: Path) -> tuple[Path, Path]:
     """(run folder, checkpoint folder) for a run folder (its latest checkpoint) or a checkpoint folder."""
     if (path / TRAINING_ARGS).is_file():
-        checkpoint = latest_checkpoint(path)
+        checkpoint = newest_intact_checkpoint(path)
         if checkpoint is None:
             raise ConfigError(
                 f"run folder {path} has no complete checkpoint: train longer or pass another run."
@@ -274,7 +274,7 @@ def _find_checkpoint(path: Path) -> tuple[Path, Path]:
             f"{path} is neither a run folder (with {TRAINING_ARGS}) "
             "nor one of its checkpoints/step-NNNNNN folders."
         )
-    return run, path
+    return run, intact_checkpoint(path)
 
 
 def export_run(checkpoint_or_run: str | os.PathLike, folder: str | os.PathLike | None = None) -> Path:

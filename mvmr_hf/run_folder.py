@@ -19,9 +19,9 @@ from accelerate import Accelerator
 
 from mvmr_hf.checkpoint import (
     CHECKPOINTS_DIR,
-    latest_checkpoint,
+    intact_checkpoint,
     list_checkpoints,
-    read_trainer_state,
+    newest_intact_checkpoint,
     remove_partial,
 )
 from mvmr_hf.config import TrainingArguments
@@ -67,10 +67,9 @@ def resume_point(output_dir: Path, training_args: TrainingArguments, args: dict[
             )
         return None
     if training_args.resume == "latest":
-        path = latest_checkpoint(output_dir)
+        path = newest_intact_checkpoint(output_dir)
     else:
-        path = Path(training_args.resume)
-        read_trainer_state(path)  # ConfigError unless a complete checkpoint
+        path = intact_checkpoint(training_args.resume)
     if path is not None:
         _check_same_run(path.parent.parent / TRAINING_ARGS, args)
     return path
