@@ -11,7 +11,10 @@ Layout: ``OUTPUT_DIR/teacher_cache/<fingerprint>/`` holds ``fingerprint.json`` (
 outputs depend on) and safetensors shards ``shard-r{rank}-{n}.safetensors``, each with one
 tensor ``outputs`` (N, ...) and the N sample keys in its metadata. Each process writes its
 own shards (atomically: a killed run leaves no partial shard) and reads everyone's after
-:meth:`TeacherCache.refresh`; rows are read lazily from the memory-mapped shards.
+:meth:`TeacherCache.refresh`; rows are read lazily from the memory-mapped shards. Each shard's
+metadata also holds the SHA-256 of its outputs, checked when the shard is first indexed: a
+shard that cannot be opened or does not match is skipped with one line on stderr, so its rows
+count as missing and the teacher computes them again; a wrong output is never read.
 
 Example::
 
@@ -29,12 +32,13 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -45,6 +49,11 @@ __all__ = ["CACHE_DIR", "TeacherCache", "cache_folder"]
 CACHE_DIR = "teacher_cache"
 _TENSOR = "outputs"
 _SHARD = re.compile(r"shard-r(\d+)-(\d+)\.safetensors")
+
+
+def _digest(outputs: Tensor) -> str:
+    """SHA-256 of a tensor's bytes (its dtype and shape are checked by safetensors itself)."""
+    return hashlib.sha256(outputs.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def cache_folder(output_dir: str | os.PathLike, fingerprint: Mapping[str, Any]) -> Path:
@@ -81,6 +90,7 @@ class TeacherCache:
         self._index: dict[str, tuple[Path, int]] = {}
         self._shards: dict[Path, Any] = {}
         self._pending: dict[str, Tensor] = {}
+        self._damaged: set[Path] = set()
         self._next_shard = 1 + max(
             (
                 int(m.group(2))
@@ -127,9 +137,8 @@ class TeacherCache:
         keys = list(self._pending)
         path = self.folder / f"shard-r{self.rank:03d}-{self._next_shard:06d}.safetensors"
         outputs = torch.stack([self._pending[key] for key in keys]).contiguous()
-        atomic_write(
-            path, lambda partial: save_file({_TENSOR: outputs}, partial, metadata={"keys": json.dumps(keys)})
-        )
+        metadata = {"keys": json.dumps(keys), "sha256": _digest(outputs)}
+        atomic_write(path, lambda partial: save_file({_TENSOR: outputs}, partial, metadata=metadata))
         self._next_shard += 1
         self._pending.clear()
         self._add_shard(path)
@@ -137,13 +146,24 @@ class TeacherCache:
     def refresh(self) -> None:
         """Index the shards every process has written so far (call after all have flushed)."""
         for path in sorted(self.folder.glob("shard-r*.safetensors")):
-            if path not in self._shards and _SHARD.fullmatch(path.name):
+            if path not in self._shards and path not in self._damaged and _SHARD.fullmatch(path.name):
                 self._add_shard(path)
 
     def _add_shard(self, path: Path) -> None:
-        handle = safe_open(str(path), framework="pt")
+        try:
+            handle = safe_open(str(path), framework="pt")
+            metadata = handle.metadata() or {}
+            keys = json.loads(metadata["keys"])
+            recorded = metadata.get("sha256")  # shards written before the digest existed have none
+            if recorded is not None and _digest(handle.get_tensor(_TENSOR)) != recorded:
+                raise ValueError("its outputs do not match the SHA-256 recorded when it was written")
+        except (SafetensorError, OSError, ValueError, KeyError) as error:
+            self._damaged.add(path)
+            print(f"skipping damaged teacher-cache shard {path}: {error}; its rows are computed again",
+                  file=sys.stderr)  # fmt: skip
+            return
         self._shards[path] = handle
-        for row, key in enumerate(json.loads(handle.metadata()["keys"])):
+        for row, key in enumerate(keys):
             self._index.setdefault(key, (path, row))
 
     def _row(self, key: str) -> Tensor:

@@ -37,3 +37,39 @@ def test_teacher_cache_returns_the_stored_outputs_bit_for_bit(tmp_path):
     ]
     with pytest.raises(ValueError, match="one key per sample"):
         reopened.store(["a", "b"], torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [("truncate", "skipping damaged teacher-cache shard"), ("flip", "do not match the SHA-256")],
+)
+def test_a_damaged_shard_is_skipped_and_its_rows_computed_again(tmp_path, capsys, damage, reason):
+    folder = cache_folder(tmp_path, {"teacher": "tiny"})
+    cache = TeacherCache(folder, rank=0)
+    outputs = torch.randn(4, 6)
+    cache.store(["a", "b"], outputs[:2])
+    cache.flush()
+    cache.store(["c", "d"], outputs[2:])
+    cache.flush()
+    first, second = sorted(folder.glob("shard-r000-*.safetensors"))
+    data = bytearray(first.read_bytes())
+    if damage == "truncate":
+        data = data[:40]
+    else:
+        data[-1] ^= 0x01  # the last byte of the outputs: the header and its keys stay readable
+    first.write_bytes(bytes(data))
+
+    reopened = TeacherCache(folder, rank=0)
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert reason in err
+    assert str(first) in err
+    assert reopened.missing(["a", "b", "c", "d"]) == [0, 1]  # the teacher runs on a and b again
+    assert torch.equal(reopened.lookup(["c", "d"], "cpu"), outputs[2:])
+    assert reopened.lookup(["a"], "cpu") is None
+    reopened.refresh()
+    assert capsys.readouterr().err == ""  # told once
+    reopened.store(["a", "b"], outputs[:2])
+    reopened.flush()
+    assert torch.equal(TeacherCache(folder, rank=0).lookup(["a", "b"], "cpu"), outputs[:2])
+    assert second.exists()
