@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, is_dataclass
 from math import prod
 from pathlib import Path
@@ -46,6 +46,7 @@ from mvmr_hf.augment import CENTER_CROP_FRACTION
 from mvmr_hf.card import BackboneInfo, CardInfo, merge_results, read_results, render_card
 from mvmr_hf.checkpoint import intact_checkpoint, newest_intact_checkpoint, read_trainer_state
 from mvmr_hf.errors import ConfigError
+from mvmr_hf.lock import hold_folder
 from mvmr_hf.student import Student, build_student
 from mvmr_hf.utils import atomic_folder
 
@@ -93,10 +94,12 @@ def rewrite_release(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield a copy of the release ``folder`` to modify; it replaces ``folder`` atomically on success.
 
     Files are hard-linked where the file system allows (a release's files are only ever replaced,
-    never modified in place), so large weights are not copied.
+    never modified in place), so large weights are not copied. A release inside a run folder is
+    rewritten under the run's lock (:mod:`mvmr_hf.lock`): never while that run writes it.
     """
     folder = check_release(folder)
-    with atomic_folder(folder) as work:
+    run = folder.parent if (folder.parent / TRAINING_ARGS).is_file() else None
+    with hold_folder(run) if run is not None else nullcontext(), atomic_folder(folder) as work:
         for path in folder.iterdir():
             try:
                 os.link(path, work / path.name)
@@ -289,17 +292,18 @@ def export_run(checkpoint_or_run: str | os.PathLike, folder: str | os.PathLike |
     if not path.is_dir():
         raise ConfigError(f"{path} does not exist: pass a run's output directory or one of its checkpoints.")
     run, checkpoint = _find_checkpoint(path)
-    step = read_trainer_state(checkpoint)["step"]
-    args = json.loads((run / TRAINING_ARGS).read_text())
-    student = build_student(args["student"], projector=args["projector"], image_size=args["image_size"])
-    missing, unexpected = student.load_state_dict(load_file(checkpoint / WEIGHTS), strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"checkpoint {checkpoint} does not match the student of {run / TRAINING_ARGS} "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}): pass the checkpoint of this run."
-        )
-    info = CardInfo(step=step, repo_id=args.get("push_to_hub"))
-    return export_student(student.eval(), folder or run / RELEASE_DIR, training_args=args, card_info=info)
+    with hold_folder(run):  # never while the run trains: it writes its own release and rotates checkpoints
+        step = read_trainer_state(checkpoint)["step"]
+        args = json.loads((run / TRAINING_ARGS).read_text())
+        student = build_student(args["student"], projector=args["projector"], image_size=args["image_size"])
+        missing, unexpected = student.load_state_dict(load_file(checkpoint / WEIGHTS), strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                f"checkpoint {checkpoint} does not match the student of {run / TRAINING_ARGS} "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}): pass the checkpoint of this run."
+            )
+        info = CardInfo(step=step, repo_id=args.get("push_to_hub"))
+        return export_student(student.eval(), folder or run / RELEASE_DIR, training_args=args, card_info=info)
 
 
 def load_release(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from mvmr_hf.checkpoint import (
     CHECKPOINTS_DIR,
@@ -27,14 +30,17 @@ from mvmr_hf.checkpoint import (
 from mvmr_hf.config import TrainingArguments
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, check_release_target
+from mvmr_hf.lock import FolderLock, check_folder_free
 from mvmr_hf.metrics import METRICS_FILE
 from mvmr_hf.utils import is_hub_id
 
 __all__ = [
     "CHANGEABLE_ON_RESUME",
     "LOGS_DIR",
+    "check_output_dir_free",
     "check_outputs",
     "flat_arguments",
+    "own_output_dir",
     "prepare_output_dir",
     "resume_point",
 ]
@@ -100,6 +106,37 @@ def _check_same_run(saved_args: Path, args: dict[str, Any]) -> None:
             f"--resume continues a run trained with other settings ({'; '.join(changed)}): resume with the "
             "run's own settings (pass its training_args.json) or start a new run"
         )
+
+
+def _agree(accelerator: Accelerator, action: Callable[[], None] | None) -> None:
+    """Run ``action`` on the main process; a ConfigError it raises is raised on every process."""
+    message = None
+    if action is not None:
+        try:
+            action()
+        except ConfigError as error:
+            message = str(error)
+    if accelerator.num_processes > 1:
+        message = broadcast_object_list([message])[0]
+    if message:
+        raise ConfigError(message)
+
+
+def check_output_dir_free(accelerator: Accelerator, output_dir: Path) -> None:
+    """Refuse, on every process, an output folder that another run holds (creates nothing)."""
+    _agree(accelerator, (lambda: check_folder_free(output_dir)) if accelerator.is_main_process else None)
+
+
+@contextmanager
+def own_output_dir(accelerator: Accelerator, output_dir: Path) -> Iterator[None]:
+    """Hold the output folder's lock (:mod:`mvmr_hf.lock`) for the block, from the main process only."""
+    lock = FolderLock(output_dir) if accelerator.is_main_process else None
+    _agree(accelerator, lock.acquire if lock is not None else None)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def prepare_output_dir(

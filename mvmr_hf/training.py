@@ -65,7 +65,15 @@ from mvmr_hf.metrics import METRICS_FILE, MetricsLogger, truncate_metrics
 from mvmr_hf.objective import LossOutput, MVMRLoss
 from mvmr_hf.representations import build as build_representation
 from mvmr_hf.representations.teacher import Teacher, load_teacher
-from mvmr_hf.run_folder import LOGS_DIR, check_outputs, flat_arguments, prepare_output_dir, resume_point
+from mvmr_hf.run_folder import (
+    LOGS_DIR,
+    check_output_dir_free,
+    check_outputs,
+    flat_arguments,
+    own_output_dir,
+    prepare_output_dir,
+    resume_point,
+)
 from mvmr_hf.student import Student, build_student
 from mvmr_hf.teacher_cache import TeacherCache, cache_folder
 
@@ -123,6 +131,7 @@ def train(
         scope=loss_args.dcor_scope,
     )
     batch_size = _per_process_batch(training_args.batch_size, world, unbiased=criterion.unbiased)
+    check_output_dir_free(accelerator, output_dir)  # another run's folder is named before any other check
     resume_from = resume_point(output_dir, training_args, args)
     check_outputs(output_dir / RELEASE_DIR, training_args)
     # The data first: a wrong or unreachable data set is told before a large teacher is downloaded.
@@ -157,109 +166,114 @@ def train(
     )
     total_steps = _total_steps(training_args, data_stats, batch_size * world)
 
-    # From here on the output folder is written.
-    prepare_output_dir(accelerator, output_dir, args, training_args, resume_from)
-    if model_args.sync_batchnorm and world > 1 and device.type == "cuda":
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    _apply_speed_options(student, training_args, device)
-    optimizer = build_optimizer(student, training_args.learning_rate, training_args.weight_decay, device)
-    warmup = training_args.warmup
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, round(warmup * total_steps if warmup < 1 else warmup), total_steps
-    )
-    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    for representation in representations.values():
-        representation.to(device)
-    caches = _teacher_caches(accelerator, output_dir, teacher, data_args, representations)
-    gather = {name: getattr(r, "gather", True) for name, r in representations.items()}
-
-    step, epoch = 0, 0
-    if resume_from is not None:
-        restored = load_checkpoint(accelerator, resume_from)
-        step, epoch = restored.step, restored.epoch
-        loader.load_state_dict(restored.loader_state)  # continues this epoch's stream where it stopped
-        truncate_metrics(accelerator, output_dir, step)
-    if training_args.log_with:
-        accelerator.init_trackers("mvmr", config={k: v for k, v in args.items() if v is not None})
-    images_per_step = training_args.batch_size * training_args.grad_accum
-    meter = MetricsLogger(accelerator, output_dir, images_per_step=images_per_step, step=step)
-    saved_step, started = step, time.perf_counter()
-    resumed_epoch = epoch if resume_from is not None else None
-
-    def checkpoint(step: int, epoch: int) -> int:
-        meter.raise_if_not_finite()  # never save a checkpoint after a non-finite loss
-        state = loader.state_dict()  # this process's position in its data stream
-        save_checkpoint(accelerator, output_dir, step=step, epoch=epoch, loader_state=state,
-                        keep=training_args.keep_checkpoints)  # fmt: skip
-        return step
-
-    student.train()
-    with tqdm(
-        total=total_steps, initial=step, unit="step", disable=not accelerator.is_main_process
-    ) as progress:
-        while step < total_steps and (training_args.max_steps is not None or epoch < training_args.epochs):
-            loader.dataset.set_epoch(epoch)
-            batches = 0
-            for batch in _until_any_process_runs_out(loader, accelerator):
-                batches += 1
-                # the views travel as uint8 (fewer bytes than floats), become floats in [0, 1] on the device
-                images = batch["image"].to(device, non_blocking=True).float().div_(255)
-                augmented = loader.dataset.augmented_view(batch, device)  # made here with --device-views
-                with accelerator.accumulate(student):
-                    z = student(images).embedding  # Z: the non-augmented view
-                    z_aug = student(augmented).embedding  # Z̃: a separate pass, its own BN statistics
-                    targets = representation_outputs(
-                        accelerator, representations, images, batch["key"], caches
-                    )
-                    loss = criterion(z, z_aug, targets, gather=gather)  # eq. 10
-                    accelerator.backward(loss.total)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                meter.add(loss.total, loss.terms, skipped=batch["skipped"], step=step + 1)
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                progress.update()
-                if step % training_args.log_every == 0:
-                    progress.set_postfix(meter.log(step, epoch, scheduler.get_last_lr()[0]))
-                if step % training_args.checkpoint_every == 0:
-                    saved_step = checkpoint(step, epoch)
-                if step == total_steps:
-                    break
-            else:  # this epoch's data ran out
-                if batches == 0 and epoch != resumed_epoch:  # a resumed epoch may have no batch left
-                    raise TrainingError(
-                        f"epoch {epoch} gave no full batch of {batch_size} images on some process: "
-                        "lower --batch-size or check the data set"
-                    )
-                epoch += 1
-                for cache in caches.values():
-                    share_cache(accelerator, cache)
-
-    if step > meter.steps:
-        meter.log(step, epoch, scheduler.get_last_lr()[0])
-    if step > saved_step:
-        checkpoint(step, epoch)
-
-    release = output_dir / RELEASE_DIR
-    if accelerator.is_main_process:
-        print(f"skipped {meter.skipped} images", file=sys.stderr)  # undecodable or degenerate
-        info = CardInfo(
-            step=step,
-            hardware=_hardware(accelerator),
-            training_seconds=time.perf_counter() - started,
-            command=shlex.join(sys.argv),
-            repo_id=training_args.push_to_hub,
-            teachers=_teacher_facts(representations, criterion, data_args.image_size, device),
+    # From here on the output folder is written, by this run alone: it holds the folder's lock.
+    with own_output_dir(accelerator, output_dir):
+        prepare_output_dir(accelerator, output_dir, args, training_args, resume_from)
+        if model_args.sync_batchnorm and world > 1 and device.type == "cuda":
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        _apply_speed_options(student, training_args, device)
+        optimizer = build_optimizer(student, training_args.learning_rate, training_args.weight_decay, device)
+        warmup = training_args.warmup
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer, round(warmup * total_steps if warmup < 1 else warmup), total_steps
         )
-        export_student(accelerator.unwrap_model(student).eval(), release, training_args=args, card_info=info)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if training_args.push_to_hub and accelerator.is_main_process:
-        # After the other processes have finished: a failed push (ConfigError) leaves the release in place.
-        push_to_hub(release, training_args.push_to_hub)
-    return release
+        student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+        for representation in representations.values():
+            representation.to(device)
+        caches = _teacher_caches(accelerator, output_dir, teacher, data_args, representations)
+        gather = {name: getattr(r, "gather", True) for name, r in representations.items()}
+
+        step, epoch = 0, 0
+        if resume_from is not None:
+            restored = load_checkpoint(accelerator, resume_from)
+            step, epoch = restored.step, restored.epoch
+            loader.load_state_dict(restored.loader_state)  # continues this epoch's stream where it stopped
+            truncate_metrics(accelerator, output_dir, step)
+        if training_args.log_with:
+            accelerator.init_trackers("mvmr", config={k: v for k, v in args.items() if v is not None})
+        images_per_step = training_args.batch_size * training_args.grad_accum
+        meter = MetricsLogger(accelerator, output_dir, images_per_step=images_per_step, step=step)
+        saved_step, started = step, time.perf_counter()
+        resumed_epoch = epoch if resume_from is not None else None
+
+        def checkpoint(step: int, epoch: int) -> int:
+            meter.raise_if_not_finite()  # never save a checkpoint after a non-finite loss
+            state = loader.state_dict()  # this process's position in its data stream
+            save_checkpoint(accelerator, output_dir, step=step, epoch=epoch, loader_state=state,
+                            keep=training_args.keep_checkpoints)  # fmt: skip
+            return step
+
+        student.train()
+        with tqdm(
+            total=total_steps, initial=step, unit="step", disable=not accelerator.is_main_process
+        ) as progress:
+            while step < total_steps and (
+                training_args.max_steps is not None or epoch < training_args.epochs
+            ):
+                loader.dataset.set_epoch(epoch)
+                batches = 0
+                for batch in _until_any_process_runs_out(loader, accelerator):
+                    batches += 1
+                    # the views travel as uint8 (fewer bytes than floats), become [0, 1] floats on the device
+                    images = batch["image"].to(device, non_blocking=True).float().div_(255)
+                    augmented = loader.dataset.augmented_view(batch, device)  # made here with --device-views
+                    with accelerator.accumulate(student):
+                        z = student(images).embedding  # Z: the non-augmented view
+                        z_aug = student(augmented).embedding  # Z̃: a separate pass, its own BN statistics
+                        targets = representation_outputs(
+                            accelerator, representations, images, batch["key"], caches
+                        )
+                        loss = criterion(z, z_aug, targets, gather=gather)  # eq. 10
+                        accelerator.backward(loss.total)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    meter.add(loss.total, loss.terms, skipped=batch["skipped"], step=step + 1)
+                    if not accelerator.sync_gradients:
+                        continue
+                    step += 1
+                    progress.update()
+                    if step % training_args.log_every == 0:
+                        progress.set_postfix(meter.log(step, epoch, scheduler.get_last_lr()[0]))
+                    if step % training_args.checkpoint_every == 0:
+                        saved_step = checkpoint(step, epoch)
+                    if step == total_steps:
+                        break
+                else:  # this epoch's data ran out
+                    if batches == 0 and epoch != resumed_epoch:  # a resumed epoch may have no batch left
+                        raise TrainingError(
+                            f"epoch {epoch} gave no full batch of {batch_size} images on some process: "
+                            "lower --batch-size or check the data set"
+                        )
+                    epoch += 1
+                    for cache in caches.values():
+                        share_cache(accelerator, cache)
+
+        if step > meter.steps:
+            meter.log(step, epoch, scheduler.get_last_lr()[0])
+        if step > saved_step:
+            checkpoint(step, epoch)
+
+        release = output_dir / RELEASE_DIR
+        if accelerator.is_main_process:
+            print(f"skipped {meter.skipped} images", file=sys.stderr)  # undecodable or degenerate
+            info = CardInfo(
+                step=step,
+                hardware=_hardware(accelerator),
+                training_seconds=time.perf_counter() - started,
+                command=shlex.join(sys.argv),
+                repo_id=training_args.push_to_hub,
+                teachers=_teacher_facts(representations, criterion, data_args.image_size, device),
+            )
+            export_student(
+                accelerator.unwrap_model(student).eval(), release, training_args=args, card_info=info
+            )
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        if training_args.push_to_hub and accelerator.is_main_process:
+            # After the other processes have finished: a failed push (ConfigError) keeps the release.
+            push_to_hub(release, training_args.push_to_hub)
+        return release
 
 
 def _check_trackers(trackers: list[str] | str | None) -> None:
