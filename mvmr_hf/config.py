@@ -17,6 +17,7 @@ Training (``mvmr-distill`` / ``mvmr-pretrain``): :class:`ModelArguments` (or
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -430,8 +431,15 @@ class TrainingArguments:
     )
     log_every: int = _opt(10, "Log loss, terms, learning rate and throughput every N optimizer steps.")
     push_to_hub: str | None = _opt(None, "Hub repository id (user/name) to push the student release to.")
+    stop_signals: str = _opt(
+        "SIGTERM,SIGUSR1",
+        "Signals on which every process finishes its optimizer step, the run saves a checkpoint and exits "
+        "with status 75 (preempted, resumable with --resume): SIGTERM is what SLURM and Kubernetes send "
+        "before a kill, SIGUSR1 what SLURM's --signal=USR1@SECONDS sends before a time limit; empty: none.",
+    )
 
     def __post_init__(self) -> None:
+        self.signals()  # an unknown signal name is told now
         _check_ints(self, ("batch_size", "grad_accum", "epochs", "checkpoint_every", "keep_checkpoints"), 1)
         _check_ints(self, ("log_every",) if self.max_steps is None else ("log_every", "max_steps"), 1)
         check_number("--learning-rate", self.learning_rate)
@@ -441,6 +449,15 @@ class TrainingArguments:
             raise ConfigError(f"--warmup {self.warmup} must be a fraction below 1 or a whole number of steps")
         if self.resume is not None and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pass one of them")
+
+    def signals(self) -> list[signal.Signals]:
+        """``--stop-signals`` as signals; ConfigError naming an unknown one."""
+        try:
+            return [signal.Signals[name.upper()] for name in parse_names(self.stop_signals)]
+        except KeyError as error:
+            raise ConfigError(
+                f"--stop-signals names {error.args[0]}, which is not a signal: use names like SIGTERM,SIGUSR1"
+            ) from None
 
     @property
     def trackers(self) -> list[str] | str | None:

@@ -23,11 +23,13 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
 import math
-from collections.abc import Iterator, Mapping
+import signal
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from itertools import islice
 from pathlib import Path
@@ -489,6 +491,11 @@ class ViewsDataset(torch.utils.data.IterableDataset):
 # ----------------------------------------------------------------------------- the loader
 
 
+def _ignore_signals(signals: tuple[int, ...], worker: int) -> None:
+    for number in signals:
+        signal.signal(number, signal.SIG_IGN)
+
+
 def _num_examples(dataset: datasets.IterableDataset | datasets.Dataset) -> int | None:
     if isinstance(dataset, datasets.Dataset):
         return len(dataset)
@@ -512,6 +519,7 @@ def build_dataloader(
     pin_memory: bool = False,
     device_views: bool = False,
     source_size: int | None = None,
+    ignore_signals: Sequence[int] = (),
 ) -> tuple[StatefulDataLoader, DataStats]:
     """A resumable loader of MV-MR batches for process ``rank`` of ``world_size``.
 
@@ -538,6 +546,9 @@ def build_dataloader(
             ``loader.dataset.augmented_view(batch, device)`` (which also moves worker-made views).
         source_size: side of the square image sent for device views (default
             :func:`default_source_size`).
+        ignore_signals: signals the worker processes ignore: the training process handles them
+            (a cluster's stop signal reaches every process of the job, workers included, which
+            would otherwise die before the run can save its checkpoint).
 
     Call ``loader.dataset.set_epoch(epoch)`` before each epoch; save ``loader.state_dict()`` with
     checkpoints and restore it with ``loader.load_state_dict(state)`` (``docs/data.md``).
@@ -579,5 +590,11 @@ def build_dataloader(
         source_size=(source_size or default_source_size(image_size)) if device_views else None,
     )
     # The views are batched by the dataset itself (see ViewsDataset), hence batch_size=None.
-    loader = StatefulDataLoader(views, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    loader = StatefulDataLoader(
+        views,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=functools.partial(_ignore_signals, tuple(ignore_signals)) if ignore_signals else None,
+    )
     return loader, stats

@@ -15,3 +15,12 @@ class ConfigError(ValueError):
 
 class TrainingError(RuntimeError):
     """A run that started but could not finish (a non-finite loss, no data); the message says why."""
+
+
+PREEMPTED_EXIT = 75
+"""Exit status of a preempted run (``EX_TEMPFAIL`` of sysexits.h: a temporary failure, try again): it
+saved a complete checkpoint and continues with ``--resume``."""
+
+
+class PreemptedError(TrainingError):
+    """A run stopped by a signal after saving a complete checkpoint: continue it with ``--resume``."""

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import functools
 import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,7 @@ from mvmr_hf.checkpoint import load_checkpoint, save_checkpoint
 from mvmr_hf.config import DataArguments, LossArguments, ModelArguments, TeacherArguments, TrainingArguments
 from mvmr_hf.data import DataStats, build_dataloader, load_image_dataset
 from mvmr_hf.dcor import check_batch_size
-from mvmr_hf.errors import ConfigError, TrainingError
+from mvmr_hf.errors import ConfigError, PreemptedError, TrainingError
 from mvmr_hf.export import RELEASE_DIR, export_student
 from mvmr_hf.hub import push_to_hub
 from mvmr_hf.metrics import METRICS_FILE, MetricsLogger, truncate_metrics
@@ -163,6 +165,7 @@ def train(
         pin_memory=device.type == "cuda",
         device_views=data_args.device_views if data_args.device_views is not None else device.type == "cuda",
         source_size=data_args.view_source_size,
+        ignore_signals=training_args.signals(),
     )
     total_steps = _total_steps(training_args, data_stats, batch_size * world)
 
@@ -204,9 +207,12 @@ def train(
             return step
 
         student.train()
-        with tqdm(
-            total=total_steps, initial=step, unit="step", disable=not accelerator.is_main_process
-        ) as progress:
+        with (
+            StopRequest(training_args.signals()) as stop,
+            tqdm(
+                total=total_steps, initial=step, unit="step", disable=not accelerator.is_main_process
+            ) as progress,
+        ):
             while step < total_steps and (
                 training_args.max_steps is not None or epoch < training_args.epochs
             ):
@@ -237,6 +243,15 @@ def train(
                         progress.set_postfix(meter.log(step, epoch, scheduler.get_last_lr()[0]))
                     if step % training_args.checkpoint_every == 0:
                         saved_step = checkpoint(step, epoch)
+                    if stop.agreed(accelerator):  # a stop signal on any process: save and exit, resumable
+                        if step > meter.steps:
+                            meter.log(step, epoch, scheduler.get_last_lr()[0])
+                        if step > saved_step:
+                            saved_step = checkpoint(step, epoch)
+                        raise PreemptedError(
+                            f"{stop.received or 'a stop signal on another process'} after step {step}: its "
+                            f"checkpoint is in {output_dir}; continue with --resume"
+                        )
                     if step == total_steps:
                         break
                 else:  # this epoch's data ran out
@@ -467,6 +482,42 @@ def _until_any_process_runs_out(loader: StatefulDataLoader, accelerator: Acceler
 @functools.cache
 def _cpu_group() -> dist.ProcessGroup:
     return dist.new_group(backend="gloo")
+
+
+class StopRequest:
+    """Records the stop signals (``--stop-signals``) received while the block runs, instead of dying.
+
+    :meth:`agreed` is True on every process once any process received one, so that all of them
+    stop after the same optimizer step. Outside the main thread, where Python cannot handle
+    signals, nothing is installed and the run keeps the signals' default actions.
+    """
+
+    def __init__(self, signals: Sequence[signal.Signals]) -> None:
+        self.signals = list(signals)
+        self.received: str | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {number: signal.signal(number, self._handle) for number in self.signals}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number: int, frame: object) -> None:
+        self.received = signal.Signals(number).name
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """Whether any process received a stop signal (a tiny all-reduce on the CPU with several)."""
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        flag = torch.tensor([self.received is not None], dtype=torch.int32)
+        dist.all_reduce(
+            flag, op=dist.ReduceOp.MAX, group=None if dist.get_backend() == "gloo" else _cpu_group()
+        )
+        return bool(flag.item())
 
 
 def share_cache(accelerator: Accelerator, cache: TeacherCache) -> None:

@@ -27,6 +27,7 @@ from mvmr_hf.config import (
     TeacherArguments,
     TrainingArguments,
 )
+from mvmr_hf.errors import PREEMPTED_EXIT, PreemptedError
 from mvmr_hf.training import TrainingError, train
 from mvmr_hf.utils import deprecated_alias
 
@@ -54,9 +55,13 @@ def _pretrain(argv: Sequence[str]) -> None:
 
 
 def _run(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None) -> int:
-    """:func:`run_cli`, plus: a run that fails after it started (TrainingError) exits with status 1."""
+    """:func:`run_cli`, plus: a run that fails after it started (TrainingError) exits with status 1, a
+    preempted one (a checkpoint saved on a stop signal) with :data:`~mvmr_hf.errors.PREEMPTED_EXIT`."""
     try:
         return run_cli(main, argv)
+    except PreemptedError as error:
+        print(f"preempted: {error}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except TrainingError as error:
         if "--debug" in (sys.argv[1:] if argv is None else argv):
             raise
