@@ -204,14 +204,18 @@ def save_checkpoint(
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial), safe_serialization=True)
-    _write_json(partial / f"dataloader_rank{accelerator.process_index}.json", loader_state)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes}
-        _write_json(partial / TRAINER_STATE, {**state, "files": _manifest(partial)})
-        replace_folder(partial, final)
-        rotate_checkpoints(output_dir, keep)
+    try:
+        accelerator.save_state(str(partial), safe_serialization=True)
+        _write_json(partial / f"dataloader_rank{accelerator.process_index}.json", loader_state)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes}
+            _write_json(partial / TRAINER_STATE, {**state, "files": _manifest(partial)})
+            replace_folder(partial, final)
+            rotate_checkpoints(output_dir, keep)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a failed save (a full disk) leaves no partial folder
+        raise
     accelerator.wait_for_everyone()
     return final
 

@@ -48,7 +48,7 @@ from mvmr_hf.checkpoint import intact_checkpoint, newest_intact_checkpoint, read
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.lock import hold_folder
 from mvmr_hf.student import Student, build_student
-from mvmr_hf.utils import atomic_folder
+from mvmr_hf.utils import atomic_folder, writing
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -99,7 +99,11 @@ def rewrite_release(folder: str | os.PathLike) -> Iterator[Path]:
     """
     folder = check_release(folder)
     run = folder.parent if (folder.parent / TRAINING_ARGS).is_file() else None
-    with hold_folder(run) if run is not None else nullcontext(), atomic_folder(folder) as work:
+    with (
+        hold_folder(run) if run is not None else nullcontext(),
+        writing("the release", folder),
+        atomic_folder(folder) as work,
+    ):
         for path in folder.iterdir():
             try:
                 os.link(path, work / path.name)
@@ -188,7 +192,7 @@ def export_student(
         raise ConfigError("an alignment head needs training_args naming the teacher it maps to.")
     info = card_info or CardInfo()
     backbone = student.backbone
-    with atomic_folder(folder) as work:
+    with writing("the release", folder), atomic_folder(folder) as work:
         save_file(_state_dict_tensors(backbone), work / WEIGHTS, metadata={"format": "pt"})
         _timm_config(backbone, work / CONFIG, student.image_size, student.data_config)
         save_file(_state_dict_tensors(student.projector), work / PROJECTOR_WEIGHTS, metadata={"format": "pt"})

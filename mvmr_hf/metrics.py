@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from torch import Tensor
 
 from mvmr_hf.errors import TrainingError
+from mvmr_hf.utils import writing
 
 __all__ = ["METRICS_FILE", "MetricsLogger", "truncate_metrics"]
 
@@ -93,7 +94,7 @@ class MetricsLogger:
         metrics = {"step": step, "epoch": epoch, **dict(zip(self.names, means, strict=True))}
         metrics.update(lr=lr, images_per_s=images_per_s, skipped=self.skipped)
         if self.accelerator.is_main_process:
-            with self.path.open("a") as file:
+            with writing("metrics.jsonl", self.path.parent), self.path.open("a") as file:
                 file.write(json.dumps(metrics) + "\n")
         self.accelerator.log(metrics, step=step)
         self.sums.zero_()

@@ -32,7 +32,7 @@ from mvmr_hf.errors import ConfigError
 from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, check_release_target
 from mvmr_hf.lock import FolderLock, check_folder_free
 from mvmr_hf.metrics import METRICS_FILE
-from mvmr_hf.utils import is_hub_id
+from mvmr_hf.utils import atomic_write, is_hub_id, writing
 
 __all__ = [
     "CHANGEABLE_ON_RESUME",
@@ -156,5 +156,8 @@ def prepare_output_dir(
         remove_partial(output_dir)
         if resume_from is None:
             (output_dir / METRICS_FILE).unlink(missing_ok=True)
-        (output_dir / TRAINING_ARGS).write_text(json.dumps(args, indent=2))
+        with writing(TRAINING_ARGS, output_dir):
+            atomic_write(
+                output_dir / TRAINING_ARGS, lambda partial: partial.write_text(json.dumps(args, indent=2))
+            )
     accelerator.wait_for_everyone()

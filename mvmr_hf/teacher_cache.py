@@ -42,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from mvmr_hf.utils import atomic_write
+from mvmr_hf.utils import atomic_write, writing
 
 __all__ = ["CACHE_DIR", "TeacherCache", "cache_folder"]
 
@@ -138,7 +138,8 @@ class TeacherCache:
         path = self.folder / f"shard-r{self.rank:03d}-{self._next_shard:06d}.safetensors"
         outputs = torch.stack([self._pending[key] for key in keys]).contiguous()
         metadata = {"keys": json.dumps(keys), "sha256": _digest(outputs)}
-        atomic_write(path, lambda partial: save_file({_TENSOR: outputs}, partial, metadata=metadata))
+        with writing("the teacher cache", self.folder):
+            atomic_write(path, lambda partial: save_file({_TENSOR: outputs}, partial, metadata=metadata))
         self._next_shard += 1
         self._pending.clear()
         self._add_shard(path)

@@ -56,7 +56,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from mvmr_hf.augment import CENTER_CROP_FRACTION
 from mvmr_hf.card import CardInfo
-from mvmr_hf.checkpoint import load_checkpoint, save_checkpoint
+from mvmr_hf.checkpoint import CHECKPOINTS_DIR, load_checkpoint, save_checkpoint
 from mvmr_hf.config import DataArguments, LossArguments, ModelArguments, TeacherArguments, TrainingArguments
 from mvmr_hf.data import DataStats, build_dataloader, load_image_dataset
 from mvmr_hf.dcor import check_batch_size
@@ -78,6 +78,7 @@ from mvmr_hf.run_folder import (
 )
 from mvmr_hf.student import Student, build_student
 from mvmr_hf.teacher_cache import TeacherCache, cache_folder
+from mvmr_hf.utils import writing
 
 __all__ = [
     "METRICS_FILE",
@@ -202,8 +203,9 @@ def train(
         def checkpoint(step: int, epoch: int) -> int:
             meter.raise_if_not_finite()  # never save a checkpoint after a non-finite loss
             state = loader.state_dict()  # this process's position in its data stream
-            save_checkpoint(accelerator, output_dir, step=step, epoch=epoch, loader_state=state,
-                            keep=training_args.keep_checkpoints)  # fmt: skip
+            with writing(f"the checkpoint of step {step}", output_dir / CHECKPOINTS_DIR):
+                save_checkpoint(accelerator, output_dir, step=step, epoch=epoch, loader_state=state,
+                                keep=training_args.keep_checkpoints)  # fmt: skip
             return step
 
         student.train()

@@ -20,7 +20,7 @@ from typing import Any
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from mvmr_hf.errors import ConfigError
+from mvmr_hf.errors import ConfigError, TrainingError
 
 __all__ = [
     "PARTIAL_SUFFIX",
@@ -74,9 +74,33 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     A run killed while writing leaves only the partial file, which never passes for a complete one.
     """
     partial = partial_path(path)
-    write(partial)
-    os.replace(partial, path)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a failed write (a full disk) leaves nothing behind
+        raise
     return path
+
+
+@contextmanager
+def writing(what: str, where: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write in the block (a full disk, a lost mount: any OSError) into one TrainingError line.
+
+    The line names what could not be written, where, why and the space left there; the atomic
+    writes of this module leave the previous complete state as it was.
+    """
+    try:
+        yield
+    except OSError as error:
+        place = Path(where).absolute()
+        existing = next(p for p in (place, *place.parents) if p.exists())
+        free = shutil.disk_usage(existing).free / 2**30
+        raise TrainingError(
+            f"could not write {what} in {place} ({error.strerror or error}; {free:.1f} GiB free there): the "
+            "previous complete state is intact; free some space or use another folder, then run again "
+            "(a training run: with --resume)"
+        ) from error
 
 
 def _new_sibling(target: Path, tag: str) -> Path:

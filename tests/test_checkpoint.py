@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 from conftest import fake_checkpoint, read_metrics, reset_accelerate, snapshot, tiny_args
 from safetensors.torch import load_file
 
+from mvmr_hf import export, teacher_cache
 from mvmr_hf.checkpoint import (
     TRAINER_STATE,
     checkpoint_path,
@@ -22,8 +25,10 @@ from mvmr_hf.checkpoint import (
     remove_partial,
     rotate_checkpoints,
 )
-from mvmr_hf.cli.train import pretrain_main
+from mvmr_hf.cli.release import export_main
+from mvmr_hf.cli.train import distill_main, pretrain_main
 from mvmr_hf.errors import ConfigError
+from mvmr_hf.teacher_cache import CACHE_DIR
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -168,3 +173,58 @@ def test_checkpoints_written_before_the_manifest_still_resume(digits, finished_r
     shutil.rmtree(checkpoint_path(run, 6))
     assert pretrain_main([*_tiny(digits, run), "--resume"]) == 0
     assert read_trainer_state(latest_checkpoint(run))["step"] == 6
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line_and_loses_nothing(
+    digits, finished_run, tmp_path, capsys, monkeypatch
+):
+    run = tmp_path / "run"
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: _no_space() if "step-000004" in str(f)
+                        else save(obj, f, *a, **k))  # fmt: skip
+    assert pretrain_main(_tiny(digits, run)) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: could not write the checkpoint of step 4 in {run / 'checkpoints'} ")
+    assert "No space left on device" in err
+    assert "GiB free there" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]  # no partial folder
+    assert checkpoint_problem(checkpoint_path(run, 2)) is None
+    assert not (run / "student").exists()
+
+    monkeypatch.setattr(torch, "save", save)
+    reset_accelerate()
+    assert pretrain_main([*_tiny(digits, run), "--resume"]) == 0
+    expected = load_file(checkpoint_path(finished_run, 6) / "model.safetensors")
+    for key, value in load_file(checkpoint_path(run, 6) / "model.safetensors").items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_a_release_that_cannot_be_written_keeps_the_previous_one(finished_run, tmp_path, capsys, monkeypatch):
+    run = _copy(finished_run, tmp_path)
+    before, files = snapshot(run / "student"), sorted(p.name for p in run.iterdir())
+    monkeypatch.setattr(export, "save_file", _no_space)
+    assert export_main([str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert f"could not write the release in {run / 'student'}" in err
+    assert snapshot(run / "student") == before
+    assert sorted(p.name for p in run.iterdir()) == files  # no temporary folder left
+
+
+def test_a_teacher_cache_that_cannot_be_written_stops_the_run_and_leaves_no_partial_shard(
+    digits, teacher, tmp_path, capsys, monkeypatch
+):
+    run = tmp_path / "run"
+    monkeypatch.setattr(teacher_cache, "save_file", _no_space)
+    argv = tiny_args(digits, run, "--teacher", str(teacher), "--cache-teacher", "--split", "train[:64]",
+                     "--no-streaming", "--epochs", "2")  # fmt: skip
+    assert distill_main(argv) == 1
+    assert "could not write the teacher cache in" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not [p for p in (run / CACHE_DIR).rglob("*") if p.name.startswith("shard-")]

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-from mvmr_hf.errors import ConfigError
+from mvmr_hf.errors import PREEMPTED_EXIT, ConfigError, PreemptedError, TrainingError
 
 __all__ = ["USAGE_ERROR", "parse_arguments", "run_cli"]
 
@@ -26,6 +26,10 @@ USAGE_ERROR = 2
 
 def run_cli(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None = None) -> int:
     """Run ``main(argv)``; turn user errors into one line on stderr and exit status 2.
+
+    A job that started but could not finish (TrainingError: a full disk, a non-finite loss) gets one
+    line and status 1; a preempted run (a checkpoint saved on a stop signal) status
+    :data:`~mvmr_hf.errors.PREEMPTED_EXIT`.
 
     ``--debug`` anywhere in ``argv`` is removed before ``main`` sees it and makes errors
     raise with their full traceback instead.
@@ -40,6 +44,14 @@ def run_cli(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None = 
             raise
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except PreemptedError as error:
+        print(f"preempted: {error}", file=sys.stderr)
+        return PREEMPTED_EXIT
+    except TrainingError as error:  # a job that started but could not finish (a full disk, a NaN loss)
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

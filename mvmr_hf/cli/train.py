@@ -12,8 +12,7 @@ documents every flag and a run can come from a JSON or YAML file::
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from mvmr_hf import config
 from mvmr_hf.cli import parse_arguments, run_cli
@@ -27,8 +26,7 @@ from mvmr_hf.config import (
     TeacherArguments,
     TrainingArguments,
 )
-from mvmr_hf.errors import PREEMPTED_EXIT, PreemptedError
-from mvmr_hf.training import TrainingError, train
+from mvmr_hf.training import train
 from mvmr_hf.utils import deprecated_alias
 
 __all__ = ["distill_main", "pretrain_main"]
@@ -54,29 +52,14 @@ def _pretrain(argv: Sequence[str]) -> None:
     train(model, data, loss, training)
 
 
-def _run(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None) -> int:
-    """:func:`run_cli`, plus: a run that fails after it started (TrainingError) exits with status 1, a
-    preempted one (a checkpoint saved on a stop signal) with :data:`~mvmr_hf.errors.PREEMPTED_EXIT`."""
-    try:
-        return run_cli(main, argv)
-    except PreemptedError as error:
-        print(f"preempted: {error}", file=sys.stderr)
-        return PREEMPTED_EXIT
-    except TrainingError as error:
-        if "--debug" in (sys.argv[1:] if argv is None else argv):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-
-
 def distill_main(argv: Sequence[str] | None = None) -> int:
     """mvmr-distill: label-free distillation of a transformers teacher into a timm student (MV-MR)."""
-    return _run(_distill, argv)
+    return run_cli(_distill, argv)
 
 
 def pretrain_main(argv: Sequence[str] | None = None) -> int:
     """mvmr-pretrain: MV-MR self-supervised pretraining of a timm student with hand-crafted descriptors."""
-    return _run(_pretrain, argv)
+    return run_cli(_pretrain, argv)
 
 
 # The arguments lived here before they moved into the library (mvmr_hf.config).
