@@ -21,7 +21,7 @@ from transformers import AutoImageProcessor, AutoModel
 from mvmr_hf.augment import CENTER_CROP_FRACTION, center_view
 from mvmr_hf.card import CardInfo
 from mvmr_hf.cli.release import export_main
-from mvmr_hf.errors import ConfigError
+from mvmr_hf.errors import ConfigError, TrainingError
 from mvmr_hf.evaluation import load_encoder
 from mvmr_hf.export import (
     check_release,
@@ -167,7 +167,7 @@ def test_failed_export_leaves_the_previous_release_untouched(tmp_path, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr("mvmr_hf.export.save_config_for_hf", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(TrainingError, match=f"could not write the release in {folder} \\(disk full; "):
         export_student(_trained_student(), folder, training_args=ARGS)
     assert snapshot(folder) == before
     assert not list(tmp_path.glob(".student*"))
