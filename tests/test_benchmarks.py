@@ -86,6 +86,37 @@ def test_the_gpu_check_without_a_gpu_is_one_line_and_exit_2():
     assert "needs a CUDA device" in result.stderr
 
 
+def test_the_gpu_check_gives_each_step_at_most_what_is_left_of_its_budget_and_skips_the_rest(
+    monkeypatch, tmp_path
+):
+    """The orchestration alone (no GPU here): steps that take their whole limit use up the budget."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu_check
+
+    clock, calls = [0.0], []
+
+    def run(name, command, limit):  # a step that takes all the time it is given
+        calls.append((name, limit))
+        clock[0] += limit
+        return {"step": name, "command": "", "status": "passed", "seconds": float(limit)}
+
+    monkeypatch.setattr(gpu_check, "_run", run)
+    monkeypatch.setattr(gpu_check.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(gpu_check, "RESULTS", tmp_path)
+    monkeypatch.setattr(gpu_check, "machine", lambda device: {})
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    assert gpu_check.main(["--budget", "420"]) == 1  # a skipped step is not a pass
+    assert calls == [
+        ("gpu tests", 120),
+        ("bench_step", 150),
+        ("bench_evaluation", 120),
+        ("bench_distill", 30),
+    ]
+    summary = json.loads((tmp_path / "gpu-check-cuda.json").read_text())
+    assert [s["status"] for s in summary["steps"][4:]] == ["skipped (budget spent)"] * 4
+    assert sum(limit for _, limit in calls) == 420
+
+
 # ----------------------------------------------------------------------------- bench_step's instruments
 
 PHASES = [
