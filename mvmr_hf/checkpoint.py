@@ -21,7 +21,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -34,7 +33,7 @@ from typing import Any
 from accelerate import Accelerator, PartialState
 
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.utils import PARTIAL_SUFFIX, atomic_write, partial_path, replace_folder
+from mvmr_hf.utils import PARTIAL_SUFFIX, atomic_write, partial_path, replace_folder, sha256_of_files
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -86,19 +85,11 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(complete, key=lambda path: int(_NAME.fullmatch(path.name).group(1)))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
     """Size and SHA-256 of every file of a checkpoint folder but its trainer state, by relative path."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != TRAINER_STATE)
     return {
-        file.relative_to(folder).as_posix(): {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        file.relative_to(folder).as_posix(): {"bytes": file.stat().st_size, "sha256": sha256_of_files([file])}
         for file in files
     }
 
@@ -119,7 +110,7 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != record["bytes"]:
             return f"{name} holds {file.stat().st_size} bytes where {record['bytes']} were written"
-        if _sha256(file) != record["sha256"]:
+        if sha256_of_files([file]) != record["sha256"]:
             return f"{name} does not match the SHA-256 recorded when it was written"
     return None
 

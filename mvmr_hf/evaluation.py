@@ -71,7 +71,7 @@ from mvmr_hf.data import BadImageError, decode_image, load_image_dataset, read_e
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.export import CONFIG, WEIGHTS, is_release, load_release
 from mvmr_hf.representations.teacher import load_teacher
-from mvmr_hf.utils import atomic_write, check_int, is_local_path
+from mvmr_hf.utils import atomic_write, check_int, is_local_path, sha256_of_files
 
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 SEARCH_ROWS = 100_000
@@ -483,15 +483,6 @@ class Encoder(nn.Module):
         return self.model(x).flatten(1).float()
 
 
-def _file_digest(paths: Sequence[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with path.open("rb") as file:
-            while chunk := file.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def timm_encoder(
     model: nn.Module, data_config: Mapping[str, Any], fingerprint: dict[str, Any], **heads: Any
 ) -> Encoder:
@@ -517,7 +508,7 @@ def _release_encoder(folder: Path) -> Encoder:
     model, data_config = load_release(folder)
     alignment = load_alignment(folder)
     heads = {"alignment": alignment[0], "text_model": alignment[1].teacher} if alignment else {}
-    fingerprint = {"release": _file_digest([folder / CONFIG, folder / WEIGHTS])}
+    fingerprint = {"release": sha256_of_files([folder / CONFIG, folder / WEIGHTS])}
     return timm_encoder(model, data_config, fingerprint, **heads)
 
 

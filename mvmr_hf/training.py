@@ -464,21 +464,27 @@ def _until_any_process_runs_out(loader: StatefulDataLoader, accelerator: Acceler
     """The loader's batches while every process still has one.
 
     Processes can hold different numbers of batches (shards of different sizes, skipped images);
-    a process that went on alone would wait forever in the next collective. The agreement is a
-    tiny all-reduce of a CPU tensor (over gloo), so it never waits for the accelerator.
+    a process that went on alone would wait forever in the next collective.
     """
     if accelerator.num_processes == 1:
         yield from loader
         return
-    group = None if dist.get_backend() == "gloo" else _cpu_group()
     batches = iter(loader)
     while True:
         batch = next(batches, None)
-        have = torch.tensor([batch is not None], dtype=torch.int32)
-        dist.all_reduce(have, op=dist.ReduceOp.MIN, group=group)
-        if not have.item():
+        if not _on_every_process(batch is not None, dist.ReduceOp.MIN):
             return
         yield batch
+
+
+def _on_every_process(flag: bool, op: dist.ReduceOp) -> bool:
+    """``flag`` combined over all processes (MIN: all of them, MAX: any of them).
+
+    A tiny all-reduce of a CPU tensor (over gloo), so it never waits for the accelerator.
+    """
+    value = torch.tensor([flag], dtype=torch.int32)
+    dist.all_reduce(value, op=op, group=None if dist.get_backend() == "gloo" else _cpu_group())
+    return bool(value.item())
 
 
 @functools.cache
@@ -515,11 +521,7 @@ class StopRequest:
         """Whether any process received a stop signal (a tiny all-reduce on the CPU with several)."""
         if accelerator.num_processes == 1:
             return self.received is not None
-        flag = torch.tensor([self.received is not None], dtype=torch.int32)
-        dist.all_reduce(
-            flag, op=dist.ReduceOp.MAX, group=None if dist.get_backend() == "gloo" else _cpu_group()
-        )
-        return bool(flag.item())
+        return _on_every_process(self.received is not None, dist.ReduceOp.MAX)
 
 
 def share_cache(accelerator: Accelerator, cache: TeacherCache) -> None:

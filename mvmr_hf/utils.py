@@ -7,11 +7,12 @@ way, and every option check says the same kind of sentence.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -61,6 +62,16 @@ def is_hub_id(name: str) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+def sha256_of_files(paths: Iterable[Path]) -> str:
+    """The hex SHA-256 of the files' contents, read in turn as one stream."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as file:
+            while chunk := file.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def partial_path(path: Path) -> Path:
