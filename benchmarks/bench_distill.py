@@ -37,12 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import parser, report, resolve_device
+from common import DIGITS_SPLITS, linear_and_knn, parser, report, resolve_device
 
 from mvmr_hf.cli import run_cli
 from mvmr_hf.efficientnet_lite import save_efficientnet_lite
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.evaluation import evaluate, load_encoder
 from mvmr_hf.export import export_student
 from mvmr_hf.metrics import METRICS_FILE
 from mvmr_hf.sample_data import write_digits
@@ -57,7 +56,6 @@ EPOCHS, QUICK_EPOCHS = 20, 1
 COMMON = ["--student", STUDENT, "--image-size", str(IMAGE_SIZE), "--projector", PROJECTOR,
           "--learning-rate", "1e-3", "--warmup", "0.1", "--checkpoint-every", "100000",
           "--seed", "0"]  # fmt: skip
-SPLITS = {"full": ("train", "test"), "quick": ("train[:256]", "test[:128]")}
 EAGER = ["--mixed-precision", "no", "--channels-last", "false", "--device-views", "false"]
 FAST = ["--mixed-precision", "bf16", "--channels-last", "--device-views"]
 
@@ -90,14 +88,6 @@ def _rate(run: Path) -> float | None:
     return statistics.median(rates) if rates else None
 
 
-def _scores(
-    model: Path, data: Path, cache: Path, device: torch.device, splits: tuple[str, str]
-) -> dict[str, float]:
-    results = evaluate(load_encoder(str(model)), str(data), train_split=splits[0], test_split=splits[1],
-                       protocols=("linear", "knn"), cache_dir=cache, device=device)  # fmt: skip
-    return {result.protocol: result.top1 for result in results}
-
-
 def main(argv: list[str]) -> None:
     cli = parser(__doc__.splitlines()[0])
     cli.add_argument("--processes", type=int, default=None,
@@ -108,7 +98,7 @@ def main(argv: list[str]) -> None:
     epochs = QUICK_EPOCHS if args.quick else EPOCHS
     log_every = 2 if args.quick else 10
     batch = 64 if args.quick else BATCH
-    splits = SPLITS["quick" if args.quick else "full"]
+    splits = DIGITS_SPLITS["quick" if args.quick else "full"]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         work = Path(tmp)
@@ -124,18 +114,18 @@ def main(argv: list[str]) -> None:
             seconds = _distill(flags, processes, device)
             rows.append({"model": f"student, {name}", "options": " ".join(options), "processes": processes,
                          "wall_s": seconds, "images_per_s": _rate(run),
-                         **_scores(run / "student", data, features, device, splits)})  # fmt: skip
+                         **linear_and_knn(run / "student", data, features, device, splits)})  # fmt: skip
             shutil.rmtree(run / "checkpoints")
             print(f"measured {name}", file=sys.stderr, flush=True)
         torch.manual_seed(0)
         random_student = work / "random-student"
         export_student(build_student(STUDENT, projector=PROJECTOR, image_size=IMAGE_SIZE), random_student)
         rows.append({"model": f"{STUDENT}, random initialisation",
-                     **_scores(random_student, data, features, device, splits)})  # fmt: skip
+                     **linear_and_knn(random_student, data, features, device, splits)})  # fmt: skip
         rows.append(
             {
                 "model": "teacher (EfficientNet-Lite0, ImageNet-1k)",
-                **_scores(teacher, data, features, device, splits),
+                **linear_and_knn(teacher, data, features, device, splits),
             }
         )
     columns = [

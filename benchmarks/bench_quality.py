@@ -48,14 +48,13 @@ from pathlib import Path
 import timm
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from common import Column, parser, report, resolve_device
+from common import DIGITS_SPLITS, Column, linear_and_knn, parser, report, resolve_device
 from safetensors.torch import save_file
 
 from mvmr_hf.cli.train import distill_main, pretrain_main
 from mvmr_hf.config import PAPER_REPRESENTATIONS
 from mvmr_hf.efficientnet_lite import save_efficientnet_lite
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.evaluation import evaluate, load_encoder
 from mvmr_hf.export import CONFIG, WEIGHTS, export_student, write_timm_config
 from mvmr_hf.sample_data import write_digits
 from mvmr_hf.student import build_student
@@ -109,19 +108,6 @@ def _reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-# --quick works on a slice of the digits, so that the teacher's passes take seconds on one thread.
-SPLITS = {"full": ("train", "test"), "quick": ("train[:256]", "test[:128]")}
-
-
-def _probe(
-    model: str, data: Path, cache: Path, device: torch.device, splits: tuple[str, str]
-) -> dict[str, float]:
-    train, test = splits
-    results = evaluate(load_encoder(model), str(data), train_split=train, test_split=test,
-                       protocols=("linear", "knn"), cache_dir=cache, device=device)  # fmt: skip
-    return {result.protocol: result.top1 for result in results}
-
-
 def _share_teacher_caches(pool: Path, run: Path, *, after: bool) -> None:
     """Hard-link exact teacher caches (one folder per teacher setting) from ``pool`` into a new ``run``,
     or, ``after`` it, from the run into the pool."""
@@ -164,7 +150,7 @@ def main() -> int:
     groups = set(args.groups.split(","))
     cells = QUICK_CELLS if args.quick else DISTILL_CELLS + PRETRAIN_CELLS + TEACHER_CELLS
     cells = [cell for cell in cells if cell[0] in groups]
-    splits = SPLITS["quick" if args.quick else "full"]
+    splits = DIGITS_SPLITS["quick" if args.quick else "full"]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-quality-"))
     data = (
         write_digits(work / "digits", image_size=IMAGE_SIZE)
@@ -184,7 +170,7 @@ def main() -> int:
     if any(group == "teachers" for group, *_ in cells):
         references += [("lite2", "EfficientNet-Lite2, ImageNet"), ("random", "random-init Lite0")]
     for key, label in references:
-        reference = _probe(str(folders[key]), data, features, device, splits)
+        reference = linear_and_knn(str(folders[key]), data, features, device, splits)
         rows.append({"group": "reference", "cell": f"teacher ({label})",
                      "linear": reference["linear"], "knn": reference["knn"], "seeds": 1})  # fmt: skip
     random_scores = []
@@ -193,7 +179,7 @@ def main() -> int:
         release = work / f"random-student-{seed}"
         if not release.exists():
             export_student(build_student(STUDENT, projector=PROJECTOR, image_size=IMAGE_SIZE), release)
-        random_scores.append(_probe(str(release), data, features, device, splits))
+        random_scores.append(linear_and_knn(str(release), data, features, device, splits))
     rows.append(_row("reference", f"{STUDENT} randomly initialised", random_scores, 0.0))
 
     for group, cell, command, changes in cells:
@@ -223,7 +209,7 @@ def main() -> int:
             seconds += time.perf_counter() - began
             if command == "distill":
                 _share_teacher_caches(pool, run, after=True)
-            scores.append(_probe(str(run / "student"), data, features, device, splits))
+            scores.append(linear_and_knn(str(run / "student"), data, features, device, splits))
         rows.append(_row(group, cell, scores, seconds / len(seeds)))
         print(f"[{time.perf_counter() - start:.0f} s] {group}: {cell}: {rows[-1]['linear']:.2f} linear, "
               f"{rows[-1]['knn']:.2f} kNN", flush=True)  # fmt: skip

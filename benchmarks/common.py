@@ -380,3 +380,20 @@ def report(
     path.write_text(json.dumps(document, indent=2) + "\n")
     print(f"\nwrote {path}")
     return path
+
+
+DIGITS_SPLITS = {"full": ("train", "test"), "quick": ("train[:256]", "test[:128]")}
+"""Train / test splits of the digits for the quality benchmarks; ``--quick`` works on a slice, so
+that a real teacher's passes take seconds on one thread."""
+
+
+def linear_and_knn(
+    model: str | os.PathLike, data: Path, cache: Path, device: torch.device, splits: tuple[str, str]
+) -> dict[str, float]:
+    """Linear-probe and kNN top-1 (percent) of ``model``'s frozen features, by ``mvmr_hf.evaluate``."""
+    # Imported here: the speed benchmarks that share this module need no transformers or timm.
+    from mvmr_hf.evaluation import evaluate, load_encoder
+
+    results = evaluate(load_encoder(str(model)), str(data), train_split=splits[0], test_split=splits[1],
+                       protocols=("linear", "knn"), cache_dir=cache, device=device)  # fmt: skip
+    return {result.protocol: result.top1 for result in results}
