@@ -81,22 +81,54 @@ def read_results(readme: str | Path) -> list[EvalResult]:
     return list(ModelCard.load(readme).data.eval_results or [])
 
 
+_MEASUREMENT = (
+    "task_type",
+    "dataset_name",
+    "dataset_config",
+    "dataset_split",
+    "metric_type",
+    "metric_name",
+    "metric_config",
+)
+"""What tells two results apart: not the value, nor the command (``args``) that measured it."""
+
+
+def _same_measurement(a: EvalResult, b: EvalResult) -> bool:
+    return all(getattr(a, key) == getattr(b, key) for key in _MEASUREMENT)
+
+
 def merge_results(old: Sequence[EvalResult], new: Sequence[EvalResult]) -> list[EvalResult]:
-    """``old`` with every result that ``new`` measures again replaced, then the new ones appended."""
-    kept = [r for r in old if not any(r.is_equal_except_value(n) for n in new)]
+    """``old`` with every result that ``new`` measures again replaced, then the new ones appended.
+
+    A measurement is replaced even when a different command (say, another batch size) measured it.
+    """
+    kept = [r for r in old if not any(_same_measurement(r, n) for n in new)]
     return kept + list(new)
 
 
+def _label_fraction(result: EvalResult) -> str:
+    fraction = (result.metric_args or {}).get("label_fraction")
+    return "all" if fraction is None else f"{100 * fraction:g} %"
+
+
 def results_table(results: Sequence[EvalResult]) -> str:
-    """A Markdown table of the results (accuracies in percent)."""
+    """Markdown: the scores (percent), then every protocol that was run with the command that ran it."""
     if not results:
         return "Not evaluated yet: run `mvmr-evaluate --model THIS_FOLDER --update-card ...`."
-    lines = ["| protocol | dataset | split | metric | value |", "|---|---|---|---|---|"]
+    lines = ["| protocol | dataset | split | labels | metric | value |", "|---|---|---|---|---|---|"]
+    runs: dict[tuple[str, str, str, str], str | None] = {}
     for r in results:
+        dataset = r.dataset_name + (f" ({r.dataset_config})" if r.dataset_config else "")
         lines.append(
-            f"| {r.metric_config or ''} | {r.dataset_name} | {r.dataset_split or ''} | "
+            f"| {r.metric_config or ''} | {dataset} | {r.dataset_split or ''} | {_label_fraction(r)} | "
             f"{r.metric_name or r.metric_type} | {r.metric_value} |"
         )
+        run = (r.metric_config or "", dataset, r.dataset_split or "", _label_fraction(r))
+        runs[run] = (r.metric_args or {}).get("command") or runs.get(run)
+    lines += ["", "Protocols run (protocol, dataset, split, labels used, command):", ""]
+    for (protocol, dataset, split, labels), command in runs.items():
+        how = f"`{command}`" if command else "command not recorded"
+        lines.append(f"- {protocol} on {dataset}, {split} split, {labels} labels: {how}")
     return "\n".join(lines)
 
 

@@ -86,7 +86,7 @@ def test_distilled_card_metadata_and_model_index(tmp_path):
     unbiased = {**DISTILL_ARGS, "dcor_estimator": "unbiased", "dcor_squared": None}
     text = render_card(backbone=BACKBONE, training_args=unbiased, info=info, projector="8192-8192-8192")
     assert "dCor R², bias-corrected estimator" in text
-    assert "| linear | tanganke/stl10 | test | linear top-1 | 95.6 |" in body
+    assert "| linear | tanganke/stl10 | test | all | linear top-1 | 95.6 |" in body
     assert "23.5 M parameters" in body
 
 
@@ -115,6 +115,41 @@ def test_merge_results_replaces_remeasured_metrics_and_keeps_the_rest():
         ("linear", "validation", 91.0),
         ("linear", "test", 95.0),
     ]
+
+
+def test_results_list_every_protocol_with_its_labels_and_command_and_parse_back(tmp_path):
+    from mvmr_hf.evaluation import ProtocolResult, to_eval_results
+
+    measured = [
+        ProtocolResult("linear", 95.0, 99.5, "L-BFGS"),
+        ProtocolResult("finetune", 80.0, 96.0, label_fraction=0.01),
+        ProtocolResult("multilabel", None, None, mean_ap=71.234),
+    ]
+    command = "mvmr-evaluate --model runs/kd/student --dataset tanganke/stl10 --protocol linear"
+    results = to_eval_results(measured, dataset="tanganke/stl10", config=None, split="test", command=command)
+    text = render_card(
+        backbone=BACKBONE, training_args=DISTILL_ARGS, info=CardInfo(), projector="8192", results=results
+    )
+    card = _write(tmp_path, text)
+    parsed = card.data.eval_results
+    assert [(r.task_type, r.dataset_name, r.dataset_split, r.metric_type, r.metric_config, r.metric_value)
+            for r in parsed] == [
+        ("image-classification", "tanganke/stl10", "test", "accuracy", "linear", 95.0),
+        ("image-classification", "tanganke/stl10", "test", "accuracy", "linear", 99.5),
+        ("image-classification", "tanganke/stl10", "test", "accuracy", "finetune-1%", 80.0),
+        ("image-classification", "tanganke/stl10", "test", "accuracy", "finetune-1%", 96.0),
+        ("image-classification", "tanganke/stl10", "test", "mAP", "multilabel", 71.23),
+    ]  # fmt: skip
+    assert parsed[2].metric_args == {"label_fraction": 0.01, "command": command}
+    assert parsed[0].metric_args == {"command": command}
+    assert "| finetune-1% | tanganke/stl10 | test | 1 % | finetune-1% top-1 | 80.0 |" in card.text
+    assert f"- finetune-1% on tanganke/stl10, test split, 1 % labels: `{command}`" in card.text
+    assert f"- linear on tanganke/stl10, test split, all labels: `{command}`" in card.text
+    # Measured again by another command: replaced, not listed twice.
+    again = to_eval_results(
+        measured[:1], dataset="tanganke/stl10", config=None, split="test", command="other"
+    )
+    assert [r.metric_args["command"] for r in merge_results(results, again)] == [command] * 3 + ["other"] * 2
 
 
 def test_read_results_round_trips_through_the_card(tmp_path):

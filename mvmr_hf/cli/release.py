@@ -18,6 +18,7 @@ prints and writes the results.
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,7 +96,11 @@ def _evaluate(argv: Sequence[str]) -> None:
     print(format_table(results))
     if args.update_card:
         entries = to_eval_results(
-            results, dataset=data.dataset, config=data.dataset_config, split=args.test_split
+            results,
+            dataset=data.dataset,
+            config=data.dataset_config,
+            split=args.test_split,
+            command=shlex.join(["mvmr-evaluate", *argv]),
         )
         update_card(args.model, entries)
         print(f"updated {Path(args.model) / 'README.md'}")
