@@ -38,6 +38,7 @@ __all__ = [
     "EvalDataArguments",
     "EvaluateArguments",
     "ExportArguments",
+    "FinetuneArguments",
     "LossArguments",
     "ModelArguments",
     "PretrainModelArguments",
@@ -46,6 +47,7 @@ __all__ = [
     "TeacherSpec",
     "TrainingArguments",
     "parse_names",
+    "parse_signals",
     "parse_weights",
     "teacher_specs",
 ]
@@ -79,6 +81,27 @@ def parse_weights(text: str) -> dict[str, float]:
                 f"--representation-weights entry {item!r} is not name=number: write e.g. teacher=1,hog=0.5"
             )
     return weights
+
+
+def parse_signals(text: str) -> list[signal.Signals]:
+    """``"SIGTERM,SIGUSR1"`` (``--stop-signals``) as signals; ConfigError naming an unknown one."""
+    try:
+        return [signal.Signals[name.upper()] for name in parse_names(text)]
+    except KeyError as error:
+        raise ConfigError(
+            f"--stop-signals names {error.args[0]}, which is not a signal: use names like SIGTERM,SIGUSR1"
+        ) from None
+
+
+STOP_SIGNALS_HELP = (
+    "Signals on which every process finishes its optimizer step, the run saves a checkpoint and exits "
+    "with status 75 (preempted, resumable with --resume): SIGTERM is what SLURM and Kubernetes send "
+    "before a kill, SIGUSR1 what SLURM's --signal=USR1@SECONDS sends before a time limit; empty: none."
+)
+RESUME_HELP = (
+    "Continue a run: alone (or 'latest') from the newest complete checkpoint in the output folder, starting "
+    "afresh when there is none; or from the given checkpoint folder."
+)
 
 
 @dataclass(frozen=True)
@@ -415,13 +438,7 @@ class TrainingArguments:
     )
     checkpoint_every: int = _opt(1000, "Save a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = _opt(2, "Keep the N newest checkpoints.")
-    resume: str | None = _opt(
-        None,
-        "Continue a run: alone (or 'latest') from the newest complete checkpoint in the output folder, "
-        "starting afresh when there is none; or from the given checkpoint folder.",
-        nargs="?",
-        const="latest",
-    )
+    resume: str | None = _opt(None, RESUME_HELP, nargs="?", const="latest")
     overwrite: bool = _opt(
         False, "Delete a previous run's checkpoints, metrics and release in the output folder."
     )
@@ -431,12 +448,7 @@ class TrainingArguments:
     )
     log_every: int = _opt(10, "Log loss, terms, learning rate and throughput every N optimizer steps.")
     push_to_hub: str | None = _opt(None, "Hub repository id (user/name) to push the student release to.")
-    stop_signals: str = _opt(
-        "SIGTERM,SIGUSR1",
-        "Signals on which every process finishes its optimizer step, the run saves a checkpoint and exits "
-        "with status 75 (preempted, resumable with --resume): SIGTERM is what SLURM and Kubernetes send "
-        "before a kill, SIGUSR1 what SLURM's --signal=USR1@SECONDS sends before a time limit; empty: none.",
-    )
+    stop_signals: str = _opt("SIGTERM,SIGUSR1", STOP_SIGNALS_HELP)
 
     def __post_init__(self) -> None:
         self.signals()  # an unknown signal name is told now
@@ -452,12 +464,7 @@ class TrainingArguments:
 
     def signals(self) -> list[signal.Signals]:
         """``--stop-signals`` as signals; ConfigError naming an unknown one."""
-        try:
-            return [signal.Signals[name.upper()] for name in parse_names(self.stop_signals)]
-        except KeyError as error:
-            raise ConfigError(
-                f"--stop-signals names {error.args[0]}, which is not a signal: use names like SIGTERM,SIGUSR1"
-            ) from None
+        return parse_signals(self.stop_signals)
 
     @property
     def trackers(self) -> list[str] | str | None:
@@ -541,11 +548,72 @@ class EvaluateArguments:
     train_split: str = _opt("train", "Split the linear probe and kNN are fitted on.")
     test_split: str = _opt("test", "Split the accuracies are reported on.")
     label_column: str = _opt("label", "Column holding the integer class labels.")
-    protocol: str = _opt("linear,knn", "Comma-separated protocols among linear, knn, zero-shot.")
+    protocol: str = _opt(
+        "linear,knn",
+        "Comma-separated protocols among linear, knn, zero-shot (frozen features) and finetune "
+        "(semi-supervised fine-tuning of the whole backbone on --label-fraction of the training labels, "
+        "paper Table 1).",
+    )
     teacher_output: str = _opt(
         "auto", "Output of a transformers --model (see mvmr-distill --teacher-output)."
     )
     update_card: bool = _opt(False, "Write the results into the release folder's card (model-index).")
+
+
+@dataclass
+class FinetuneArguments:
+    """Semi-supervised fine-tuning (paper, section 6.1 and Table 1): the whole backbone and a linear head.
+
+    The defaults are the paper's (section 7): Adam, learning rate 1e-4, batch 128, 100 epochs, cross-entropy.
+    """
+
+    _argument_group_name = "semi-supervised fine-tuning (--protocol finetune)"
+
+    label_fraction: float = _opt(
+        0.01,
+        "Share of the training split whose labels fine-tuning uses, in (0, 1] (paper Table 1: 0.01 and 0.1); "
+        "the images are drawn per class, the same share of each class, and listed in labelled_subset.json.",
+    )
+    finetune_epochs: int = _opt(100, "Passes over the labelled images (paper: 100).")
+    finetune_max_steps: int | None = _opt(
+        None, "Stop after this many optimizer steps; overrides --finetune-epochs when set."
+    )
+    finetune_batch_size: int = _opt(
+        128, "GLOBAL batch of labelled images, split evenly over the processes (paper: 128)."
+    )
+    finetune_learning_rate: float = _opt(1e-4, "Adam learning rate, constant (paper: 1e-4).")
+    finetune_weight_decay: float = _opt(0.0, "Adam weight decay (the paper states none).")
+    finetune_seed: int = _opt(
+        0, "Seed of the labelled subset, the head's initial weights, the batch order and the augmentations."
+    )
+    finetune_dir: str | None = _opt(
+        None,
+        "Run folder of the fine-tuning: checkpoints/, metrics.jsonl, labelled_subset.json, results.json and "
+        "the classifier release classifier/; default MODEL-finetune-1pct next to a model folder, else in the "
+        "working directory.",
+    )
+    checkpoint_every: int = _opt(500, "Save a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: int = _opt(2, "Keep the N newest checkpoints.")
+    resume: str | None = _opt(None, RESUME_HELP, nargs="?", const="latest")
+    overwrite: bool = _opt(False, "Delete a previous fine-tuning's checkpoints, metrics and classifier.")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _opt(
+        None, "Mixed precision; when omitted, what `accelerate launch` or `accelerate config` set, else no."
+    )
+    stop_signals: str = _opt("SIGTERM,SIGUSR1", STOP_SIGNALS_HELP)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.label_fraction, bool) or not 0 < self.label_fraction <= 1:
+            raise ConfigError(
+                f"--label-fraction {self.label_fraction} is not a share of the labels in (0, 1]: "
+                "write e.g. 0.01 for 1 % (paper Table 1)"
+            )
+        names = ("finetune_epochs", "finetune_batch_size", "checkpoint_every", "keep_checkpoints")
+        _check_ints(self, names if self.finetune_max_steps is None else (*names, "finetune_max_steps"), 1)
+        check_number("--finetune-learning-rate", self.finetune_learning_rate)
+        check_number("--finetune-weight-decay", self.finetune_weight_decay, allow_zero=True)
+        parse_signals(self.stop_signals)
+        if self.resume is not None and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: pass one of them")
 
 
 @dataclass

@@ -49,7 +49,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 import timm
@@ -79,7 +79,8 @@ SEARCH_ROWS = 100_000
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
 PROMPT = "a photo of a {}"
-PROTOCOLS = ("linear", "knn", "zero-shot")
+PROTOCOLS = ("linear", "knn", "zero-shot", "finetune")
+"""The protocols of ``mvmr-evaluate``; all but ``finetune`` (:mod:`mvmr_hf.finetune`) read frozen features."""
 CHUNK_ELEMENTS = 1 << 25
 """Numbers in one chunk of the probe (features and logits) or of kNN (similarities): 128 MiB in float32."""
 DEVICE_MEMORY_FRACTION = 0.5
@@ -525,35 +526,51 @@ def _teacher_encoder(name_or_path: str, output: str) -> Encoder:
     )
 
 
-def load_encoder(name_or_path: str, *, teacher_output: str = "auto") -> Encoder:
-    """The :class:`Encoder` for ``--model``: a release folder, a transformers model, a timm name or a Hub id.
+def locate_model(name_or_path: str) -> tuple[Literal["release", "timm", "transformers"], str]:
+    """What ``--model`` names and where to load it from: ``(kind, folder or name)``.
 
-    * a release folder (``config.json`` in timm format): its backbone, and its alignment head when fitted;
-    * a ``transformers`` model folder or Hub id: :func:`~mvmr_hf.representations.teacher.load_teacher`
-      with ``teacher_output``;
-    * a timm model name (``resnet50.a1_in1k``): timm's pretrained weights, without classifier;
-    * a Hub id whose ``config.json`` is in timm format (a pushed release): downloaded, then as a folder.
+    * a release folder (``config.json`` in timm format): ``("release", folder)``;
+    * a ``transformers`` model folder or a Hub id whose config is not timm's: ``("transformers", id)``;
+    * a timm model name (``resnet50.a1_in1k``): ``("timm", name)``, timm's pretrained weights;
+    * a Hub id with a timm-format ``config.json`` (a pushed release): downloaded, ``("release", folder)``.
+
+    Raises ConfigError for a local path that is no folder and for a name that is none of these.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return _release_encoder(path) if is_release(path) else _teacher_encoder(name_or_path, teacher_output)
+        return ("release", str(path)) if is_release(path) else ("transformers", name_or_path)
     if is_local_path(name_or_path):
         raise ConfigError(f"--model {name_or_path} is not an existing folder: check the path.")
     if timm.is_model(name_or_path.split(".")[0]) and "/" not in name_or_path:
-        model = timm.create_model(name_or_path, pretrained=True, num_classes=0)
-        data_config = timm.data.resolve_model_data_config(model)
-        return timm_encoder(model, data_config, {"timm": name_or_path, "version": timm.__version__})
+        return "timm", name_or_path
     try:
         config = json.loads(Path(hf_hub_download(name_or_path, CONFIG)).read_text())
         if "pretrained_cfg" not in config:
-            return _teacher_encoder(name_or_path, teacher_output)
+            return "transformers", name_or_path
         folder = snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"])
     except (OSError, HTTPError, HFValidationError) as error:
         raise ConfigError(
             f"--model {name_or_path} is neither a folder, a timm model name nor a reachable Hub model "
             f"({type(error).__name__}): check the name, or pass a local folder."
         ) from None
-    return _release_encoder(Path(folder))
+    return "release", folder
+
+
+def load_encoder(name_or_path: str, *, teacher_output: str = "auto") -> Encoder:
+    """The :class:`Encoder` for ``--model`` (see :func:`locate_model`).
+
+    A release: its backbone, and its alignment head when fitted; a timm name: timm's pretrained
+    weights without classifier; a ``transformers`` model:
+    :func:`~mvmr_hf.representations.teacher.load_teacher` with ``teacher_output``.
+    """
+    kind, where = locate_model(name_or_path)
+    if kind == "release":
+        return _release_encoder(Path(where))
+    if kind == "transformers":
+        return _teacher_encoder(where, teacher_output)
+    model = timm.create_model(where, pretrained=True, num_classes=0)
+    data_config = timm.data.resolve_model_data_config(model)
+    return timm_encoder(model, data_config, {"timm": where, "version": timm.__version__})
 
 
 # ----------------------------------------------------------------------------- features
@@ -929,6 +946,8 @@ def evaluate(
     the rows, and each gets the same results; let the main process print and write them.
     """
     parse_protocols(",".join(protocols))
+    if "finetune" in protocols:
+        raise ConfigError("evaluate() reads frozen features: fine-tune with mvmr_hf.finetune.finetune().")
     device = _process_device(device)
     if "zero-shot" in protocols and encoder.text_model is None:
         raise ConfigError(

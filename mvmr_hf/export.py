@@ -112,14 +112,26 @@ def rewrite_release(folder: str | os.PathLike) -> Iterator[Path]:
         yield work
 
 
-def write_timm_config(model: nn.Module, path: Path, data_config: Mapping[str, Any] | None = None) -> dict:
+def write_timm_config(
+    model: nn.Module,
+    path: Path,
+    data_config: Mapping[str, Any] | None = None,
+    *,
+    label_names: Sequence[str] | None = None,
+) -> dict:
     """Write timm's Hub ``config.json`` for ``model`` at ``path`` so that timm *and* transformers load it.
 
     timm's ``save_config_for_hf`` writes ``num_classes`` into ``model_args``, which transformers'
     ``TimmWrapperModel`` (that passes ``num_classes`` itself) rejects: it is removed; the root
-    ``num_classes`` still tells timm which head to build. Returns the written config.
+    ``num_classes`` still tells timm which head to build. ``label_names`` (a classifier's, one per
+    output) become transformers' ``id2label``. Returns the written config.
     """
-    save_config_for_hf(model, str(path), data_config=dict(data_config) if data_config else None)
+    save_config_for_hf(
+        model,
+        str(path),
+        model_config={"label_names": list(label_names)} if label_names else None,
+        data_config=dict(data_config) if data_config else None,
+    )
     config = json.loads(path.read_text())
     config.get("model_args", {}).pop("num_classes", None)
     path.write_text(json.dumps(config, indent=2) + "\n")

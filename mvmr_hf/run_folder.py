@@ -27,7 +27,7 @@ from mvmr_hf.checkpoint import (
     newest_intact_checkpoint,
     remove_partial,
 )
-from mvmr_hf.config import TrainingArguments
+from mvmr_hf.config import FinetuneArguments, TrainingArguments
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, check_release_target
 from mvmr_hf.lock import FolderLock, check_folder_free
@@ -50,7 +50,8 @@ LOGS_DIR = "logs"
 CHANGEABLE_ON_RESUME = frozenset(
     {"resume", "overwrite", "output_dir", "epochs", "max_steps", "num_workers", "checkpoint_every",
      "keep_checkpoints", "log_with", "log_every", "push_to_hub", "cache_teacher", "mixed_precision",
-     "channels_last", "compile", "device_views", "view_source_size"}
+     "channels_last", "compile", "device_views", "view_source_size", "finetune_epochs", "finetune_max_steps",
+     "finetune_dir"}
 )  # fmt: skip
 
 
@@ -63,7 +64,9 @@ def flat_arguments(*groups: Any) -> dict[str, Any]:
     return flat
 
 
-def resume_point(output_dir: Path, training_args: TrainingArguments, args: dict[str, Any]) -> Path | None:
+def resume_point(
+    output_dir: Path, training_args: TrainingArguments | FinetuneArguments, args: dict[str, Any]
+) -> Path | None:
     """The checkpoint to resume from (None: a fresh start), after checking the output folder."""
     if training_args.resume is None:
         if list_checkpoints(output_dir) and not training_args.overwrite:
@@ -143,13 +146,18 @@ def prepare_output_dir(
     accelerator: Accelerator,
     output_dir: Path,
     args: dict[str, Any],
-    training_args: TrainingArguments,
+    training_args: TrainingArguments | FinetuneArguments,
     resume_from: Path | None,
+    *,
+    release_dir: str = RELEASE_DIR,
 ) -> None:
-    """Clear a previous run on --overwrite, drop unfinished checkpoints, write training_args.json."""
+    """Clear a previous run on --overwrite, drop unfinished checkpoints, write training_args.json.
+
+    ``release_dir`` names the folder a run releases its model in, which --overwrite deletes.
+    """
     if accelerator.is_main_process:
         if training_args.overwrite:
-            for name in (CHECKPOINTS_DIR, RELEASE_DIR, LOGS_DIR):
+            for name in (CHECKPOINTS_DIR, release_dir, LOGS_DIR):
                 shutil.rmtree(output_dir / name, ignore_errors=True)
             (output_dir / METRICS_FILE).unlink(missing_ok=True)
         output_dir.mkdir(parents=True, exist_ok=True)

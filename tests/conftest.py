@@ -7,6 +7,9 @@ Test modules import the helpers (``from conftest import tiny_args``): pytest put
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +96,26 @@ def fake_checkpoint(output_dir: Path, step: int, *, complete: bool = True) -> Pa
     if complete:
         (path / TRAINER_STATE).write_text(json.dumps({"step": step, "epoch": 0, "num_processes": 1}))
     return path
+
+
+def on_two_processes(tmp_path: Path, command: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """``command`` of :mod:`mvmr_hf.cli.release` (``evaluate_main``, ``align_main``) on 2 CPU processes.
+
+    torchrun with gloo, one thread each; asserts exit status 0 and returns the finished process.
+    """
+    script = tmp_path / f"{command}.py"
+    script.write_text(f"import sys\nfrom mvmr_hf.cli.release import {command}\nsys.exit({command}())\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+    ]
+    result = subprocess.run(
+        [*launch, *argv], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import on_two_processes
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
@@ -400,26 +398,6 @@ def test_align_then_student_zero_shot_approaches_the_teacher(
     assert student > teacher.top1 - 25
 
 
-def _on_two_processes(tmp_path: Path, command: str, argv: list[str]) -> subprocess.CompletedProcess:
-    """``command`` (``evaluate_main`` or ``align_main``) on 2 CPU processes (torchrun, gloo)."""
-    script = tmp_path / f"{command}.py"
-    script.write_text(f"import sys\nfrom mvmr_hf.cli.release import {command}\nsys.exit({command}())\n")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(script),
-    ]
-    result = subprocess.run(
-        [*launch, *argv], env=env, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 def test_two_processes_extract_the_features_of_one_process(digits, releases, tmp_path):
     """``mvmr-evaluate`` on 2 CPU processes: each extracts half of the rows (719 + 718 train images,
     in batches of 64), the gathered features are the single process's, in row order; the main
@@ -428,7 +406,7 @@ def test_two_processes_extract_the_features_of_one_process(digits, releases, tmp
     cache = tmp_path / "cache"
     argv = ["--model", str(folder), "--dataset", str(digits), "--cache-dir", str(cache), "--batch-size", "64",
             "--update-card"]  # fmt: skip
-    assert _on_two_processes(tmp_path, "evaluate_main", argv).stdout.count("protocol") == 1
+    assert on_two_processes(tmp_path, "evaluate_main", argv).stdout.count("protocol") == 1
 
     encoder = load_encoder(str(folder))
     for split_name in ("train", "test"):
@@ -451,7 +429,7 @@ def test_two_processes_fit_the_alignment_head_of_one_process(digits, releases, t
     one, two = (shutil.copytree(releases["random"], tmp_path / name) for name in ("one", "two"))
     argv = ["--dataset", str(digits), "--cache-dir", "", "--batch-size", "64"]
     assert align_main(["--model", str(one), *argv]) == 0
-    result = _on_two_processes(tmp_path, "align_main", ["--model", str(two), *argv])
+    result = on_two_processes(tmp_path, "align_main", ["--model", str(two), *argv])
     assert result.stdout.count("alignment head fitted") == 1
     (head_one, info_one), (head_two, info_two) = load_alignment(one), load_alignment(two)
     assert (info_two.num_images, info_two.ridge) == (info_one.num_images, pytest.approx(info_one.ridge))

@@ -6,6 +6,7 @@ them, errors are one line, exit 2)::
 
     mvmr-export runs/kd                                   # -> runs/kd/student (latest checkpoint)
     mvmr-evaluate --model runs/kd/student --dataset tanganke/stl10 --protocol linear,knn --update-card
+    mvmr-evaluate --model runs/kd/student --dataset ./imagenet --protocol finetune --label-fraction 0.01
     mvmr-align --model runs/kd/student --dataset tanganke/stl10 --split unlabelled
     mvmr-evaluate --model runs/kd/student --dataset tanganke/stl10 --protocol zero-shot --update-card
     mvmr-push runs/kd/student me/resnet50-mvmr-clip --private
@@ -30,6 +31,7 @@ from mvmr_hf.config import (
     EvalDataArguments,
     EvaluateArguments,
     ExportArguments,
+    FinetuneArguments,
     PushArguments,
 )
 from mvmr_hf.data import load_image_dataset
@@ -44,6 +46,7 @@ from mvmr_hf.evaluation import (
     to_eval_results,
 )
 from mvmr_hf.export import TRAINING_ARGS, add_alignment, check_release, export_run, update_card
+from mvmr_hf.finetune import Finetuning
 from mvmr_hf.hub import push_to_hub
 from mvmr_hf.utils import deprecated_alias
 
@@ -71,36 +74,58 @@ def _export(argv: Sequence[str]) -> None:
 
 
 def _evaluate(argv: Sequence[str]) -> None:
-    args, data = parse_arguments(
-        [EvaluateArguments, EvalDataArguments], argv, prog="mvmr-evaluate", description=evaluate_main.__doc__
+    args, data, tuning = parse_arguments(
+        [EvaluateArguments, EvalDataArguments, FinetuneArguments],
+        argv,
+        prog="mvmr-evaluate",
+        description=evaluate_main.__doc__,
     )
     protocols = parse_protocols(args.protocol)
+    command = shlex.join(["mvmr-evaluate", *argv])
     if args.update_card:
         check_release(args.model)
-    results = evaluate(
-        load_encoder(args.model, teacher_output=args.teacher_output),
-        data.dataset,
-        config=data.dataset_config,
-        train_split=args.train_split,
-        test_split=args.test_split,
-        image_column=data.image_column,
-        label_column=args.label_column,
-        protocols=protocols,
-        batch_size=data.batch_size,
-        device=data.device,
-        num_workers=data.num_workers,
-        cache_dir=data.cache_dir or None,
-    )
+    # Fine-tuning is checked first (writing nothing), so that its bad input stops the command before
+    # the frozen-feature protocols write their caches; it runs last.
+    tuning_job = None
+    if "finetune" in protocols:
+        tuning_job = Finetuning(
+            args.model,
+            data.dataset,
+            tuning,
+            config=data.dataset_config,
+            train_split=args.train_split,
+            test_split=args.test_split,
+            image_column=data.image_column,
+            label_column=args.label_column,
+            eval_batch_size=data.batch_size,
+            num_workers=data.num_workers,
+            command=command,
+        )
+    frozen = [protocol for protocol in protocols if protocol != "finetune"]
+    results = []
+    if frozen:
+        results = evaluate(
+            load_encoder(args.model, teacher_output=args.teacher_output),
+            data.dataset,
+            config=data.dataset_config,
+            train_split=args.train_split,
+            test_split=args.test_split,
+            image_column=data.image_column,
+            label_column=args.label_column,
+            protocols=frozen,
+            batch_size=data.batch_size,
+            device=data.device,
+            num_workers=data.num_workers,
+            cache_dir=data.cache_dir or None,
+        )
+    if tuning_job is not None:
+        results.append(tuning_job.run().as_protocol_result())
     if not launch_state().is_main_process:  # every process has the results; one reports them
         return
     print(format_table(results))
     if args.update_card:
         entries = to_eval_results(
-            results,
-            dataset=data.dataset,
-            config=data.dataset_config,
-            split=args.test_split,
-            command=shlex.join(["mvmr-evaluate", *argv]),
+            results, dataset=data.dataset, config=data.dataset_config, split=args.test_split, command=command
         )
         update_card(args.model, entries)
         print(f"updated {Path(args.model) / 'README.md'}")
@@ -163,7 +188,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
-    """``mvmr-evaluate``: linear probe, kNN and zero-shot accuracy of frozen features."""
+    """``mvmr-evaluate``: linear, kNN, zero-shot accuracy of frozen features; semi-supervised fine-tuning."""
     return run_cli(_evaluate, argv)
 
 
