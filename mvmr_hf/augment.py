@@ -430,12 +430,13 @@ class ViewAugment(nn.Module):
         Skipped rather than convolved with a one-tap kernel: a GPU convolution may run in TF32 and
         would not return the image exactly.
         """
-        sigma = sigma.to(views.device)
+        # Selected where sigma lives (the CPU for the loader's parameters): no wait for the accelerator.
         rows = torch.nonzero(sigma > 0).squeeze(1)
         if rows.numel() == len(views):  # the paper's augmentation: the whole batch, no gather
             return gaussian_blur(views, kernel_size, sigma)
         if rows.numel():
-            views[rows] = gaussian_blur(views[rows], kernel_size, sigma[rows])
+            rows = rows.to(views.device)
+            views[rows] = gaussian_blur(views[rows], kernel_size, sigma.to(views.device)[rows])
         return views
 
     @staticmethod

@@ -201,8 +201,9 @@ def test_output_shape_range_dtype_device(photos: torch.Tensor, dtype: torch.dtyp
 
 
 @pytest.mark.gpu
-def test_same_views_on_gpu_as_on_cpu(photos: torch.Tensor) -> None:
-    augment = ViewAugment(32)
+@pytest.mark.parametrize("augmentations", [AUGMENTATIONS, ("flip", "grayscale"), ()])
+def test_same_views_on_gpu_as_on_cpu(photos: torch.Tensor, augmentations: tuple[str, ...]) -> None:
+    augment = ViewAugment(32, augmentations=augmentations)
     cpu = augment(photos, generator=torch.Generator().manual_seed(3))
     gpu = augment(photos.cuda(), generator=torch.Generator().manual_seed(3))
     assert gpu.device.type == "cuda"
