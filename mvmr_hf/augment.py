@@ -14,6 +14,13 @@ Python loop over images, in this order:
 5. Gaussian blur, always, with an odd kernel of about ``blur_kernel_fraction`` of ``size``
    and sigma uniform in ``blur_sigma`` (the paper gives no probability for it).
 
+Each step can be switched off by name (:data:`AUGMENTATIONS`, the paper's Table 7 ablation,
+appendix B): ``ViewAugment(224, augmentations=("crop", "flip"))``. The random parameters are
+drawn exactly as with all five, so the steps a run keeps get the parameters the full
+augmentation would give them; a step switched off is neutralised in :meth:`ViewAugment.sample`
+(no crop: the framing of the non-augmented view; no flip, jitter or grayscale; blur sigma 0,
+which :meth:`ViewAugment.apply` reads as no blur), so the parameters alone say what was applied.
+
 The crop and resize use :func:`torchvision.ops.roi_align` with adaptive sampling: it
 averages ``ceil(crop/size)`` bilinear samples per output pixel and axis, so downscaling a
 large crop is anti-aliased (an affine grid with ``grid_sample`` would alias), and a crop
@@ -37,7 +44,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +56,7 @@ from torchvision.transforms.v2 import functional as TF
 from mvmr_hf.errors import ConfigError
 
 __all__ = [
+    "AUGMENTATIONS",
     "CENTER_CROP_FRACTION",
     "ViewAugment",
     "ViewParams",
@@ -59,6 +67,7 @@ __all__ = [
     "center_view",
     "check_image_batch",
     "gaussian_blur",
+    "parse_augmentations",
 ]
 
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes before the centre crop
@@ -66,6 +75,34 @@ _CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes before the ce
 CENTER_CROP_FRACTION = 0.875
 """The non-augmented training view keeps the central 87.5 % of the resized image (224 of 256 px),
 as the paper's code (resize 256, centre crop 224) and timm's ``crop_pct`` do."""
+
+AUGMENTATIONS = ("crop", "flip", "color", "grayscale", "blur")
+"""The steps of the augmented view x̃ in the order they run (section 7): random resized crop,
+horizontal flip, colour jitter, grayscale, Gaussian blur; the paper's Table 7 ablates them."""
+
+
+def parse_augmentations(augmentations: str | Iterable[str]) -> tuple[str, ...]:
+    """``"flip, crop"`` (or ``["flip", "crop"]``) -> ``("crop", "flip")``: the steps of x̃ to keep.
+
+    Names come from :data:`AUGMENTATIONS`, comma-separated in a string, case and spaces ignored;
+    they are returned in the order the steps run, which the listed order does not change. An
+    empty string or list keeps none: x̃ is then the non-augmented view's framing.
+
+    Raises:
+        ConfigError: an unknown name or a name listed twice.
+    """
+    items = augmentations.split(",") if isinstance(augmentations, str) else list(augmentations)
+    names = [str(item).strip().lower() for item in items if str(item).strip()]
+    valid = ", ".join(AUGMENTATIONS)
+    for name in names:
+        if name not in AUGMENTATIONS:
+            raise ConfigError(
+                f"Unknown augmentation {name!r}: --augmentations takes a comma-separated list among {valid}, "
+                "or an empty string for none."
+            )
+        if names.count(name) > 1:
+            raise ConfigError(f"--augmentations lists {name} twice: name each of {valid} at most once.")
+    return tuple(name for name in AUGMENTATIONS if name in names)
 
 
 def check_image_batch(images01: Tensor, where: str) -> None:
@@ -174,7 +211,7 @@ class ViewParams:
     ``flip``, ``jitter``, ``grayscale``: (B,) bool, whether each step is applied.
     ``jitter_factors``: (B, 4) brightness, contrast, saturation and hue factors.
     ``jitter_order``: (B, 4) int64, the order in which the four ops run (indices into that list).
-    ``blur_sigma``: (B,) Gaussian blur std in pixels.
+    ``blur_sigma``: (B,) Gaussian blur std in pixels; 0 means no blur (the blur switched off).
     """
 
     crop_boxes: Tensor
@@ -218,6 +255,9 @@ class ViewAugment(nn.Module):
         blur_kernel_fraction: blur kernel side as a fraction of ``size``, rounded down to an
             odd integer (``int(f * size) // 2 * 2 + 1``: 23 px at 224, 9 px at 96).
         blur_sigma: range of the blur's std in pixels.
+        augmentations: the steps to apply, among :data:`AUGMENTATIONS` (all five, the paper's
+            section 7); a subset is the paper's Table 7 ablation, ``()`` none. Parsed by
+            :func:`parse_augmentations`, so a comma-separated string works too.
 
     ``forward(images01, generator=None)`` takes float ``(B, 3, H, W)`` images in [0, 1] and
     returns ``(B, 3, size, size)`` views in [0, 1], same dtype and device. Random numbers come
@@ -237,6 +277,7 @@ class ViewAugment(nn.Module):
         grayscale_p: float = 0.2,
         blur_kernel_fraction: float = 0.1,
         blur_sigma: tuple[float, float] = (0.1, 2.0),
+        augmentations: str | Iterable[str] = AUGMENTATIONS,
     ) -> None:
         super().__init__()
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
@@ -259,12 +300,14 @@ class ViewAugment(nn.Module):
         self.grayscale_p = _check_probability("grayscale_p", grayscale_p)
         self.blur_kernel_fraction = float(blur_kernel_fraction)
         self.blur_sigma = _check_range("blur_sigma", blur_sigma)
+        self.augmentations = parse_augmentations(augmentations)
 
     def extra_repr(self) -> str:
         return (
             f"size={self.size}, scale={self.scale}, ratio={self.ratio}, flip_p={self.flip_p}, "
             f"jitter={self.jitter}, jitter_p={self.jitter_p}, grayscale_p={self.grayscale_p}, "
-            f"blur_kernel_fraction={self.blur_kernel_fraction}, blur_sigma={self.blur_sigma}"
+            f"blur_kernel_fraction={self.blur_kernel_fraction}, blur_sigma={self.blur_sigma}, "
+            f"augmentations={self.augmentations}"
         )
 
     def blur_kernel_size(self, size: int) -> int:
@@ -276,7 +319,10 @@ class ViewAugment(nn.Module):
     ) -> ViewParams:
         """Draw the parameters for ``batch`` images of ``height`` x ``width`` pixels.
 
-        Drawn on ``generator``'s device (the CPU without one) in float64.
+        Drawn on ``generator``'s device (the CPU without one) in float64. Every parameter is
+        drawn whatever :attr:`augmentations` leaves out, then the steps left out are neutralised:
+        the random stream, and so each kept step's parameters, are those of the full augmentation
+        (the paper's Table 7 compares subsets of one augmentation, not different draws).
         """
         device = generator.device if generator is not None else torch.device("cpu")
 
@@ -299,7 +345,32 @@ class ViewAugment(nn.Module):
         jitter_order = uniform((batch, len(_JITTER_OPS)), 0.0, 1.0).argsort(dim=1)
         grayscale = bernoulli(self.grayscale_p)
         blur_sigma = uniform((batch,), *self.blur_sigma)
-        return ViewParams(crop_boxes, flip, jitter, jitter_factors, jitter_order, grayscale, blur_sigma)
+        kept = self.augmentations
+        if "crop" not in kept:
+            crop_boxes = self._center_box(height, width, device).expand(batch, 4).clone()
+        return ViewParams(
+            crop_boxes,
+            flip & ("flip" in kept),
+            jitter & ("color" in kept),
+            jitter_factors,
+            jitter_order,
+            grayscale & ("grayscale" in kept),
+            blur_sigma if "blur" in kept else torch.zeros_like(blur_sigma),
+        )
+
+    def _center_box(self, height: int, width: int, device: torch.device) -> Tensor:
+        """The framing of the non-augmented view x: the source pixels :func:`center_view` keeps.
+
+        Its square in the resized image mapped back to ``height`` x ``width`` pixels, axis by axis
+        (the resize truncates the longer side, so the two scales can differ slightly); ``apply``'s
+        ``roi_align`` then samples the very points ``center_view``'s resize does, only filtered
+        by its box average instead of torchvision's antialiasing kernel.
+        """
+        size = self.size or height  # apply's output side
+        resized_h, resized_w, top, left = _center_framing(height, width, size, CENTER_CROP_FRACTION)
+        scale_y, scale_x = height / resized_h, width / resized_w
+        box = [left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y]
+        return torch.tensor(box, dtype=torch.float64, device=device)
 
     def _sample_crops(self, batch: int, height: int, width: int, uniform: Callable[..., Tensor]) -> Tensor:
         """torchvision's RandomResizedCrop rule, vectorised over the batch and the 10 tries."""
@@ -349,8 +420,24 @@ class ViewAugment(nn.Module):
         views = self._color_jitter(views.clamp_(0, 1), params)
         grayscale = params.grayscale.to(device).view(-1, 1, 1, 1)
         views = torch.where(grayscale, TF.rgb_to_grayscale(views, num_output_channels=3), views)
-        views = gaussian_blur(views, self.blur_kernel_size(size), params.blur_sigma)
+        views = self._blur(views, self.blur_kernel_size(size), params.blur_sigma)
         return views.clamp_(0, 1).to(images01.dtype)
+
+    @staticmethod
+    def _blur(views: Tensor, kernel_size: int, sigma: Tensor) -> Tensor:
+        """Blur the samples whose sigma is positive; sigma 0 (blur switched off) leaves a sample as is.
+
+        Skipped rather than convolved with a one-tap kernel: a GPU convolution may run in TF32 and
+        would not return the image exactly.
+        """
+        # Selected where sigma lives (the CPU for the loader's parameters): no wait for the accelerator.
+        rows = torch.nonzero(sigma > 0).squeeze(1)
+        if rows.numel() == len(views):  # the paper's augmentation: the whole batch, no gather
+            return gaussian_blur(views, kernel_size, sigma)
+        if rows.numel():
+            rows = rows.to(views.device)
+            views[rows] = gaussian_blur(views[rows], kernel_size, sigma.to(views.device)[rows])
+        return views
 
     @staticmethod
     def _color_jitter(views: Tensor, params: ViewParams) -> Tensor:
@@ -371,6 +458,22 @@ class ViewAugment(nn.Module):
         return self.apply(images01, self.sample(len(images01), *images01.shape[-2:], generator=generator))
 
 
+def _center_framing(height: int, width: int, size: int, crop_fraction: float) -> tuple[int, int, int, int]:
+    """:func:`center_view`'s geometry: the resized ``(height, width)`` and the ``(top, left)`` of its square.
+
+    torchvision's rules for ``resize(image, [short])`` and ``center_crop``: the shorter side becomes
+    ``floor(size / crop_fraction)``, the longer one as much times its aspect ratio, truncated; the
+    offsets round half to even. One function, so that the augmented view without crop
+    (:meth:`ViewAugment.sample`) has exactly x's framing.
+    """
+    short = math.floor(size / crop_fraction)
+    if height <= width:
+        resized_h, resized_w = short, int(short * width / height)
+    else:
+        resized_h, resized_w = int(short * height / width), short
+    return resized_h, resized_w, round((resized_h - size) / 2), round((resized_w - size) / 2)
+
+
 def center_view(images01: Tensor, size: int, *, crop_fraction: float = 1.0) -> Tensor:
     """Shorter side resized (anti-aliased) to ``floor(size / crop_fraction)``, centre-cropped square ``size``.
 
@@ -382,5 +485,6 @@ def center_view(images01: Tensor, size: int, *, crop_fraction: float = 1.0) -> T
         raise ConfigError(f"center_view size must be a positive integer, got {size!r}.")
     if not 0.0 < crop_fraction <= 1.0:
         raise ConfigError(f"center_view crop_fraction must be in (0, 1], got {crop_fraction!r}.")
-    resized = TF.resize(images01, [math.floor(size / crop_fraction)], antialias=True)
-    return TF.center_crop(resized, [size, size])
+    resized_h, resized_w, top, left = _center_framing(*images01.shape[-2:], size, crop_fraction)
+    resized = TF.resize(images01, [resized_h, resized_w], antialias=True)
+    return resized[..., top : top + size, left : left + size]

@@ -18,6 +18,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from mvmr_hf.augment import AUGMENTATIONS, parse_augmentations
 from mvmr_hf.config import parse_weights, teacher_specs
 from mvmr_hf.utils import is_hub_id, is_local_path
 
@@ -174,6 +175,20 @@ def _teachers(training_args: Mapping[str, Any], info: CardInfo) -> list[str]:
     ]
 
 
+def _augmentations(training_args: Mapping[str, Any]) -> str:
+    """The steps that made the augmented view x̃ (paper, section 7; a subset is its Table 7 ablation).
+
+    Runs saved before ``--augmentations`` existed (no such key) used all five.
+    """
+    saved = training_args.get("augmentations")
+    kept = AUGMENTATIONS if saved is None else parse_augmentations(saved)
+    if kept == AUGMENTATIONS:
+        return f"{', '.join(f'`{name}`' for name in kept)} (the paper's augmentation, section 7)"
+    if not kept:
+        return "none: x̃ had the framing of the non-augmented view x, without any random step"
+    return f"{', '.join(f'`{name}`' for name in kept)} only (the paper's Table 7 ablation)"
+
+
 def _representations(training_args: Mapping[str, Any], info: CardInfo) -> str:
     parts = _teachers(training_args, info)
     handcrafted = training_args.get("handcrafted") or []
@@ -267,6 +282,7 @@ def render_card(
         num_features=backbone.num_features,
         image_size=backbone.image_size,
         representations=_representations(training_args, info),
+        augmentations=_augmentations(training_args),
         weights=_loss_weights(training_args),
         objective_form=_objective_form(training_args),
         dataset=f"`{training_args.get('dataset', 'unknown')}`",

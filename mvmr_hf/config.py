@@ -23,6 +23,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mvmr_hf.augment import AUGMENTATIONS, parse_augmentations
 from mvmr_hf.dcor import check_estimator
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.utils import check_int, check_number
@@ -320,8 +321,18 @@ class DataArguments:
         "With device views, the side of the square image the workers send (default image_size / 0.875: "
         "256 px for 224); larger brings the views closer to crops of the full-resolution image.",
     )
+    augmentations: str = _opt(
+        ",".join(AUGMENTATIONS),
+        "Steps of the augmented view, comma-separated among crop, flip, color, grayscale, blur, run in that "
+        "order with the paper's parameters (section 7: all five); a subset is the paper's Table 7 ablation, "
+        "with the random parameters of the full augmentation for the steps kept; without crop the augmented "
+        "view keeps the non-augmented view's framing; empty: no augmentation. The augmented-pixels "
+        "representation keeps all five.",
+    )
 
     def __post_init__(self) -> None:
+        # The steps in the order they run, so that "flip,crop" and "crop,flip" are one setting for --resume.
+        self.augmentations = ",".join(parse_augmentations(self.augmentations))
         _check_ints(self, ("image_size",), 1)
         _check_ints(self, ("shuffle_buffer", "num_workers"), 0)
         if self.view_source_size is not None:

@@ -1,7 +1,8 @@
 """Streaming ``datasets`` -> decoded, validated images -> the two views of MV-MR.
 
 A batch holds, for each image, the non-augmented view x in ``"image"``, the augmented view x̃
-(the paper's augmentation of section 7) in ``"augmented"``, both ``uint8 (B, 3, S, S)``, a stable
+(the paper's augmentation of section 7, or the subset of its steps that ``augmentations`` keeps,
+its Table 7 ablation) in ``"augmented"``, both ``uint8 (B, 3, S, S)``, a stable
 content key in ``"key"`` (so teacher outputs can be cached exactly) and the count of images
 skipped since the previous batch in ``"skipped"``: a bad image is counted, never a crash. With
 ``device_views`` the workers only decode and resize: instead of ``"augmented"`` a batch carries
@@ -45,7 +46,7 @@ from PIL import Image, ImageOps
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms.v2 import functional as TF
 
-from mvmr_hf.augment import CENTER_CROP_FRACTION, ViewAugment, ViewParams, center_view
+from mvmr_hf.augment import AUGMENTATIONS, CENTER_CROP_FRACTION, ViewAugment, ViewParams, center_view
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.utils import check_int, is_local_path
 
@@ -345,6 +346,7 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         source_size: int | None = None,
+        augmentations: str | Sequence[str] = AUGMENTATIONS,
     ) -> None:
         super().__init__()
         undecoded = dataset.select_columns([image_column])
@@ -357,7 +359,7 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
-        self.augment = ViewAugment(image_size)
+        self.augment = ViewAugment(image_size, augmentations=augmentations)
         self.source_size = source_size
         self.epoch = 0
         self._state = self._start_state()
@@ -519,6 +521,7 @@ def build_dataloader(
     pin_memory: bool = False,
     device_views: bool = False,
     source_size: int | None = None,
+    augmentations: str | Sequence[str] = AUGMENTATIONS,
     ignore_signals: Sequence[int] = (),
 ) -> tuple[StatefulDataLoader, DataStats]:
     """A resumable loader of MV-MR batches for process ``rank`` of ``world_size``.
@@ -546,6 +549,12 @@ def build_dataloader(
             ``loader.dataset.augmented_view(batch, device)`` (which also moves worker-made views).
         source_size: side of the square image sent for device views (default
             :func:`default_source_size`).
+        augmentations: the steps of the augmented view among
+            :data:`~mvmr_hf.augment.AUGMENTATIONS` (default all five, the paper's section 7; a
+            subset is its Table 7 ablation, none gives x's framing), as a list or a comma-separated
+            string (:func:`~mvmr_hf.augment.parse_augmentations`). The random parameters are those
+            of the full augmentation, switched-off steps neutralised, in both the workers' and the
+            device views.
         ignore_signals: signals the worker processes ignore: the training process handles them
             (a cluster's stop signal reaches every process of the job, workers included, which
             would otherwise die before the run can save its checkpoint).
@@ -588,6 +597,7 @@ def build_dataloader(
         shuffle_buffer=shuffle_buffer,
         seed=seed,
         source_size=(source_size or default_source_size(image_size)) if device_views else None,
+        augmentations=augmentations,
     )
     # The views are batched by the dataset itself (see ViewsDataset), hence batch_size=None.
     loader = StatefulDataLoader(

@@ -166,6 +166,7 @@ def train(
         pin_memory=device.type == "cuda",
         device_views=data_args.device_views if data_args.device_views is not None else device.type == "cuda",
         source_size=data_args.view_source_size,
+        augmentations=data_args.augmentations,
         ignore_signals=training_args.signals(),
     )
     total_steps = _total_steps(training_args, data_stats, batch_size * world)

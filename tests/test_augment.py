@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from skimage import data
 from torchvision.transforms.v2 import functional as TF
 
 from mvmr_hf.augment import (
+    AUGMENTATIONS,
+    CENTER_CROP_FRACTION,
     ViewAugment,
     ViewParams,
     adjust_brightness,
@@ -19,6 +22,7 @@ from mvmr_hf.augment import (
     adjust_saturation,
     center_view,
     gaussian_blur,
+    parse_augmentations,
 )
 from mvmr_hf.errors import ConfigError
 
@@ -197,8 +201,9 @@ def test_output_shape_range_dtype_device(photos: torch.Tensor, dtype: torch.dtyp
 
 
 @pytest.mark.gpu
-def test_same_views_on_gpu_as_on_cpu(photos: torch.Tensor) -> None:
-    augment = ViewAugment(32)
+@pytest.mark.parametrize("augmentations", [AUGMENTATIONS, ("flip", "grayscale"), ()])
+def test_same_views_on_gpu_as_on_cpu(photos: torch.Tensor, augmentations: tuple[str, ...]) -> None:
+    augment = ViewAugment(32, augmentations=augmentations)
     cpu = augment(photos, generator=torch.Generator().manual_seed(3))
     gpu = augment(photos.cuda(), generator=torch.Generator().manual_seed(3))
     assert gpu.device.type == "cuda"
@@ -242,9 +247,157 @@ def test_bad_images_raise_config_error(bad) -> None:
         {"grayscale_p": -0.1},
         {"blur_kernel_fraction": 1.0},
         {"blur_sigma": (0.0, 2.0)},
+        {"augmentations": ("crop", "zoom")},
+        {"augmentations": "flip,flip"},
     ],
 )
 def test_bad_options_raise_config_error(options: dict) -> None:
     size = options.pop("size", 32)
     with pytest.raises(ConfigError):
         ViewAugment(size, **options)
+
+
+# ----------------------------------------------------------------------------- Table 7's switches
+
+
+def test_parse_augmentations_gives_the_steps_in_the_order_they_run() -> None:
+    assert AUGMENTATIONS == ("crop", "flip", "color", "grayscale", "blur")
+    assert parse_augmentations("crop,flip,color,grayscale,blur") == AUGMENTATIONS
+    assert parse_augmentations(" Blur, crop,") == ("crop", "blur")
+    assert parse_augmentations(["grayscale", "flip"]) == ("flip", "grayscale")
+    assert parse_augmentations("") == parse_augmentations(()) == ()
+
+
+@pytest.mark.parametrize(("text", "match"), [("crop,zoom", "'zoom'"), ("flip,crop,flip", "flip twice")])
+def test_parse_augmentations_names_the_valid_steps(text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as excinfo:
+        parse_augmentations(text)
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert "crop, flip, color, grayscale, blur" in message
+
+
+SIZE = 56
+"""Views of the 64 px photos at 56 px: the non-augmented view resizes them to 56 / 0.875 = 64 px,
+i.e. not at all, and keeps pixels 4..59, which a box of 56 px copies exactly (no resampling)."""
+
+
+def _center(images: torch.Tensor, size: int = SIZE) -> torch.Tensor:
+    """The non-augmented view, with torchvision: resize the shorter side to size / 0.875, centre crop."""
+    resized = TF.resize(images, [math.floor(size / CENTER_CROP_FRACTION)], antialias=True)
+    return TF.center_crop(resized, [size, size])
+
+
+def _eight(photos: torch.Tensor) -> torch.Tensor:
+    return photos[torch.arange(8) % len(photos)]
+
+
+def _views_and_full_params(augmentations: tuple[str, ...], images: torch.Tensor):
+    """The views a subset makes, and the parameters the full augmentation draws from the same seed.
+
+    Seed 0 draws, for 8 images, 5 flips, 6 jitters and 2 grayscales: both branches of each.
+    """
+    height, width = images.shape[-2:]
+    augment = ViewAugment(SIZE, augmentations=augmentations)
+    params = augment.sample(len(images), height, width, generator=torch.Generator().manual_seed(0))
+    full = ViewAugment(SIZE).sample(len(images), height, width, generator=torch.Generator().manual_seed(0))
+    return augment.apply(images, params), full
+
+
+def test_without_augmentation_the_view_is_the_non_augmented_view(photos: torch.Tensor) -> None:
+    views = ViewAugment(SIZE, augmentations=())(photos)
+    torch.testing.assert_close(views, _center(photos), atol=1e-6, rtol=0)
+    # Other shapes and sizes: the same framing (offsets rounded half to even, a truncated longer
+    # side), the views differing only by the filter, roi_align's box average against torchvision's
+    # antialiasing: 0.4-3.3 gray levels on average (measured); a centred square of exactly 0.875 of
+    # the shorter side, up to 0.6 output pixels off that framing, gave up to 11.
+    for image in (data.astronaut()[:300, :400], data.coffee(), data.astronaut()[:, :300]):
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
+        for size in (32, 56, 224):
+            view = ViewAugment(size, augmentations="")(tensor)
+            assert (view - _center(tensor, size)).abs().mean() * 255 < 4.0, (image.shape, size)
+
+
+def test_flip_alone_flips_the_non_augmented_view_where_the_full_run_flips(photos: torch.Tensor) -> None:
+    images = _eight(photos)
+    views, full = _views_and_full_params(("flip",), images)
+    assert 0 < full.flip.sum() < len(images)
+    center = _center(images)
+    for view, image, flip in zip(views, center, full.flip.tolist(), strict=True):
+        expected = TF.horizontal_flip(image) if flip else image
+        torch.testing.assert_close(view, expected, atol=1e-6, rtol=0)
+
+
+def test_color_alone_is_torchvisions_jitter_where_the_full_run_jitters(photos: torch.Tensor) -> None:
+    images = _eight(photos)
+    views, full = _views_and_full_params(("color",), images)
+    assert 0 < full.jitter.sum() < len(images)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    rows = zip(views, _center(images), full.jitter, full.jitter_factors, full.jitter_order, strict=True)
+    for view, expected, jitter, factors, order in rows:
+        for op_index in order.tolist() if jitter else []:
+            expected = ops[op_index](expected, factors[op_index].item())
+        torch.testing.assert_close(view, expected, atol=1e-4, rtol=0)
+
+
+def test_grayscale_alone_is_torchvisions_grayscale_where_the_full_run_draws_it(photos: torch.Tensor) -> None:
+    images = _eight(photos)
+    views, full = _views_and_full_params(("grayscale",), images)
+    assert 0 < full.grayscale.sum() < len(images)
+    for view, image, gray in zip(views, _center(images), full.grayscale.tolist(), strict=True):
+        expected = TF.rgb_to_grayscale(image, num_output_channels=3) if gray else image
+        torch.testing.assert_close(view, expected, atol=1e-6, rtol=0)
+
+
+def test_blur_alone_is_torchvisions_blur_with_the_full_runs_sigma(photos: torch.Tensor) -> None:
+    views, full = _views_and_full_params(("blur",), photos)
+    kernel = int(0.1 * SIZE) // 2 * 2 + 1  # the paper's 0.1 of the image side, odd: 5 px
+    for view, image, sigma in zip(views, _center(photos), full.blur_sigma.tolist(), strict=True):
+        torch.testing.assert_close(
+            view, TF.gaussian_blur(image, [kernel, kernel], [sigma]), atol=1e-5, rtol=0
+        )
+
+
+def test_crop_alone_is_torchvisions_resized_crop_of_the_full_runs_box(photos: torch.Tensor) -> None:
+    images = _eight(photos)
+    views, full = _views_and_full_params(("crop",), images)
+    for view, image, box in zip(views, images, full.crop_boxes.long().tolist(), strict=True):
+        left, top, right, bottom = box
+        expected = TF.resized_crop(image, top, left, bottom - top, right - left, [SIZE, SIZE], antialias=True)
+        # Mostly upsampled crops, where both are bilinear: they differ only at the box's edges, which
+        # roi_align samples across (0.01-0.8 gray levels on average, measured).
+        assert (view - expected).abs().mean() * 255 < 1.5
+
+
+def test_every_subset_keeps_the_full_runs_parameters_and_random_stream() -> None:
+    height, width = 48, 64  # at 28 px: resized to 32 x 42, the centre 28 px square at (2, 7)
+    full_generator = torch.Generator().manual_seed(5)
+    full = ViewAugment(28).sample(16, height, width, generator=full_generator)
+    center_box = torch.tensor([7 * 64 / 42, 2 * 48 / 32, 35 * 64 / 42, 30 * 48 / 32], dtype=torch.float64)
+    for count in range(len(AUGMENTATIONS) + 1):
+        for kept in itertools.combinations(AUGMENTATIONS, count):
+            generator = torch.Generator().manual_seed(5)
+            params = ViewAugment(28, augmentations=kept).sample(16, height, width, generator=generator)
+            assert torch.equal(generator.get_state(), full_generator.get_state()), kept
+            expected_boxes = full.crop_boxes if "crop" in kept else center_box.expand(16, 4)
+            torch.testing.assert_close(params.crop_boxes, expected_boxes, atol=1e-12, rtol=0)
+            for name, field in (("flip", "flip"), ("color", "jitter"), ("grayscale", "grayscale")):
+                expected = getattr(full, field) if name in kept else torch.zeros(16, dtype=torch.bool)
+                assert torch.equal(getattr(params, field), expected), (kept, field)
+            assert torch.equal(
+                params.blur_sigma, full.blur_sigma if "blur" in kept else torch.zeros(16).double()
+            )
+            assert torch.equal(params.jitter_factors, full.jitter_factors)
+            assert torch.equal(params.jitter_order, full.jitter_order)
+
+
+def test_sigma_zero_means_no_blur(photos: torch.Tensor) -> None:
+    views = ViewAugment(64).apply(photos, _params(3, 64, blur_sigma=torch.tensor([0.0, 1.5, 0.0]).double()))
+    assert torch.equal(views[0], photos[0])
+    assert torch.equal(views[2], photos[2])
+    torch.testing.assert_close(views[1], TF.gaussian_blur(photos[1], [7, 7], [1.5]), atol=1e-5, rtol=0)
+
+
+def test_the_switches_show_in_the_modules_repr() -> None:
+    assert "augmentations=('crop', 'blur')" in repr(ViewAugment(32, augmentations="blur,crop"))
+    assert "augmentations=('crop', 'flip', 'color', 'grayscale', 'blur')" in repr(ViewAugment(32))

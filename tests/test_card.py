@@ -172,3 +172,30 @@ def test_read_results_round_trips_through_the_card(tmp_path):
 )
 def test_hub_id_or_none(name, expected):
     assert hub_id_or_none(name) == expected
+
+
+@pytest.mark.parametrize(
+    ("saved", "expected"),
+    [
+        ({}, ": `crop`, `flip`, `color`, `grayscale`, `blur` (the paper's augmentation, section 7)"),
+        (
+            {"augmentations": "crop,flip,color,grayscale,blur"},
+            ": `crop`, `flip`, `color`, `grayscale`, `blur` (the paper's augmentation, section 7)",
+        ),
+        (
+            {"augmentations": "crop,flip,color,grayscale"},
+            ": `crop`, `flip`, `color`, `grayscale` only (the paper's Table 7 ablation)",
+        ),
+        (
+            {"augmentations": ""},
+            "none: x̃ had the framing of the non-augmented view x, without any random step",
+        ),
+    ],
+    ids=["saved-before-the-option", "all-five", "without-blur", "none"],
+)
+def test_card_says_which_steps_made_the_augmented_view(tmp_path, saved, expected):
+    text = render_card(
+        backbone=BACKBONE, training_args={**DISTILL_ARGS, **saved}, info=CardInfo(), projector="8192"
+    )
+    line = next(line for line in _write(tmp_path, text).text.splitlines() if "Augmented view" in line)
+    assert line.endswith(expected), line

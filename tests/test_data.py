@@ -440,6 +440,48 @@ def test_device_views_draw_the_workers_parameters_from_the_full_resolution_image
         assert difference.abs().mean() * 255 < gray_levels
 
 
+@pytest.mark.parametrize("augmentations", [(), ("flip",)])
+def test_the_loader_makes_only_the_chosen_augmentations_in_both_paths(tmp_path, augmentations):
+    """The paper's Table 7 switches reach the views: without augmentation x̃ is x's framing, with the
+    flip alone it is x mirrored where the full augmentation flips, made by the workers or on the device.
+
+    Against torchvision's resize + centre crop of the decoded photos: the workers' views differ by the
+    filter, 1.1-3.0 gray levels on average, the device views from a 128 px source (itself resized by
+    torchvision) by 0.6-1.8 (measured); the wrong mirror image differs by 19-86."""
+    photos = [skdata.astronaut()[:300, :400], skdata.chelsea(), skdata.coffee(), skdata.rocket()]
+    photos.append(np.stack([skdata.camera()] * 3, axis=-1)[:, 100:400])
+    folder = tmp_path / "photos"
+    workers = _photo_loader(folder, photos, 32, augmentations=augmentations)
+    device = _photo_loader(
+        folder, photos, 32, device_views=True, source_size=128, augmentations=augmentations
+    )
+    full = _photo_loader(folder, photos, 32, device_views=True, source_size=128)
+    plain = [
+        TF.center_crop(TF.resize(torch.from_numpy(p).permute(2, 0, 1) / 255, [36], antialias=True), [32, 32])
+        for p in photos
+    ]
+    drawn = []
+    for epoch in range(3):
+        batch, full_flips = _one_batch(device, epoch), _one_batch(full, epoch)["view_params"]["flip"]
+        params = batch["view_params"]
+        assert not params["jitter"].any()
+        assert not params["grayscale"].any()
+        assert not params["blur_sigma"].any()
+        flips = full_flips if augmentations else torch.zeros(len(photos), dtype=torch.bool)
+        assert torch.equal(params["flip"], flips)
+        drawn += flips.tolist()
+        made = {
+            "workers": workers.dataset.augmented_view(_one_batch(workers, epoch), "cpu"),
+            "device": device.dataset.augmented_view(batch, "cpu"),
+        }
+        for path, views in made.items():
+            for view, expected, flip in zip(views, plain, flips.tolist(), strict=True):
+                expected = TF.horizontal_flip(expected) if flip else expected
+                assert (view - expected).abs().mean() * 255 < 4.0, (path, epoch)
+    if augmentations:
+        assert 0 < sum(drawn) < len(drawn)  # both mirrored and unmirrored views were checked
+
+
 def test_default_source_size_is_the_plain_views_resize():
     assert default_source_size(224) == 256
     assert default_source_size(96) == 109
@@ -559,6 +601,7 @@ def test_build_dataloader_rejects_bad_arguments(digits, cache):
         ({"batch_size": 4, "rank": 2, "world_size": 2}, "rank"),
         ({"batch_size": 4, "image_column": "pixels"}, "pixels"),
         ({"batch_size": TEST_ROWS}, "fewer than"),
+        ({"batch_size": 4, "augmentations": "crop,zoom"}, "'zoom'"),
     ]:
         with pytest.raises(ConfigError, match=match):
             build_dataloader(table, image_size=SIZE, **{"world_size": 2, **kwargs})

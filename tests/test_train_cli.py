@@ -16,6 +16,7 @@ import pytest
 import yaml
 from conftest import snapshot, tiny_args
 
+from mvmr_hf import training
 from mvmr_hf.checkpoint import TRAINER_STATE, checkpoint_path
 from mvmr_hf.cli import parse_arguments
 from mvmr_hf.cli.train import distill_main, pretrain_main
@@ -82,6 +83,10 @@ BAD_PRETRAIN_INPUT = [
     pytest.param(["--no-such-option", "1"], "--no-such-option", id="unknown-option"),
     pytest.param(["--log-with", "tensorbored"], "not an Accelerate tracker", id="unknown-tracker"),
     pytest.param(["--push-to-hub", "not a repo id"], "not a Hub repository id", id="bad-hub-id"),
+    pytest.param(
+        ["--augmentations", "crop,zoom"], "crop, flip, color, grayscale, blur", id="unknown-augmentation"
+    ),
+    pytest.param(["--augmentations", "flip,crop,flip"], "flip twice", id="repeated-augmentation"),
 ]
 
 
@@ -170,6 +175,42 @@ def test_defaults_follow_the_paper():
     assert (loss.invariance_weight, loss.variance_weight, loss.view_weight) == (1.0, 1.0, 1.0)
     assert (loss.dcor_scope, loss.dcor_estimator) == ("global", "biased")
     assert (training.channels_last, training.compile) == (None, False)  # None: channels-last on CUDA only
+    assert data.augmentations == "crop,flip,color,grayscale,blur"  # section 7: all five
+
+
+def test_augmentations_are_saved_in_the_order_they_run(tmp_path):
+    """So that --resume sees "flip,crop" and "crop,flip" as one setting; a YAML list works too."""
+    values = []
+    for given in (["--augmentations", " Flip, crop"], ["--augmentations", ""]):
+        _, data, *_ = parse_arguments(
+            PRETRAIN_GROUPS, ["--dataset", "d", "--output-dir", "o", *given], prog="t"
+        )
+        values.append(data.augmentations)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"dataset": "d", "output_dir": "o", "augmentations": ["blur", "color"]}))
+    _, data, *_ = parse_arguments(PRETRAIN_GROUPS, [str(config)], prog="t")
+    assert [*values, data.augmentations] == ["crop,flip", "", "color,blur"]
+
+
+def test_the_chosen_augmentations_reach_the_loader_and_the_card(digits, tmp_path, monkeypatch):
+    """The paper's Table 7 ablation from the command line: the training loop's views are made with
+    the chosen steps only, and training_args.json and the release's card say which."""
+    loaders = []
+    build_dataloader = training.build_dataloader
+
+    def recording(*args, **kwargs):
+        loader, stats = build_dataloader(*args, **kwargs)
+        loaders.append(loader)
+        return loader, stats
+
+    monkeypatch.setattr(training, "build_dataloader", recording)
+    run = tmp_path / "run"
+    assert pretrain_main([*_tiny(digits, run), "--augmentations", "flip,crop"]) == 0
+    (loader,) = loaders
+    assert loader.dataset.augment.augmentations == ("crop", "flip")
+    assert json.loads((run / "training_args.json").read_text())["augmentations"] == "crop,flip"
+    card = (run / "student" / "README.md").read_text()
+    assert "**Augmented view `x̃`**: `crop`, `flip` only (the paper's Table 7 ablation)" in card
 
 
 def test_distill_without_flags_is_the_papers_distillation():
@@ -221,7 +262,7 @@ def test_help_documents_every_option(capsys):
         "--dcor-squared", "--dcor-scope", "--mixed-precision", "--output-dir", "--checkpoint-every",
         "--keep-checkpoints", "--resume", "--overwrite", "--seed", "--log-with", "--log-every",
         "--num-workers", "--cache-teacher", "--push-to-hub", "--trust-remote-code", "--debug", "--config",
-        "--channels-last", "--compile",
+        "--channels-last", "--compile", "--augmentations",
     ):  # fmt: skip
         assert option in text, option
     help_of_teacher_output = " ".join(
