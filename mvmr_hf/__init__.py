@@ -70,6 +70,9 @@ _LAZY = {
     "linear_probe": "mvmr_hf.evaluation",
     "knn_classify": "mvmr_hf.evaluation",
     "zero_shot": "mvmr_hf.evaluation",
+    "finetune": "mvmr_hf.finetuning",
+    "labelled_subset": "mvmr_hf.finetuning",
+    "FinetuneArguments": "mvmr_hf.config",
     "save_efficientnet_lite": "mvmr_hf.efficientnet_lite",
 }
 

@@ -80,7 +80,7 @@ KNN_K = 20
 KNN_TEMPERATURE = 0.07
 PROMPT = "a photo of a {}"
 PROTOCOLS = ("linear", "knn", "zero-shot", "finetune")
-"""The protocols of ``mvmr-evaluate``; all but ``finetune`` (:mod:`mvmr_hf.finetune`) read frozen features."""
+"""Protocols of ``mvmr-evaluate``; all but ``finetune`` (:mod:`mvmr_hf.finetuning`) read frozen features."""
 CHUNK_ELEMENTS = 1 << 25
 """Numbers in one chunk of the probe (features and logits) or of kNN (similarities): 128 MiB in float32."""
 DEVICE_MEMORY_FRACTION = 0.5
@@ -947,7 +947,7 @@ def evaluate(
     """
     parse_protocols(",".join(protocols))
     if "finetune" in protocols:
-        raise ConfigError("evaluate() reads frozen features: fine-tune with mvmr_hf.finetune.finetune().")
+        raise ConfigError("evaluate() reads frozen features: fine-tune with mvmr_hf.finetune().")
     device = _process_device(device)
     if "zero-shot" in protocols and encoder.text_model is None:
         raise ConfigError(

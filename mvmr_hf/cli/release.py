@@ -46,7 +46,7 @@ from mvmr_hf.evaluation import (
     to_eval_results,
 )
 from mvmr_hf.export import TRAINING_ARGS, add_alignment, check_release, export_run, update_card
-from mvmr_hf.finetune import Finetuning
+from mvmr_hf.finetuning import Finetuning
 from mvmr_hf.hub import push_to_hub
 from mvmr_hf.utils import deprecated_alias
 

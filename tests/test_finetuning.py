@@ -24,7 +24,7 @@ from mvmr_hf.data import load_image_dataset
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.evaluation import extract_features, load_encoder
 from mvmr_hf.export import export_student
-from mvmr_hf.finetune import global_batches, labelled_subset
+from mvmr_hf.finetuning import global_batches, labelled_subset
 from mvmr_hf.student import build_student
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
