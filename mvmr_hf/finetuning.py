@@ -251,9 +251,14 @@ def _label_names(train: datasets.Dataset, test: datasets.Dataset, label_column: 
     """Class names of a ``ClassLabel`` column, else ``"0" ... "C-1"``; ConfigError for other kinds."""
     names = class_names(train.features, label_column)
     class_names(test.features, label_column)
+    for split, labels in (("training", train[label_column]), ("test", test[label_column])):
+        if min(labels, default=-1) < 0:
+            raise ConfigError(
+                f"the {split} split is empty or has unlabelled images (label -1): use labelled splits"
+            )
     if names is not None:
         return names
-    count = max(max(train[label_column], default=-1), max(test[label_column], default=-1)) + 1
+    count = max(max(train[label_column]), max(test[label_column])) + 1
     return [str(i) for i in range(count)]
 
 
