@@ -265,8 +265,15 @@ def _label_names(train: datasets.Dataset, test: datasets.Dataset, label_column: 
 class Finetuning:
     """A fine-tuning run, checked: building one checks everything and writes nothing; :meth:`run` runs it.
 
-    ``mvmr-evaluate`` builds it before the frozen-feature protocols run, so that bad fine-tuning input
-    is told before any of them writes a feature cache. Arguments as :func:`finetune`.
+    ``model`` is a release folder, a pushed release or a timm name; ``dataset`` a Hub id or local
+    folder whose ``label_column`` holds class ids (``config``, ``train_split``, ``test_split``,
+    ``image_column`` as for the other protocols); ``eval_batch_size`` and ``num_workers`` serve the test
+    split's forward passes (the workers also the training images); ``command`` is recorded in the
+    results and the cards (default ``sys.argv``). The run folder is ``args.finetune_dir``, by default
+    :func:`default_finetune_dir`. Raises ConfigError for bad input, before anything is written; then
+    :meth:`run` raises TrainingError when the loss stops being finite and PreemptedError after a
+    stop signal (its checkpoint saved). ``mvmr-evaluate`` builds it before the frozen-feature
+    protocols run, so that bad fine-tuning input is told before any of them writes a feature cache.
     """
 
     def __init__(
@@ -432,36 +439,13 @@ class Finetuning:
         return result
 
 
-def finetune(
-    model: str,
-    dataset: str,
-    args: FinetuneArguments,
-    *,
-    config: str | None = None,
-    train_split: str = "train",
-    test_split: str = "test",
-    image_column: str | None = None,
-    label_column: str = "label",
-    eval_batch_size: int = 256,
-    num_workers: int = 0,
-    command: str | None = None,
-) -> FinetuneResult:
+def finetune(model: str, dataset: str, args: FinetuneArguments, **options: Any) -> FinetuneResult:
     """Fine-tune ``model``'s backbone and a linear head on ``args.label_fraction`` of the training labels.
 
-    See the module docstring for the protocol. ``model`` is a release folder, a pushed release or a
-    timm name; ``dataset`` a Hub id or local folder whose ``label_column`` holds class ids;
-    ``eval_batch_size`` and ``num_workers`` serve the test split's forward passes (and the workers the
-    training images too); ``command`` is recorded in the results and the card (default ``sys.argv``).
-    Call it on every process (``accelerate launch``); everything is checked before the run folder
-    (``args.finetune_dir``, by default :func:`default_finetune_dir`) is written. Raises ConfigError for
-    bad input, TrainingError when the loss stops being finite, PreemptedError after a stop signal (its
-    checkpoint saved).
+    ``Finetuning(model, dataset, args, **options).run()``: see :class:`Finetuning` for the options and
+    the module docstring for the protocol. Call it on every process (``accelerate launch``).
     """
-    return Finetuning(
-        model, dataset, args, config=config, train_split=train_split, test_split=test_split,
-        image_column=image_column, label_column=label_column, eval_batch_size=eval_batch_size,
-        num_workers=num_workers, command=command,
-    ).run()  # fmt: skip
+    return Finetuning(model, dataset, args, **options).run()
 
 
 def _batches(
