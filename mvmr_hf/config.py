@@ -540,8 +540,11 @@ class EvaluateArguments:
     )
     train_split: str = _opt("train", "Split the linear probe and kNN are fitted on.")
     test_split: str = _opt("test", "Split the accuracies are reported on.")
-    label_column: str = _opt("label", "Column holding the integer class labels.")
-    protocol: str = _opt("linear,knn", "Comma-separated protocols among linear, knn, zero-shot.")
+    label_column: str = _opt(
+        "label",
+        "The labels: a class id per image, or (multilabel) a list of classes or a multi-hot vector.",
+    )
+    protocol: str = _opt("linear,knn", "Comma-separated protocols among linear, knn, zero-shot, multilabel.")
     teacher_output: str = _opt(
         "auto", "Output of a transformers --model (see mvmr-distill --teacher-output)."
     )

@@ -8,6 +8,8 @@ them, errors are one line, exit 2)::
     mvmr-evaluate --model runs/kd/student --dataset tanganke/stl10 --protocol linear,knn --update-card
     mvmr-align --model runs/kd/student --dataset tanganke/stl10 --split unlabelled
     mvmr-evaluate --model runs/kd/student --dataset tanganke/stl10 --protocol zero-shot --update-card
+    mvmr-evaluate --model runs/kd/student --dataset ORG/VOC2007 --train-split trainval \
+        --protocol multilabel --label-column labels --update-card
     mvmr-push runs/kd/student me/resnet50-mvmr-clip --private
 
 ``mvmr-evaluate`` and ``mvmr-align`` also run under ``accelerate launch`` (or ``torchrun``) with
@@ -163,7 +165,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
-    """``mvmr-evaluate``: linear probe, kNN and zero-shot accuracy of frozen features."""
+    """``mvmr-evaluate``: linear probe, kNN and zero-shot accuracy, multi-label mAP of frozen features."""
     return run_cli(_evaluate, argv)
 
 
