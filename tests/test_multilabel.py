@@ -231,6 +231,17 @@ def test_multilabel_probe_searches_the_weight_decay_on_training_rows_only(pixel_
     assert multilabel_probe(*tensors[:3], shuffled).weight_decay == result.weight_decay
 
 
+@pytest.mark.gpu
+def test_multilabel_probe_on_cuda_matches_the_cpu(pixel_pairs):
+    tensors = list(map(torch.from_numpy, pixel_pairs))
+    cpu, gpu = multilabel_probe(*tensors), multilabel_probe(*(t.cuda() for t in tensors))
+    assert gpu.weight_decay == cpu.weight_decay
+    assert gpu.mean_ap == pytest.approx(cpu.mean_ap, abs=0.3)
+    # CPU features and targets, computed on the GPU a chunk at a time
+    chunked = multilabel_probe(*tensors, device="cuda", chunk_size=100)
+    assert chunked.mean_ap == pytest.approx(cpu.mean_ap, abs=0.3)
+
+
 # ----------------------------------------------------------------------------- end to end on images
 
 
