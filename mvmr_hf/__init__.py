@@ -69,6 +69,8 @@ _LAZY = {
     "evaluate": "mvmr_hf.evaluation",
     "linear_probe": "mvmr_hf.evaluation",
     "knn_classify": "mvmr_hf.evaluation",
+    "multilabel_probe": "mvmr_hf.evaluation",
+    "mean_average_precision": "mvmr_hf.multilabel",
     "zero_shot": "mvmr_hf.evaluation",
     "finetune": "mvmr_hf.finetuning",
     "labelled_subset": "mvmr_hf.finetuning",

@@ -558,10 +558,13 @@ class EvaluateArguments:
     )
     train_split: str = _opt("train", "Split the linear probe and kNN are fitted on.")
     test_split: str = _opt("test", "Split the accuracies are reported on.")
-    label_column: str = _opt("label", "Column holding the integer class labels.")
+    label_column: str = _opt(
+        "label",
+        "The labels: a class id per image, or (multilabel) a list of classes or a multi-hot vector.",
+    )
     protocol: str = _opt(
         "linear,knn",
-        "Comma-separated protocols among linear, knn, zero-shot (frozen features) and finetune "
+        "Comma-separated protocols among linear, knn, zero-shot, multilabel (frozen features) and finetune "
         "(semi-supervised fine-tuning of the whole backbone on --label-fraction of the training labels, "
         "paper Table 1).",
     )

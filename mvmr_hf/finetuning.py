@@ -70,6 +70,7 @@ from mvmr_hf.data import BadImageError, decode_image, load_image_dataset, read_e
 from mvmr_hf.errors import ConfigError, PreemptedError
 from mvmr_hf.evaluation import (
     ProtocolResult,
+    check_label_kind,
     class_names,
     extract_features,
     locate_model,
@@ -78,6 +79,7 @@ from mvmr_hf.evaluation import (
 )
 from mvmr_hf.export import CARD, CONFIG, TRAINING_ARGS, WEIGHTS, check_release_target, write_timm_config
 from mvmr_hf.metrics import MetricsLogger, truncate_metrics
+from mvmr_hf.multilabel import multi_hot_encoding
 from mvmr_hf.run_folder import (
     check_output_dir_free,
     own_output_dir,
@@ -249,8 +251,8 @@ def _timm_source(model: str) -> str:
 
 def _label_names(train: datasets.Dataset, test: datasets.Dataset, label_column: str) -> list[str]:
     """Class names of a ``ClassLabel`` column, else ``"0" ... "C-1"``; ConfigError for other kinds."""
+    check_label_kind(["finetune"], multi_hot_encoding([train, test], label_column), label_column)
     names = class_names(train.features, label_column)
-    class_names(test.features, label_column)
     for split, labels in (("training", train[label_column]), ("test", test[label_column])):
         if min(labels, default=-1) < 0:
             raise ConfigError(

@@ -202,7 +202,11 @@ def tagged_digits(digits, tmp_path_factory) -> Path:
         (["--label-fraction", "1.5"], "--label-fraction 1.5 is not a share of the labels in (0, 1]"),
         (["--label-fraction", "0.005"], "labels 7 of the 1437 training images, fewer than their 10 classes"),
         (["--finetune-batch-size", "256"], "the labelled subset holds 145 images, fewer than one batch"),
-        (["--label-column", "tags"], "label column 'tags' holds List("),
+        (
+            ["--label-column", "tags"],
+            "label column 'tags' holds a list of classes per image: use --protocol multilabel",
+        ),
+        (["--label-column", "digit"], "label column 'digit' is not in the dataset"),
     ],
 )
 def test_bad_finetuning_input_is_one_line_exit_2_and_writes_nothing(

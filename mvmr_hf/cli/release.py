@@ -9,6 +9,8 @@ them, errors are one line, exit 2)::
     mvmr-evaluate --model runs/kd/student --dataset ./imagenet --protocol finetune --label-fraction 0.01
     mvmr-align --model runs/kd/student --dataset tanganke/stl10 --split unlabelled
     mvmr-evaluate --model runs/kd/student --dataset tanganke/stl10 --protocol zero-shot --update-card
+    mvmr-evaluate --model runs/kd/student --dataset ORG/VOC2007 --train-split trainval \
+        --protocol multilabel --label-column labels --update-card
     mvmr-push runs/kd/student me/resnet50-mvmr-clip --private
 
 ``mvmr-evaluate`` and ``mvmr-align`` also run under ``accelerate launch`` (or ``torchrun``) with
@@ -188,7 +190,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
-    """``mvmr-evaluate``: linear, kNN, zero-shot accuracy of frozen features; semi-supervised fine-tuning."""
+    """``mvmr-evaluate``: linear, kNN, zero-shot and multi-label evaluation; semi-supervised fine-tuning."""
     return run_cli(_evaluate, argv)
 
 
