@@ -4,7 +4,9 @@ the release as transformers and timm load it, resuming, 2 processes against 1, a
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import datasets
@@ -21,11 +23,12 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from mvmr_hf.cli.release import evaluate_main
 from mvmr_hf.data import load_image_dataset
-from mvmr_hf.errors import ConfigError
+from mvmr_hf.errors import PREEMPTED_EXIT, ConfigError
 from mvmr_hf.evaluation import extract_features, load_encoder
 from mvmr_hf.export import export_student
 from mvmr_hf.finetuning import global_batches, labelled_subset
 from mvmr_hf.student import build_student
+from mvmr_hf.training import StopRequest
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -160,6 +163,36 @@ def test_resumed_finetuning_ends_with_the_weights_of_an_uninterrupted_one(digits
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 6]
+
+
+def test_a_stop_signal_saves_a_checkpoint_and_exits_75_and_resume_finishes_the_run(
+    digits, random_releases, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM (as SLURM sends before a kill) during step 3: the step finishes, is saved, exit 75; --resume
+    then ends with the weights of an uninterrupted run."""
+    release = random_releases["test_resnet"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert evaluate_main(_finetune_argv(release, digits, straight, "--finetune-max-steps", "6")) == 0
+    calls = []
+    agreed = StopRequest.agreed
+
+    def signal_at_step_3(self, accelerator):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return agreed(self, accelerator)
+
+    monkeypatch.setattr(StopRequest, "agreed", signal_at_step_3)
+    argv = _finetune_argv(release, digits, stopped, "--finetune-max-steps", "6")
+    assert evaluate_main(argv) == PREEMPTED_EXIT
+    assert "preempted: SIGTERM after step 3" in capsys.readouterr().err
+    assert [path.name for path in (stopped / "checkpoints").iterdir()] == ["step-000003"]
+    assert not (stopped / "classifier").exists()
+    monkeypatch.setattr(StopRequest, "agreed", agreed)
+    assert evaluate_main([*argv, "--resume"]) == 0
+    one, two = (load_file(folder / "classifier" / "model.safetensors") for folder in (straight, stopped))
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
 
 
 def test_two_processes_finetune_the_weights_of_one_process(digits, random_releases, tmp_path):
