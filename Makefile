@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_quality.py --quick
 	$(PY) benchmarks/bench_distill.py --quick
 	$(PY) benchmarks/bench_teachers.py --quick
+	$(PY) benchmarks/bench_protocols.py --quick
 
 # The full quality grid behind the README's defaults table (about 70 minutes on 2 CPU cores).
 bench-quality: $(STAMP)

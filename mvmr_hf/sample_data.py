@@ -5,6 +5,9 @@ Nothing here downloads anything: the pixels come from packages that ship them.
 * :func:`write_digits` writes scikit-learn's 1,797 labelled 8x8 handwritten digits, upscaled,
   as a local Hugging Face data set (parquet shards or an image folder) with ``train`` and
   ``test`` splits that ``datasets.load_dataset(folder)`` recognises.
+* :func:`write_digit_pairs` writes pairs of those digits side by side, each labelled with the
+  digits it shows: a small multi-label data set (a list of classes, or a multi-hot vector, per
+  image), like VOC07's images listing their objects.
 * :func:`write_sample_images` writes scikit-image's sample photographs (various sizes and
   colour modes) as an image folder, optionally with images in unusual modes and with broken
   files, to exercise the decoding in :mod:`mvmr_hf.data`.
@@ -135,6 +138,78 @@ def write_digits(
             name = f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
             with _no_progress_bars():
                 table.shard(num_shards, shard, contiguous=True).to_parquet(str(folder / "data" / name))
+    return folder
+
+
+def digit_pairs(
+    train_pairs: int = 1000, test_pairs: int = 300, *, seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Pairs of scikit-learn's digits per split: ``(N, 2)`` digit indices, ``(N, 10)`` multi-hot targets.
+
+    Train pairs are drawn from a fixed 1,400 of the 1,797 digits, test pairs from the other 397,
+    so no digit image is in both splits; the two digits of a pair are distinct images (they may
+    show the same class, which then counts once).
+    """
+    from sklearn.datasets import load_digits
+
+    labels = load_digits().target
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    pairs = {}
+    for split, pool, count in (("train", order[:1400], train_pairs), ("test", order[1400:], test_pairs)):
+        indices = np.stack([rng.choice(pool, 2, replace=False) for _ in range(count)])
+        targets = np.zeros((count, 10), dtype=np.int64)
+        np.put_along_axis(targets, labels[indices], 1, axis=1)
+        pairs[split] = indices, targets
+    return pairs
+
+
+def write_digit_pairs(
+    folder: str | Path,
+    *,
+    labels: Literal["classes", "multi-hot"] = "classes",
+    image_size: int = 32,
+    train_pairs: int = 1000,
+    test_pairs: int = 300,
+    seed: int = 0,
+) -> Path:
+    """Write :func:`digit_pairs` as a local multi-label image data set and return ``folder``.
+
+    Each image is two 8x8 digits side by side on a 16x16 canvas, upscaled (bilinear) to
+    ``image_size``; its ``labels`` column lists the digits shown (``List(ClassLabel)``, names
+    "0".."9") or, with ``labels="multi-hot"``, is a vector of ten 0/1 (``List(Value("int8"),
+    length=10)``). Splits ``train`` and ``test`` as ``folder/data/{split}-00000-of-00001.parquet``.
+    """
+    if labels not in ("classes", "multi-hot"):
+        raise ConfigError(f"Unknown labels {labels!r}: use labels='classes' or labels='multi-hot'.")
+    if image_size < 16:
+        raise ConfigError(f"image_size={image_size} is smaller than a pair's 16x16 canvas: use at least 16.")
+    from sklearn.datasets import load_digits
+
+    grey = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)
+    classes = labels == "classes"
+    if classes:
+        feature = datasets.List(datasets.ClassLabel(names=DIGIT_CLASSES))
+    else:
+        feature = datasets.List(datasets.Value("int8"), length=10)
+    folder = Path(folder)
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    for split, (indices, targets) in digit_pairs(train_pairs, test_pairs, seed=seed).items():
+        canvases = np.zeros((len(indices), 16, 16), dtype=np.uint8)
+        canvases[:, 4:12, :8], canvases[:, 4:12, 8:] = grey[indices[:, 0]], grey[indices[:, 1]]
+        images = [
+            _png(Image.fromarray(c, mode="L").resize((image_size, image_size), Image.Resampling.BILINEAR))
+            for c in canvases
+        ]
+        table = datasets.Dataset.from_dict(
+            {
+                "image": [{"bytes": image, "path": None} for image in images],
+                "labels": [np.flatnonzero(t).tolist() if classes else t.tolist() for t in targets],
+            },
+            features=datasets.Features({"image": datasets.Image(), "labels": feature}),
+        )
+        with _no_progress_bars():
+            table.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
     return folder
 
 

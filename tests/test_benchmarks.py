@@ -30,6 +30,7 @@ EXPECTED = {
     "bench_distill.py": ("linear", "knn"),
     "bench_evaluation.py": ("probe_s", "knn_s", "total_s", "probe_top1", "knn_top1"),
     "bench_teachers.py": ("weights_mib", "ms_per_image"),
+    "bench_protocols.py": ("probe_top1", "finetune_top1_0.0001", "finetune_top1_0.001", "map", "sklearn_map"),
 }
 # A real teacher on real images: one seed and one epoch are enough to show the script runs end to end.
 EXTRA = {"bench_quality.py": ("--seeds", "1", "--epochs", "1")}

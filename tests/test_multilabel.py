@@ -4,7 +4,6 @@ scikit-learn's digits side by side, labelled with the set of digits shown."""
 
 from __future__ import annotations
 
-import io
 import re
 import shutil
 import warnings
@@ -16,7 +15,6 @@ import pytest
 import torch
 from conftest import on_two_processes, snapshot
 from huggingface_hub import ModelCard
-from PIL import Image
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
@@ -37,6 +35,7 @@ from mvmr_hf.multilabel import (
     mean_average_precision,
     multi_hot_encoding,
 )
+from mvmr_hf.sample_data import digit_pairs, write_digit_pairs
 from mvmr_hf.student import build_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -162,26 +161,11 @@ def test_bad_class_lists_and_mixed_splits_are_refused():
 # ----------------------------------------------------------------------------- the probe on pixels
 
 
-def _digit_pairs() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Pairs of scikit-learn's digits, ``(N, 2)`` image indices and their (N, 10) multi-hot targets per
-    split; train and test pairs come from disjoint digits (a fixed 1400 / 397 split)."""
-    digits = load_digits()
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(digits.target))
-    pairs = {}
-    for split, pool, count in (("train", order[:1400], TRAIN_PAIRS), ("test", order[1400:], TEST_PAIRS)):
-        indices = np.stack([rng.choice(pool, 2, replace=False) for _ in range(count)])
-        targets = np.zeros((count, 10), dtype=np.int64)
-        np.put_along_axis(targets, digits.target[indices], 1, axis=1)
-        pairs[split] = indices, targets
-    return pairs
-
-
 @pytest.fixture(scope="module")
 def pixel_pairs():
     """Each pair as the two digits' 64 pixels side by side (128 features), with its targets."""
     pixels = load_digits().data.astype(np.float32)
-    (train, train_y), (test, test_y) = _digit_pairs().values()
+    (train, train_y), (test, test_y) = digit_pairs(TRAIN_PAIRS, TEST_PAIRS).values()
     return [pixels[train].reshape(-1, 128), train_y, pixels[test].reshape(-1, 128), test_y]
 
 
@@ -244,48 +228,23 @@ def test_multilabel_probe_on_cuda_matches_the_cpu(pixel_pairs):
 # ----------------------------------------------------------------------------- end to end on images
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").resize((32, 32), Image.Resampling.BILINEAR).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
-def digit_pairs(tmp_path_factory) -> dict[str, Path]:
-    """The pairs as 32 px images (two 8x8 digits side by side on a 16x16 canvas, upscaled), written as
-    local parquet twice: labels as the classes shown (``List(ClassLabel)``) and as multi-hot
-    vectors (``List(Value("int8"), length=10)``)."""
-    grey = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)
-    kinds = {
-        "classes": (datasets.List(datasets.ClassLabel(names=NAMES)), lambda t: np.flatnonzero(t).tolist()),
-        "multihot": (datasets.List(datasets.Value("int8"), length=10), lambda t: t.tolist()),
+def pairs(tmp_path_factory) -> dict[str, Path]:
+    """The pairs as 32 px images, written as local parquet twice: labels as the classes shown
+    (``List(ClassLabel)``) and as multi-hot vectors (``List(Value("int8"), length=10)``)."""
+    root = tmp_path_factory.mktemp("pairs")
+    return {
+        name: write_digit_pairs(root / name, labels=labels, train_pairs=TRAIN_PAIRS, test_pairs=TEST_PAIRS)
+        for name, labels in (("classes", "classes"), ("multihot", "multi-hot"))
     }
-    root, folders = tmp_path_factory.mktemp("pairs"), {}
-    datasets.utils.disable_progress_bars()  # to_parquet draws one per file
-    for name, (feature, encode) in kinds.items():
-        folders[name] = root / name
-        (folders[name] / "data").mkdir(parents=True)
-        for split, (indices, targets) in _digit_pairs().items():
-            canvases = np.zeros((len(indices), 16, 16), dtype=np.uint8)
-            canvases[:, 4:12, :8], canvases[:, 4:12, 8:] = grey[indices[:, 0]], grey[indices[:, 1]]
-            table = datasets.Dataset.from_dict(
-                {
-                    "image": [{"bytes": _png(canvas), "path": None} for canvas in canvases],
-                    "labels": [encode(row) for row in targets],
-                },
-                features=datasets.Features({"image": datasets.Image(), "labels": feature}),
-            )
-            table.to_parquet(str(folders[name] / "data" / f"{split}-00000-of-00001.parquet"))
-    datasets.utils.enable_progress_bars()
-    return folders
 
 
 @pytest.fixture(scope="module")
-def release(digit_pairs, tmp_path_factory) -> Path:
+def release(pairs, tmp_path_factory) -> Path:
     """A release of timm's tiny test_vit at random initialisation: its features still tell digits apart."""
     torch.manual_seed(0)
     student = build_student("test_vit", projector="none", image_size=32).eval()
-    args = {"student": "test_vit", "projector": "none", "dataset": str(digit_pairs["classes"])}
+    args = {"student": "test_vit", "projector": "none", "dataset": str(pairs["classes"])}
     return export_student(student, tmp_path_factory.mktemp("release") / "student", training_args=args)
 
 
@@ -294,11 +253,9 @@ def _argv(folder: Path, dataset: Path, cache: Path, *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
-def test_mvmr_evaluate_multilabel_on_digit_pairs_writes_map_in_the_card(
-    digit_pairs, release, tmp_path, capsys
-):
+def test_mvmr_evaluate_multilabel_on_digit_pairs_writes_map_in_the_card(pairs, release, tmp_path, capsys):
     cache, measured = tmp_path / "cache", {}
-    for name, dataset in digit_pairs.items():
+    for name, dataset in pairs.items():
         folder = shutil.copytree(release, tmp_path / name)
         argv = _argv(folder, dataset, cache, "--protocol", "multilabel", "--label-column", "labels")
         assert evaluate_main(argv) == 0
@@ -319,9 +276,11 @@ def test_mvmr_evaluate_multilabel_on_digit_pairs_writes_map_in_the_card(
     # the cached features and targets through scikit-learn, with the weight decay the probe chose
     encoder, splits = load_encoder(str(release)), {}
     for split in ("train", "test"):
-        rows = load_image_dataset(str(digit_pairs["classes"]), split=split, streaming=False)
+        rows = load_image_dataset(str(pairs["classes"]), split=split, streaming=False)
         features = extract_features(encoder, rows, label_column="labels", cache_dir=cache)
-        assert torch.equal(features.labels, torch.from_numpy(_digit_pairs()[split][1]).to(torch.uint8))
+        assert torch.equal(
+            features.labels, torch.from_numpy(digit_pairs(TRAIN_PAIRS, TEST_PAIRS)[split][1]).to(torch.uint8)
+        )
         splits[split] = features.features.numpy(), features.labels.numpy()
     (train_x, train_y), (test_x, test_y) = splits.values()
     reference = _sklearn_one_vs_rest(train_x, train_y, test_x, float(chosen))
@@ -340,14 +299,14 @@ def test_mvmr_evaluate_multilabel_on_digit_pairs_writes_map_in_the_card(
     ],
 )  # fmt: skip
 def test_a_protocol_on_the_wrong_label_kind_is_one_line_and_writes_nothing(
-    digits, digit_pairs, release, dataset, protocol, message, tmp_path, capsys, monkeypatch
+    digits, pairs, release, dataset, protocol, message, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setattr(
         evaluation, "extract_features", lambda *a, **k: pytest.fail("features were extracted")
     )
     folder, cache = shutil.copytree(release, tmp_path / "release"), tmp_path / "cache"
     before = snapshot(folder)
-    path, label_column = (digits, "label") if dataset == "digits" else (digit_pairs[dataset], "labels")
+    path, label_column = (digits, "label") if dataset == "digits" else (pairs[dataset], "labels")
     for split in ("train", "test"):  # prepared once before: datasets' progress bars are not the message
         load_image_dataset(str(path), split=split, streaming=False)
     capsys.readouterr()
@@ -360,13 +319,13 @@ def test_a_protocol_on_the_wrong_label_kind_is_one_line_and_writes_nothing(
     assert not cache.exists()
 
 
-def test_two_processes_give_the_targets_and_map_of_one_process(digit_pairs, release, tmp_path):
+def test_two_processes_give_the_targets_and_map_of_one_process(pairs, release, tmp_path):
     """``mvmr-evaluate --protocol multilabel`` on 2 CPU processes: the gathered (N, 10) targets and the
     features are the single process's, in row order, and so is the mAP in the card."""
     folder, cache, dataset = (
         shutil.copytree(release, tmp_path / "release"),
         tmp_path / "cache",
-        digit_pairs["classes"],
+        pairs["classes"],
     )
     argv = _argv(
         folder, dataset, cache, "--protocol", "multilabel", "--label-column", "labels", "--batch-size", "64"
