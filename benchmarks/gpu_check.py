@@ -13,7 +13,8 @@ skipped and reported, so that the check ends in time whatever happens:
 4. ``bench_distill.py``: a real distillation with bf16, channels-last, ``--compile`` and device
    views (2 processes when 2 GPUs exist), against an eager fp32 run;
 5. ``bench_teachers.py``: each default teacher's memory at batch 512, and bfloat16's agreement;
-6. ``bench_dataloading.py``, ``bench_dcor.py``, ``bench_representations.py`` (reduced grids).
+6. ``bench_dataloading.py``, ``bench_dcor.py``, ``bench_representations.py`` (reduced grids);
+7. ``bench_protocols.py`` (reduced): fine-tuning and the multilabel probe on CUDA.
 
 Each benchmark writes ``benchmarks/results/<name>-cuda.json``; this script prints each step's
 status and time and writes them to ``benchmarks/results/gpu-check-cuda.json``. It exits 1 when a
@@ -42,7 +43,7 @@ TESTS = ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
 # (benchmark, seconds allowed, reduced grid always): the GPU targets first
 BENCHMARKS = [("step", 150, False), ("evaluation", 120, False), ("distill", 150, False),
               ("teachers", 60, False), ("dataloading", 45, True), ("dcor", 30, True),
-              ("representations", 30, True)]  # fmt: skip
+              ("representations", 30, True), ("protocols", 60, True)]  # fmt: skip
 BUDGET_S = 420
 MIN_STEP_S = 10  # below this a step cannot even import torch: skip it
 
