@@ -33,7 +33,7 @@ from typing import Any
 from accelerate import Accelerator, PartialState
 
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.utils import PARTIAL_SUFFIX, atomic_write, partial_path, replace_folder, sha256_of_files
+from mvmr_hf.utils import PARTIAL_SUFFIX, atomic_write_json, partial_path, replace_folder, sha256_of_files
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -172,10 +172,6 @@ def remove_partial(output_dir: str | os.PathLike) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _write_json(path: Path, content: dict[str, Any]) -> None:
-    atomic_write(path, lambda partial: partial.write_text(json.dumps(content, indent=2)))
-
-
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: str | os.PathLike,
@@ -197,11 +193,11 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(partial), safe_serialization=True)
-        _write_json(partial / f"dataloader_rank{accelerator.process_index}.json", loader_state)
+        atomic_write_json(partial / f"dataloader_rank{accelerator.process_index}.json", loader_state)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes}
-            _write_json(partial / TRAINER_STATE, {**state, "files": _manifest(partial)})
+            atomic_write_json(partial / TRAINER_STATE, {**state, "files": _manifest(partial)})
             replace_folder(partial, final)
             rotate_checkpoints(output_dir, keep)
     except BaseException:

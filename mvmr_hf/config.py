@@ -47,6 +47,7 @@ __all__ = [
     "TeacherArguments",
     "TeacherSpec",
     "TrainingArguments",
+    "check_label_fraction",
     "parse_names",
     "parse_signals",
     "parse_weights",
@@ -92,6 +93,16 @@ def parse_signals(text: str) -> list[signal.Signals]:
         raise ConfigError(
             f"--stop-signals names {error.args[0]}, which is not a signal: use names like SIGTERM,SIGUSR1"
         ) from None
+
+
+def check_label_fraction(fraction: float) -> float:
+    """``fraction`` when it is a share of the labels in (0, 1]; ConfigError naming --label-fraction."""
+    if isinstance(fraction, bool) or not 0 < fraction <= 1:
+        raise ConfigError(
+            f"--label-fraction {fraction} is not a share of the labels in (0, 1]: write e.g. 0.01 for 1 % "
+            "(paper Table 1)"
+        )
+    return fraction
 
 
 STOP_SIGNALS_HELP = (
@@ -616,11 +627,7 @@ class FinetuneArguments:
     stop_signals: str = _opt("SIGTERM,SIGUSR1", STOP_SIGNALS_HELP)
 
     def __post_init__(self) -> None:
-        if isinstance(self.label_fraction, bool) or not 0 < self.label_fraction <= 1:
-            raise ConfigError(
-                f"--label-fraction {self.label_fraction} is not a share of the labels in (0, 1]: "
-                "write e.g. 0.01 for 1 % (paper Table 1)"
-            )
+        check_label_fraction(self.label_fraction)
         names = ("finetune_epochs", "finetune_batch_size", "checkpoint_every", "keep_checkpoints")
         _check_ints(self, names if self.finetune_max_steps is None else (*names, "finetune_max_steps"), 1)
         check_number("--finetune-learning-rate", self.finetune_learning_rate)

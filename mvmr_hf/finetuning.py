@@ -41,7 +41,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import shlex
@@ -58,16 +57,16 @@ import timm
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from huggingface_hub import EvalResult, ModelCardData
+from huggingface_hub import ModelCardData
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
-from mvmr_hf.card import TASK_NAME, TASK_TYPE, hub_id_or_none
+from mvmr_hf.card import hub_id_or_none
 from mvmr_hf.checkpoint import CHECKPOINTS_DIR, load_checkpoint, save_checkpoint
-from mvmr_hf.config import FinetuneArguments, parse_signals
+from mvmr_hf.config import FinetuneArguments, check_label_fraction, parse_signals
 from mvmr_hf.data import BadImageError, decode_image, load_image_dataset, read_encoded, resolve_image_column
-from mvmr_hf.errors import ConfigError, PreemptedError
+from mvmr_hf.errors import ConfigError
 from mvmr_hf.evaluation import (
     ProtocolResult,
     check_label_kind,
@@ -75,6 +74,7 @@ from mvmr_hf.evaluation import (
     extract_features,
     locate_model,
     timm_encoder,
+    to_eval_results,
     topk_accuracy,
 )
 from mvmr_hf.export import CARD, CONFIG, TRAINING_ARGS, WEIGHTS, check_release_target, write_timm_config
@@ -87,7 +87,7 @@ from mvmr_hf.run_folder import (
     resume_point,
 )
 from mvmr_hf.training import StopRequest, build_optimizer
-from mvmr_hf.utils import atomic_folder, atomic_write, writing
+from mvmr_hf.utils import atomic_folder, atomic_write_json, writing
 
 __all__ = [
     "CLASSIFIER_DIR",
@@ -130,10 +130,7 @@ def labelled_subset(labels: Sequence[int], fraction: float, *, seed: int = 0) ->
     permutation of the split seeded by ``seed``; the rows are returned in increasing order. Raises
     ConfigError when the share gives fewer images than the split has classes.
     """
-    if not 0 < fraction <= 1:
-        raise ConfigError(
-            f"--label-fraction {fraction} is not a share of the labels in (0, 1]: write e.g. 0.01"
-        )
+    check_label_fraction(fraction)
     labels = torch.as_tensor(list(labels), dtype=torch.long)
     classes = labels.unique()
     wanted = _rounded(fraction * len(labels))
@@ -249,19 +246,24 @@ def _timm_source(model: str) -> str:
     return f"local-dir:{Path(where).absolute()}" if kind == "release" else where
 
 
-def _label_names(train: datasets.Dataset, test: datasets.Dataset, label_column: str) -> list[str]:
-    """Class names of a ``ClassLabel`` column, else ``"0" ... "C-1"``; ConfigError for other kinds."""
+def _class_labels(
+    train: datasets.Dataset, test: datasets.Dataset, label_column: str
+) -> tuple[list[int], list[str]]:
+    """The training split's class ids, and the class names (a ``ClassLabel``'s, else ``"0" ... "C-1"``).
+
+    ConfigError for a column of another kind, an empty split or unlabelled images (label -1).
+    """
     check_label_kind(["finetune"], multi_hot_encoding([train, test], label_column), label_column)
-    names = class_names(train.features, label_column)
-    for split, labels in (("training", train[label_column]), ("test", test[label_column])):
-        if min(labels, default=-1) < 0:
+    labels = {"training": train[label_column], "test": test[label_column]}  # each column read once
+    for split, ids in labels.items():
+        if min(ids, default=-1) < 0:
             raise ConfigError(
                 f"the {split} split is empty or has unlabelled images (label -1): use labelled splits"
             )
-    if names is not None:
-        return names
-    count = max(max(train[label_column]), max(test[label_column])) + 1
-    return [str(i) for i in range(count)]
+    names = class_names(train.features, label_column)
+    if names is None:
+        names = [str(i) for i in range(max(max(ids) for ids in labels.values()) + 1)]
+    return labels["training"], names
 
 
 class Finetuning:
@@ -309,8 +311,8 @@ class Finetuning:
         self.test = load_image_dataset(dataset, config=config, split=test_split, streaming=False)
         self.image_column = resolve_image_column(train.features, image_column)
         self.label_column, self.test_split = label_column, test_split
-        self.names = _label_names(train, self.test, label_column)
-        self.rows = labelled_subset(train[label_column], args.label_fraction, seed=args.finetune_seed)
+        train_labels, self.names = _class_labels(train, self.test, label_column)
+        self.rows = labelled_subset(train_labels, args.label_fraction, seed=args.finetune_seed)
         if len(self.rows) < args.finetune_batch_size:
             raise ConfigError(
                 f"the labelled subset holds {len(self.rows)} images, fewer than one batch of "
@@ -353,7 +355,7 @@ class Finetuning:
                     "label_fraction": args.label_fraction, "seed": args.finetune_seed, "rows": self.rows,
                 }  # fmt: skip
                 with writing(LABELLED_SUBSET, output_dir):
-                    _write_json(output_dir / LABELLED_SUBSET, subset)
+                    atomic_write_json(output_dir / LABELLED_SUBSET, subset)
             classifier = self.classifier
             if accelerator.num_processes > 1 and device.type == "cuda":
                 classifier = nn.SyncBatchNorm.convert_sync_batchnorm(classifier)
@@ -402,10 +404,7 @@ class Finetuning:
                     if stop.agreed(accelerator):
                         if step > saved_step:
                             saved_step = checkpoint(step)
-                        raise PreemptedError(
-                            f"{stop.received or 'a stop signal on another process'} after step {step}: its "
-                            f"checkpoint is in {output_dir}; continue with --resume"
-                        )
+                        raise stop.preempted(step, output_dir)
             if step > saved_step:
                 checkpoint(step)
             return self._test(
@@ -433,9 +432,9 @@ class Finetuning:
                 "seconds": seconds, "processes": self.accelerator.num_processes, "command": self.command,
             }  # fmt: skip
             with writing(RESULTS, self.output_dir):
-                _write_json(self.output_dir / RESULTS, facts)
+                atomic_write_json(self.output_dir / RESULTS, facts)
             _save_classifier(
-                classifier, folder, self.data_config, self.names, self.saved_args, facts, self.rows
+                classifier, folder, self.data_config, self.names, self.saved_args, facts, self.rows, result
             )
         self.accelerator.wait_for_everyone()
         return result
@@ -474,10 +473,6 @@ def _batches(
             step += 1
 
 
-def _write_json(path: Path, content: Any) -> None:
-    atomic_write(path, lambda partial: partial.write_text(json.dumps(content, indent=2) + "\n"))
-
-
 def _save_classifier(
     classifier: nn.Module,
     folder: Path,
@@ -486,40 +481,39 @@ def _save_classifier(
     args: dict[str, Any],
     facts: dict[str, Any],
     rows: list[int],
+    result: FinetuneResult,
 ) -> None:
     """Write the classifier release atomically: timm weights and config (with the class names), the card."""
     with writing("the classifier release", folder), atomic_folder(folder) as work:
         weights = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
         save_file(weights, work / WEIGHTS, metadata={"format": "pt"})
         write_timm_config(classifier, work / CONFIG, data_config, label_names=names)
-        (work / TRAINING_ARGS).write_text(json.dumps(args, indent=2) + "\n")
-        (work / LABELLED_SUBSET).write_text(json.dumps({"rows": rows}) + "\n")
-        (work / CARD).write_text(_classifier_card(classifier, args, facts, len(names)))
+        atomic_write_json(work / TRAINING_ARGS, args)
+        atomic_write_json(work / LABELLED_SUBSET, {"rows": rows})
+        (work / CARD).write_text(_classifier_card(classifier, args, facts, len(names), result))
 
 
 def _classifier_card(
-    classifier: nn.Module, args: dict[str, Any], facts: dict[str, Any], num_classes: int
+    classifier: nn.Module,
+    args: dict[str, Any],
+    facts: dict[str, Any],
+    num_classes: int,
+    result: FinetuneResult,
 ) -> str:
     """The classifier's card: metadata with its fine-tuning result in ``model-index``, then the body."""
-    dataset_id = hub_id_or_none(args["dataset"]) or Path(args["dataset"]).name
+    protocol = result.as_protocol_result()
+    results = to_eval_results(
+        [protocol], dataset=args["dataset"], config=args["dataset_config"], split=facts["test_split"],
+        command=facts["command"],
+    )  # fmt: skip
     fraction = args["label_fraction"]
-    protocol = f"finetune-{100 * fraction:g}%"
-    results = [
-        EvalResult(
-            task_type=TASK_TYPE, task_name=TASK_NAME, dataset_type=dataset_id, dataset_name=dataset_id,
-            dataset_config=args["dataset_config"], dataset_split=facts["test_split"], metric_type="accuracy",
-            metric_name=f"{protocol} top-{k}", metric_config=protocol, metric_value=round(value, 2),
-            metric_args={"label_fraction": fraction, "command": facts["command"]},
-        )
-        for k, value in ((1, facts["top1"]), (5, facts["top5"]))
-        if value is not None
-    ]  # fmt: skip
+    dataset_id = results[0].dataset_name
     base = hub_id_or_none(args["model"])
     data = ModelCardData(
         library_name="timm", pipeline_tag="image-classification", license="apache-2.0",
         tags=["mvmr", "timm", "semi-supervised"], base_model=base,
         datasets=[dataset_id] if hub_id_or_none(args["dataset"]) else None,
-        model_name=f"{Path(args['model'].rstrip('/')).name}-{protocol}", eval_results=results,
+        model_name=f"{Path(args['model'].rstrip('/')).name}-{protocol.name}", eval_results=results,
     )  # fmt: skip
     top5 = "-" if facts["top5"] is None else f"{facts['top5']:.2f}"
     return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(

@@ -32,7 +32,7 @@ from mvmr_hf.errors import ConfigError
 from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, check_release_target
 from mvmr_hf.lock import FolderLock, check_folder_free
 from mvmr_hf.metrics import METRICS_FILE
-from mvmr_hf.utils import atomic_write, is_hub_id, writing
+from mvmr_hf.utils import atomic_write_json, is_hub_id, writing
 
 __all__ = [
     "CHANGEABLE_ON_RESUME",
@@ -165,7 +165,5 @@ def prepare_output_dir(
         if resume_from is None:
             (output_dir / METRICS_FILE).unlink(missing_ok=True)
         with writing(TRAINING_ARGS, output_dir):
-            atomic_write(
-                output_dir / TRAINING_ARGS, lambda partial: partial.write_text(json.dumps(args, indent=2))
-            )
+            atomic_write_json(output_dir / TRAINING_ARGS, args)
     accelerator.wait_for_everyone()

@@ -251,10 +251,7 @@ def train(
                             meter.log(step, epoch, scheduler.get_last_lr()[0])
                         if step > saved_step:
                             saved_step = checkpoint(step, epoch)
-                        raise PreemptedError(
-                            f"{stop.received or 'a stop signal on another process'} after step {step}: its "
-                            f"checkpoint is in {output_dir}; continue with --resume"
-                        )
+                        raise stop.preempted(step, output_dir)
                     if step == total_steps:
                         break
                 else:  # this epoch's data ran out
@@ -523,6 +520,13 @@ class StopRequest:
         if accelerator.num_processes == 1:
             return self.received is not None
         return _on_every_process(self.received is not None, dist.ReduceOp.MAX)
+
+    def preempted(self, step: int, output_dir: Path) -> PreemptedError:
+        """The error to raise once the checkpoint of ``step`` is saved in ``output_dir``."""
+        return PreemptedError(
+            f"{self.received or 'a stop signal on another process'} after step {step}: its checkpoint is in "
+            f"{output_dir}; continue with --resume"
+        )
 
 
 def share_cache(accelerator: Accelerator, cache: TeacherCache) -> None:

@@ -8,6 +8,7 @@ way, and every option check says the same kind of sentence.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -27,6 +28,7 @@ __all__ = [
     "PARTIAL_SUFFIX",
     "atomic_folder",
     "atomic_write",
+    "atomic_write_json",
     "check_int",
     "check_number",
     "deprecated_alias",
@@ -92,6 +94,11 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
         partial.unlink(missing_ok=True)  # a failed write (a full disk) leaves nothing behind
         raise
     return path
+
+
+def atomic_write_json(path: Path, content: object) -> Path:
+    """Write ``content`` as indented JSON at ``path`` with :func:`atomic_write`: all of it or nothing."""
+    return atomic_write(path, lambda partial: partial.write_text(json.dumps(content, indent=2)))
 
 
 @contextmanager
