@@ -11,9 +11,9 @@ each class: ``mvmr_hf.labelled_subset``) and
 
 Multi-label transfer (the protocol of the paper's Table 3) on digit pairs (``write_digit_pairs``: two
 real digits side by side per image, labelled with the digits shown; 1,000 training / 300 test
-pairs): the mAP of ``mvmr_hf.evaluate(..., protocols=["multilabel"])``, with scikit-learn's
-``OneVsRestClassifier(LogisticRegression)`` at the weight decay it chose, on the same features, as
-the reference.
+pairs): the mAP of the ``multilabel`` protocol's probe (``mvmr_hf.evaluation.multilabel_probe``),
+with scikit-learn's ``OneVsRestClassifier(LogisticRegression)`` at the weight decay it chose, on
+the same features, as the reference.
 
 Models: timm's ``test_resnet`` randomly initialised (32 px), and Google's EfficientNet-Lite0
 ImageNet-1k weights (the ``demo`` extra; a real pretrained backbone) as a release at 64 px.
@@ -114,24 +114,24 @@ def _multilabel(model: Path, pairs: Path, cache: Path, device: torch.device) -> 
     from sklearn.preprocessing import StandardScaler
 
     from mvmr_hf.data import load_image_dataset
-    from mvmr_hf.evaluation import evaluate, extract_features, load_encoder
+    from mvmr_hf.evaluation import extract_features, load_encoder, multilabel_probe
     from mvmr_hf.multilabel import multi_hot_encoding
 
     encoder = load_encoder(str(model))
-    (result,) = evaluate(encoder, str(pairs), label_column="labels", protocols=["multilabel"],
-                         cache_dir=cache, device=device)  # fmt: skip
-    weight_decay = float(result.detail.rsplit("weight decay ", 1)[1])
-    splits = [load_image_dataset(str(pairs), split=split, streaming=False) for split in ("test", "train")]
+    splits = [load_image_dataset(str(pairs), split=split, streaming=False) for split in ("train", "test")]
     targets = multi_hot_encoding(splits, "labels")
-    test, train = (extract_features(encoder, split, label_column="labels", targets=targets, cache_dir=cache,
+    train, test = (extract_features(encoder, split, label_column="labels", targets=targets, cache_dir=cache,
                                     device=device) for split in splits)  # fmt: skip
+    # The protocol's probe: what evaluate(..., protocols=["multilabel"]) runs on these features.
+    probe = multilabel_probe(train.features, train.labels, test.features, test.labels, device=device)
+    weight_decay = probe.weight_decay
     x_train, x_test = train.features.cpu().numpy(), test.features.cpu().numpy()
     scaler = StandardScaler().fit(x_train)
     classifier = OneVsRestClassifier(LogisticRegression(C=1 / (len(x_train) * weight_decay), max_iter=5000))
     classifier.fit(scaler.transform(x_train), train.labels.cpu().numpy())
     scores = classifier.decision_function(scaler.transform(x_test))
     reference = 100 * average_precision_score(test.labels.cpu().numpy(), scores, average="macro")
-    return {"map": result.mean_ap, "sklearn_map": reference, "weight_decay": weight_decay}
+    return {"map": probe.mean_ap, "sklearn_map": reference, "weight_decay": weight_decay}
 
 
 def main(argv: list[str]) -> None:
@@ -150,11 +150,10 @@ def main(argv: list[str]) -> None:
         if not args.quick:
             models["EfficientNet-Lite0, ImageNet-1k (64 px)"] = _efficientnet_release(work / "lite0", 64)
         for name, model in models.items():
-            tuned = {rate: _finetune(model, digits, work / f"ft-{len(rows)}-{rate:g}", rate, epochs)
-                     for rate in LEARNING_RATES}  # fmt: skip
-            subset = json.loads(
-                (work / f"ft-{len(rows)}-{LEARNING_RATES[0]:g}" / "labelled_subset.json").read_text()
-            )
+            runs = {rate: work / f"ft-{len(rows)}-{rate:g}" for rate in LEARNING_RATES}
+            tuned = {rate: _finetune(model, digits, folder, rate, epochs) for rate, folder in runs.items()}
+            # Every run labels the same images (one seed): the probe fits the first run's.
+            subset = json.loads((runs[LEARNING_RATES[0]] / "labelled_subset.json").read_text())
             row = {"model": name, "labelled": len(subset["rows"]),
                    "probe_top1": _probe_on_subset(model, digits, subset["rows"], device),
                    **{f"finetune_top1_{rate:g}": tuned[rate]["top1"] for rate in LEARNING_RATES},
