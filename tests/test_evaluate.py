@@ -178,7 +178,10 @@ def test_probe_and_knn_on_cuda_match_the_cpu(digit_pixels):
     votes_gpu = knn_scores(on_gpu[0], on_gpu[1], on_gpu[2], num_classes=10, train_chunk_size=100)
     assert votes_gpu.is_cuda
     torch.testing.assert_close(votes_gpu.cpu(), votes_cpu, rtol=1e-3, atol=1e-3)
-    assert knn_classify(*on_gpu) == knn_classify(*tensors)
+    # the same votes give the same hits; the percentages are computed in float32 on each device
+    knn_gpu, knn_cpu = knn_classify(*on_gpu), knn_classify(*tensors)
+    assert knn_gpu.top1 == pytest.approx(knn_cpu.top1, abs=1e-4)
+    assert knn_gpu.top5 == pytest.approx(knn_cpu.top5, abs=1e-4)
 
 
 def test_features_stay_on_the_gpu_when_they_take_at_most_half_its_free_memory(monkeypatch):
