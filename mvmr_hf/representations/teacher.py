@@ -8,8 +8,18 @@ eq. 9). Here the teacher is any `transformers` vision model, by Hub id or local 
     r = teacher(images01)                                     # (B, 512) float32, no grad
 
 **Input.** ``images01`` is the batch of non-augmented views, ``(B, 3, H, W)`` in ``[0, 1]``, on any
-device. The teacher prepares it on that device exactly as its *own* image processor, read once at
-load time with ``AutoImageProcessor``, would (whatever the student uses). Two routes:
+device. The teacher prepares it on that device as its *own* image processor, read once at load time
+with ``AutoImageProcessor``, prepares the 8-bit images users have (PIL images, decoded files),
+whatever the student uses. In `transformers` 5 ``AutoImageProcessor.from_pretrained`` gives the
+torchvision ("fast") backend, which turns a PIL image into a ``uint8`` tensor and resizes it with
+torch's native ``uint8`` kernel; the PIL backend (``backend="pil"``) and timm's processor resize the
+PIL image itself. All three resize an 8-bit image separably, width first, into 8-bit buffers, so the
+values are clamped to ``[0, 255]`` and rounded after each pass; bicubic overshoot at edges is cut
+before the vertical pass. The teacher resizes the float batch the same way (:func:`_resize_8bit`),
+then crops, rescales and normalises in float as the processors do. Measured on scikit-image photos
+at 96 px, upsampled 2, 4 and 8 times and downsampled, the pixel values are at most 2 gray levels
+(mean below 0.01) from the processor's; one float resize clamped at the end differed by up to 10.6
+(up to 17 unclamped, as timm's transform of a float batch gives). Two routes:
 
 * `transformers` processors whose pipeline is the backends' standard one (resize with antialiasing,
   center crop, rescale, normalize: CLIP, SigLIP, ViT, DeiT, Bit/DINOv2, ...) and ConvNeXt's
@@ -18,8 +28,9 @@ load time with ``AutoImageProcessor``, would (whatever the student uses). Two ro
 * timm models (``TimmWrapperModel``, e.g. ``timm/vit_base_patch16_clip_224.laion400m_e32``): the
   ``TimmWrapperImageProcessor``'s own eval transform (``val_transforms``, built by timm from the
   checkpoint's ``pretrained_cfg``: input size, ``crop_pct``, ``crop_mode`` center / squash / border,
-  interpolation, mean/std) is applied to the float batch (:class:`TimmTransform`); every step must
-  work on tensors, and the border mode's padding colour is given in ``[0, 1]`` units.
+  interpolation, mean/std) is applied to the float batch (:class:`TimmTransform`), its resize done as
+  on the processor's PIL images; every step must work on tensors, and the border mode's padding
+  colour is given in ``[0, 1]`` units.
 
 Any other processor (one that overrides the backends' resize or preprocessing: BEiT, EfficientNet,
 LeViT, DINOv3, MobileViT, ...), one that pads, or one whose ``size`` is not ``shortest_edge`` or
@@ -107,6 +118,7 @@ from transformers import (
     TimmWrapperImageProcessor,
 )
 from transformers.image_processing_backends import PilBackend, TorchvisionBackend
+from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -114,6 +126,7 @@ from transformers.image_utils import (
     IMAGENET_STANDARD_STD,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    ChannelDimension,
     pil_torch_interpolation_mapping,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_MAPPING_NAMES
@@ -136,6 +149,63 @@ _FALLBACK_STATS = {
     "siglip": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD),
     "siglip_vision_model": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD),
 }
+# The PIL filters torch applies to tensors as PIL applies them to 8-bit images (antialiased, as PIL always
+# filters), by the torch mode that gives PIL's result: PIL's nearest takes the pixel whose centre is
+# nearest, which is torch's "nearest-exact" (torch's "nearest" rounds down; timm names PIL's filter so).
+# Where a centre lies half way, PIL's arithmetic breaks the tie the other way at times (up to 2 % of
+# the values, measured on photos; the torchvision backend's uint8 kernel agrees with torch exactly).
+_PIL_FILTERS = {
+    tvF.InterpolationMode.NEAREST: tvF.InterpolationMode.NEAREST_EXACT,
+    tvF.InterpolationMode.NEAREST_EXACT: tvF.InterpolationMode.NEAREST_EXACT,
+    tvF.InterpolationMode.BILINEAR: tvF.InterpolationMode.BILINEAR,
+    tvF.InterpolationMode.BICUBIC: tvF.InterpolationMode.BICUBIC,
+}
+# Named in the fingerprints, so that teacher outputs cached before the resize matched the processors'
+# 8-bit resize (one float resize, clamped once) are not reused.
+_RESIZE_RULE = "8-bit separable"
+
+
+def _to_8bit(images01: Tensor) -> Tensor:
+    """``images01`` as an 8-bit buffer holds it: clamped to ``[0, 1]``, rounded half up to 1/255 steps.
+
+    Half up, as PIL's and torch's fixed-point ``uint8`` kernels round (``torch.round`` rounds half to
+    even, which moves the many exact halves of a 2x bilinear upsampling: 15 % of the pixels, measured).
+    """
+    return (images01 * 255 + 0.5).floor().clamp(0, 255) / 255
+
+
+def _resize_8bit(images01: Tensor, size: tuple[int, int], interpolation: tvF.InterpolationMode) -> Tensor:
+    """Resize a ``[0, 1]`` batch to ``size`` (height, width) as PIL resizes an 8-bit image.
+
+    PIL (and torch's native ``uint8`` kernel, which the `transformers` torchvision backend uses)
+    resamples the width first, into an 8-bit image, then the height: each pass is antialiased and its
+    result clamped and rounded (:func:`_to_8bit`). A pass that keeps its side is skipped, as there.
+    On 8-bit inputs this is within one gray level of PIL (mean below 0.01, measured on photos); one
+    float resize clamped at the end is up to 10.6 gray levels away, where PIL cuts the bicubic
+    overshoot of the first pass before the second one spreads it.
+    """
+    height, width = size
+    if images01.shape[-1] != width:
+        images01 = _to_8bit(
+            tvF.resize(images01, [images01.shape[-2], width], interpolation=interpolation, antialias=True)
+        )
+    if images01.shape[-2] != height:
+        images01 = _to_8bit(
+            tvF.resize(images01, [height, width], interpolation=interpolation, antialias=True)
+        )
+    return images01
+
+
+def _output_size(images: Tensor, size: int | Sequence[int]) -> tuple[int, int]:
+    """The (height, width) a resize to ``size`` gives: (height, width) itself, or, for one number, the
+    shorter side set to it and the longer one keeping the aspect ratio, truncated (the rule of
+    `transformers`, torchvision and so timm)."""
+    if isinstance(size, int) or len(size) == 1:
+        shortest = size if isinstance(size, int) else size[0]
+        return get_resize_output_image_size(
+            images, size=shortest, default_to_square=False, input_data_format=ChannelDimension.FIRST
+        )
+    return int(size[0]), int(size[1])
 
 
 @dataclass(frozen=True)
@@ -143,7 +213,8 @@ class PreprocessSettings:
     """A `transformers` image processor's settings, applied to ``[0, 1]`` batches with torch ops.
 
     Exactly one of ``shortest_edge`` (resize the shorter side, keep the aspect ratio) and
-    ``resize_to`` (``(height, width)``) is set when the processor resizes. ``scale`` multiplies the
+    ``resize_to`` (``(height, width)``) is set when the processor resizes; ``interpolation`` is the
+    torch mode that gives the processor's PIL filter (:data:`_PIL_FILTERS`). ``scale`` multiplies the
     ``[0, 1]`` input to give what the processor's rescale step gives for 8-bit images (1.0 when it
     divides by 255, 255.0 when it does not rescale). ``mean``/``std`` are ``None`` when it does not
     normalize.
@@ -158,19 +229,16 @@ class PreprocessSettings:
     std: tuple[float, ...] | None
 
     def __call__(self, images01: Tensor) -> Tensor:
-        """Resize (antialiased), center crop, rescale and normalize a ``(B, 3, H, W)`` batch on its device.
+        """Resize, center crop, rescale and normalize a ``(B, 3, H, W)`` batch on its device.
 
-        Works in float32. The resized image is clamped to ``[0, 1]``, as an 8-bit image is by the
-        processors (bicubic overshoot would otherwise leave values up to 7 gray levels outside). The
-        center crop puts its top-left corner at ``int((size - crop) / 2)`` and pads with zeros when
+        Works in float32. The resize is the processors' resize of 8-bit images (:func:`_resize_8bit`).
+        The center crop puts its top-left corner at ``int((size - crop) / 2)`` and pads with zeros when
         the crop is larger than the image, as the `transformers` image processors do.
         """
         x = images01.float()
-        interpolation = tvF.InterpolationMode(self.interpolation)
-        if self.shortest_edge is not None:
-            x = tvF.resize(x, [self.shortest_edge], interpolation=interpolation, antialias=True).clamp(0, 1)
-        elif self.resize_to is not None:
-            x = tvF.resize(x, list(self.resize_to), interpolation=interpolation, antialias=True).clamp(0, 1)
+        size = self.shortest_edge if self.shortest_edge is not None else self.resize_to
+        if size is not None:
+            x = _resize_8bit(x, _output_size(x, size), tvF.InterpolationMode(self.interpolation))
         if self.crop is not None:
             (height, width), (crop_h, crop_w) = x.shape[-2:], self.crop
             x = tvF.crop(x, int((height - crop_h) / 2), int((width - crop_w) / 2), crop_h, crop_w)
@@ -181,8 +249,8 @@ class PreprocessSettings:
         return x
 
     def describe(self) -> dict[str, Any]:
-        """The settings, for the teacher's fingerprint."""
-        return asdict(self)
+        """The settings and the resize rule, for the teacher's fingerprint."""
+        return {**asdict(self), "resize": _RESIZE_RULE}
 
 
 @dataclass(frozen=True)
@@ -190,11 +258,12 @@ class TimmTransform:
     """A timm model's own eval transform, applied to ``[0, 1]`` batches on their device.
 
     ``steps`` are the steps of the ``TimmWrapperImageProcessor``'s ``val_transforms`` (timm's
-    ``create_transform(**data_config, is_training=False)``), all of which take batched tensors on
-    any device; so the output is the processor's own output for the same float batch. The one
-    exception is border padding: timm gives its colour in 8-bit units (meant for PIL images, and
-    refused by tensor padding), :class:`_CenterCropOrPad01` uses it in ``[0, 1]`` units, as the
-    processor's PIL path gives it. ``data_config`` is timm's resolved ``pretrained_cfg`` (input
+    ``create_transform(**data_config, is_training=False)``) as they act on the PIL images the
+    processor makes of 8-bit images: the crops, ``MaybeToTensor`` and ``Normalize`` as they are
+    (they take batched tensors on any device); the resize as PIL does it (:class:`_Resize8bit`; timm's
+    own resize of a float batch neither clamps nor rounds, up to 17 gray levels from the PIL path on
+    upsampled photos, measured); border padding with its 8-bit colour in ``[0, 1]`` units
+    (:class:`_CenterCropOrPad01`). ``data_config`` is timm's resolved ``pretrained_cfg`` (input
     size, interpolation, crop_pct, crop_mode, mean, std), which determines the steps.
     """
 
@@ -202,19 +271,41 @@ class TimmTransform:
     steps: tuple[Callable[[Tensor], Tensor], ...]
 
     def __call__(self, images01: Tensor) -> Tensor:
-        """The ``pixel_values`` the processor gives for the ``(B, 3, H, W)`` float32 batch ``images01``."""
+        """The ``pixel_values`` the processor gives for the 8-bit images of the ``(B, 3, H, W)`` batch."""
         x = images01.float()
         for step in self.steps:
             x = step(x)
         return x
 
     def describe(self) -> dict[str, Any]:
-        """timm's data config, for the teacher's fingerprint (the steps follow from it)."""
-        return {"timm_data_config": self.data_config}
+        """timm's data config (the steps follow from it) and the resize rule, for the fingerprint."""
+        return {"timm_data_config": self.data_config, "resize": _RESIZE_RULE}
 
 
 # How a teacher turns [0, 1] batches into pixel values: callable, with ``describe()`` for the fingerprint.
 Preprocessing = PreprocessSettings | TimmTransform
+
+
+class _Resize8bit(nn.Module):
+    """timm's ``Resize`` or ``ResizeKeepRatio`` step as it resizes the processor's PIL images.
+
+    The step's own size rule, then :func:`_resize_8bit` with the torch mode of its PIL filter.
+    """
+
+    def __init__(self, step: transforms.Resize | ResizeKeepRatio) -> None:
+        super().__init__()
+        self.step = step
+        self.interpolation = _PIL_FILTERS[step.interpolation]
+
+    def forward(self, images: Tensor) -> Tensor:
+        if isinstance(self.step, ResizeKeepRatio):
+            size = self.step.get_params(images, self.step.size, self.step.longest)
+        else:
+            size = self.step.size
+        return _resize_8bit(images, _output_size(images, size), self.interpolation)
+
+    def extra_repr(self) -> str:
+        return f"step={self.step!r}, interpolation={self.interpolation.value}"
 
 
 class _CenterCropOrPad01(nn.Module):
@@ -649,20 +740,9 @@ def _settings_from_processor(name: str, processor: object) -> PreprocessSettings
 
 
 # The steps of timm's eval transforms that take batched float tensors on any device, as they are.
-_TENSOR_STEPS = (
-    transforms.Resize,
-    ResizeKeepRatio,
-    transforms.CenterCrop,
-    TrimBorder,
-    MaybeToTensor,
-    transforms.Normalize,
-)
-# The interpolations torchvision's (v1) tensor resize implements; timm's resizes use it.
-_TENSOR_INTERPOLATIONS = (
-    transforms.InterpolationMode.NEAREST,
-    transforms.InterpolationMode.BILINEAR,
-    transforms.InterpolationMode.BICUBIC,
-)
+_TENSOR_STEPS = (transforms.CenterCrop, TrimBorder, MaybeToTensor, transforms.Normalize)
+# timm's resize steps, done as on PIL images by _Resize8bit when their filter is in _PIL_FILTERS.
+_RESIZE_STEPS = (transforms.Resize, ResizeKeepRatio)
 
 
 def _timm_transform(name: str, processor: TimmWrapperImageProcessor) -> TimmTransform:
@@ -672,25 +752,31 @@ def _timm_transform(name: str, processor: TimmWrapperImageProcessor) -> TimmTran
         if isinstance(step, CenterCropOrPad) and step.padding_mode == "constant":
             steps.append(_CenterCropOrPad01(tuple(step.size), step.fill))
             continue
-        interpolation = getattr(step, "interpolation", transforms.InterpolationMode.BILINEAR)
-        if type(step) not in _TENSOR_STEPS or interpolation not in _TENSOR_INTERPOLATIONS:
-            what = type(step).__name__
-            if type(step) in _TENSOR_STEPS:
-                what += f" with {getattr(interpolation, 'value', interpolation)} interpolation"
-            raise ConfigError(
-                f"the timm eval transform of teacher {name!r} has a step that only works on PIL images "
-                f"({what}), so the teacher cannot apply it to tensor batches: use a checkpoint whose "
-                "pretrained_cfg gives a nearest, bilinear or bicubic resize, a crop and a normalization"
-            )
-        steps.append(step)
+        if type(step) in _TENSOR_STEPS:
+            steps.append(step)
+            continue
+        interpolation = getattr(step, "interpolation", None)
+        if type(step) in _RESIZE_STEPS and interpolation in _PIL_FILTERS:
+            steps.append(_Resize8bit(step))
+            continue
+        what = type(step).__name__
+        if type(step) in _RESIZE_STEPS:
+            what += f" with {getattr(interpolation, 'value', interpolation)} interpolation"
+        raise ConfigError(
+            f"the timm eval transform of teacher {name!r} has a step that only works on PIL images "
+            f"({what}), so the teacher cannot apply it to tensor batches: use a checkpoint whose "
+            "pretrained_cfg gives a nearest, bilinear or bicubic resize, a crop and a normalization"
+        )
     return TimmTransform(data_config=dict(processor.data_config), steps=tuple(steps))
 
 
 def _interpolation(name: str, resample: object) -> str:
-    """The torchvision mode of a processor's ``resample`` (PIL code or mode; None: bilinear).
+    """The torch mode that gives the PIL filter a processor's ``resample`` names (a PIL code or a
+    torch mode; None: bilinear), see :data:`_PIL_FILTERS` (PIL's nearest is "nearest-exact").
 
-    Raises ConfigError for a filter torch cannot apply to tensors (lanczos, box, hamming): the teacher
-    would otherwise fail in the first training step, or see other pixels than its processor gives.
+    Raises ConfigError for a filter torch cannot apply to tensors as PIL does (lanczos, box, hamming):
+    the teacher would otherwise fail in the first training step, or see other pixels than its
+    processor gives.
     """
     if resample is None:
         return tvF.InterpolationMode.BILINEAR.value
@@ -699,13 +785,13 @@ def _interpolation(name: str, resample: object) -> str:
         if isinstance(resample, tvF.InterpolationMode)
         else pil_torch_interpolation_mapping.get(resample)
     )
-    if mode not in _TENSOR_INTERPOLATIONS:
+    if mode not in _PIL_FILTERS:
         raise ConfigError(
             f"the image processor of teacher {name!r} resizes with the {getattr(mode, 'value', resample)} "
             "filter, which torch cannot apply to tensors: save the processor with resample set to "
             "bicubic (3), bilinear (2) or nearest (0)"
         )
-    return mode.value
+    return _PIL_FILTERS[mode].value
 
 
 def _per_channel(value: float | list[float] | tuple[float, ...]) -> tuple[float, ...]:
