@@ -183,7 +183,7 @@ def save_checkpoint(
 ) -> Path:
     """Save the full training state after optimizer step ``step``; call it on every process.
 
-    ``loader_state`` is this process's ``StatefulDataLoader.state_dict()`` (JSON-serialisable).
+    ``loader_state`` is this process's ``ViewsLoader.state_dict()`` (JSON-serialisable).
     Keeps the newest ``keep`` complete checkpoints. Returns the checkpoint folder.
     """
     final = checkpoint_path(output_dir, step)

@@ -30,20 +30,20 @@ import io
 import logging
 import math
 import signal
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import datasets
+import fsspec.asyn
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from datasets.distributed import split_dataset_by_node
 from datasets.utils.file_utils import xopen
 from PIL import Image, ImageOps
-from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms.v2 import functional as TF
 
 from mvmr_hf.augment import AUGMENTATIONS, CENTER_CROP_FRACTION, ViewAugment, ViewParams, center_view
@@ -318,20 +318,28 @@ def default_source_size(image_size: int) -> int:
     return math.floor(image_size / CENTER_CROP_FRACTION)
 
 
-# ----------------------------------------------------------------------------- the iterable
+# ----------------------------------------------------------------------------- the workers
+
+CHUNK_ROWS = 8
+"""Rows a DataLoader worker sends at once: few enough that a batch mixes every worker's rows,
+enough to share the cost of moving tensors between processes (one shared-memory file per view)."""
+
+_START = {"row": 0, "block": 0, "block_start": None, "consumed": 0}
+"""A worker's position before its first row: rows done, and for streams the shuffle block, the
+stream position at the block's start and the rows of the block done."""
 
 
 class ViewsDataset(torch.utils.data.IterableDataset):
-    """Batches of decoded, validated MV-MR views from one process's part of a ``datasets`` split.
+    """Decoded, validated MV-MR views of one worker's share of one process's part of a split, in chunks.
 
-    Built by :func:`build_dataloader` (which documents the batches); see ``docs/data.md`` for
-    the order, the per-process split, the skipped-image counts and resuming. Batching happens
-    here rather than in the DataLoader so that the images skipped after a worker's last full
-    batch, and those of its dropped incomplete batch, are still counted: each full batch is held
-    until the next one is complete, and the last one also carries the skips that follow it (a
-    worker that never fills a batch has nothing to report them with).
-    ``state_dict``/``load_state_dict`` make it resumable by
-    :class:`~torchdata.stateful_dataloader.StatefulDataLoader`.
+    Built by :func:`build_dataloader`; :class:`ViewsLoader` batches the chunks in the training
+    process (``docs/data.md`` gives the split between processes and workers, the order and
+    resuming). Each worker yields its rows in chunks of up to :data:`CHUNK_ROWS`, aligned on its
+    row count so that a resumed worker cuts the same chunks, then an end marker
+    ``{"worker": w, "end": True}``. A chunk is ``{"worker": w, "end": False, "decoded": [bool per
+    row], "positions": [the worker's position after each row], "keys": [...], "views": {name:
+    (k, ...) uint8 tensor}, "view_params": {name: (k, ...) ndarray}}`` for its k decoded rows: an
+    undecodable row is kept as ``decoded=False`` so that it is counted exactly once.
     """
 
     def __init__(
@@ -362,61 +370,61 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         self.augment = ViewAugment(image_size, augmentations=augmentations)
         self.source_size = source_size
         self.epoch = 0
-        self._state = self._start_state()
-        self._resume: dict | None = None
+        self.start: dict | None = None  # the loader's saved state to continue from, read by each worker
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration runs (its shard order, shuffle and augmentations)."""
         self.epoch = epoch
 
-    def state_dict(self) -> dict:
-        """The epoch and the position after the last batch yielded (in this worker)."""
-        return dict(self._state)
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue ``state``'s epoch after its last yielded batch on the next iteration."""
-        self.epoch = state["epoch"]
-        self._resume = dict(state)
-
-    def _start_state(self) -> dict:
-        return {"epoch": self.epoch, "block": 0, "block_start": None, "consumed": 0}
+    def _worker_start(self, worker: int) -> dict | None:
+        """Where ``worker`` starts: the epoch's start, its saved position, or ``None`` once it was done."""
+        if self.start is None:
+            return _START
+        if worker not in self.start["active"]:
+            return None
+        return self.start["positions"][worker]
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        resume, self._resume = self._resume, None
-        self._state = resume if resume is not None and resume["epoch"] == self.epoch else self._start_state()
-        start = {name: value for name, value in self._state.items() if name != "epoch"}
-        records = self._stream_records if self.streaming else self._table_records
-        samples: list[dict] = []
-        skipped = 0
-        held: tuple[list[dict], int, dict] | None = None  # the last full batch, not yet yielded
-        for record, position in records(start, worker, num_workers):
+        start = self._worker_start(worker)
+        if start is None:
+            return
+        rows = self._stream_rows if self.streaming else self._table_rows
+        chunk: list[tuple[Record, dict]] = []
+        for record, position in rows(start, worker, num_workers):
+            chunk.append((record, position))
+            if position["row"] % CHUNK_ROWS == 0:
+                yield self._chunk(worker, chunk)
+                chunk = []
+        if chunk:
+            yield self._chunk(worker, chunk)
+        yield {"worker": worker, "end": True}
+
+    def _chunk(self, worker: int, rows: list[tuple[Record, dict]]) -> dict:
+        decoded, keys, samples = [], [], []
+        for record, _ in rows:
             try:
                 encoded = read_encoded(record)
                 image = decode_image(encoded)
             except BadImageError as error:
-                skipped += 1
+                decoded.append(False)
                 logger.debug("Skipping an image: %s", error)
                 continue
             key = image_key(encoded)
-            samples.append({**self._views(image, key), "key": key})
-            if len(samples) == self.batch_size:
-                if held is not None:
-                    yield self._emit(*held)
-                held, samples, skipped = (samples, skipped, position), [], 0
-        if held is not None:
-            # The last full batch also reports the skips after it; resuming from it ends the epoch.
-            yield self._emit(held[0], held[1] + skipped, position)
-
-    def _emit(self, samples: list[dict], skipped: int, position: dict) -> dict:
-        self._state = {"epoch": self.epoch, **position}
-        views = [name for name in ("image", "augmented", "source") if name in samples[0]]
-        batch = {name: torch.stack([s[name] for s in samples]) for name in views}
-        if "view_params" in samples[0]:
+            decoded.append(True)
+            keys.append(key)
+            samples.append(self._views(image, key))
+        present = [name for name in _VIEWS if samples and name in samples[0]]
+        views = {name: torch.stack([s[name] for s in samples]) for name in present}
+        params = {}
+        if samples and "view_params" in samples[0]:
+            # numpy travels inside the chunk's pickle; each tensor would cost a shared-memory file
             names = samples[0]["view_params"]
-            batch["view_params"] = {n: torch.cat([s["view_params"][n] for s in samples]) for n in names}
-        return {**batch, "key": [s["key"] for s in samples], "skipped": skipped}
+            params = {n: torch.cat([s["view_params"][n] for s in samples]).numpy() for n in names}
+        positions = [position for _, position in rows]
+        return {"worker": worker, "end": False, "decoded": decoded, "positions": positions, "keys": keys,
+                "views": views, "view_params": params}  # fmt: skip
 
     def _views(self, image: torch.Tensor, key: str) -> dict[str, Any]:
         """The non-augmented view and either the augmented view or what the device needs to make it."""
@@ -455,42 +463,280 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         views = self.augment.apply(source, ViewParams(**batch["view_params"]))
         return views.mul_(255).round_().div_(255)
 
-    def _stream_records(self, start: dict, worker: int, num_workers: int) -> Iterator[tuple[Record, dict]]:
+    def _shard_order(self) -> np.ndarray:
+        """The stream's shards in this epoch's order: permuted from ``(seed, epoch)``, or as stored."""
+        shards = self.source.num_shards
+        if self.shuffle_buffer == 0:
+            return np.arange(shards)
+        return np.random.default_rng(_seed(self.seed, self.epoch)).permutation(shards)
+
+    def _stream_tasks(self, worker: int, num_workers: int) -> list[tuple[int, int, int]]:
+        """``(shard, step, offset)`` for each shard ``worker`` reads, keeping every step-th row from offset.
+
+        Whole shards are dealt to the workers in turn; with more workers than shards, the workers
+        beyond share a shard by rows (each reads it all and keeps its own rows).
+        """
+        order = self._shard_order()
+        if num_workers <= len(order):
+            return [(int(order[i]), 1, 0) for i in range(worker, len(order), num_workers)]
+        first = worker % len(order)
+        return [(int(order[first]), len(range(first, num_workers, len(order))), worker // len(order))]
+
+    def _stream_rows(self, start: dict, worker: int, num_workers: int) -> Iterator[tuple[Record, dict]]:
         """This worker's rows in blocks of ``shuffle_buffer``, each block permuted, resumable per block."""
-        # A fresh split per iteration: datasets keeps its epoch in a tensor shared by all DataLoader
-        # workers, which would race if two workers set it at once.
-        stream = split_dataset_by_node(self.source, self.rank, self.world_size)
-        if self.shuffle_buffer > 0:
-            # datasets >= 5.0 permutes the shards by a non-zero epoch (earlier releases only after
-            # .shuffle(), whose buffer would be lost on resume); derived from the seed, never 0.
-            stream.set_epoch(1 + _seed(self.seed, self.epoch) % (1 << 31))
-        if start["block_start"] is not None:
-            stream.load_state_dict(start["block_start"])
-        rows = iter(stream)
+        reader = _StreamReader(self, self._stream_tasks(worker, num_workers), worker, start["block_start"])
+        rows = reader.rows()
         block, block_start, consumed = start["block"], start["block_start"], start["consumed"]
+        row = start["row"]
         while chunk := list(islice(rows, max(1, self.shuffle_buffer))):
             rng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, worker, block))
             order = rng.permutation(len(chunk))
             for position in range(consumed, len(chunk)):
-                row = chunk[order[position]][self.image_column]
-                yield row, {"block": block, "block_start": block_start, "consumed": position + 1}
-            block, block_start, consumed = block + 1, stream.state_dict(), 0
+                row += 1
+                yield chunk[order[position]], {"row": row, "block": block, "block_start": block_start,
+                                               "consumed": position + 1}  # fmt: skip
+            block, block_start, consumed = block + 1, reader.cursor(), 0
 
-    def _table_records(self, start: dict, worker: int, num_workers: int) -> Iterator[tuple[Record, dict]]:
-        """This worker's rows of a map-style split: one permutation per epoch, dealt to processes, workers."""
+    def _table_rows(self, start: dict, worker: int, num_workers: int) -> Iterator[tuple[Record, dict]]:
+        """This worker's rows of a map-style split: the epoch's permutation dealt to the processes in
+        turn, then to the workers in chunks of :data:`CHUNK_ROWS` in turn, so that taking one chunk
+        per worker in turn gives the process's rows in order, whatever the number of workers."""
         table = self.source
         usable = len(table) - len(table) % self.world_size
         if self.shuffle_buffer > 0:
             order = np.random.default_rng(_seed(self.seed, self.epoch)).permutation(len(table))[:usable]
         else:
             order = np.arange(usable)
-        mine = order[self.rank :: self.world_size][worker::num_workers]
-        for position in range(start["consumed"], len(mine)):
-            row = table[int(mine[position])]
-            yield row[self.image_column], {"block": 0, "block_start": None, "consumed": position + 1}
+        mine = order[self.rank :: self.world_size]
+        row = start["row"]
+        while (index := _dealt(row, worker, num_workers)) < len(mine):
+            row += 1
+            yield table[int(mine[index])][self.image_column], {**_START, "row": row}
+
+
+def _dealt(row: int, worker: int, num_workers: int) -> int:
+    """Where ``worker``'s ``row``-th row is among the process's rows: chunks are dealt to workers in turn."""
+    return (row // CHUNK_ROWS * num_workers + worker) * CHUNK_ROWS + row % CHUNK_ROWS
+
+
+_VIEWS = ("image", "augmented", "source")
+"""The image tensors of a sample, as far as it has them."""
+
+
+class _StreamReader:
+    """One worker's rows of one process's part of a stream, from a cursor that :meth:`cursor` gives.
+
+    Within each shard the worker keeps every step-th row (:meth:`ViewsDataset._stream_tasks`);
+    the rows it keeps, counted over its shards, are dealt to the processes in turn, starting at
+    process ``worker % world_size`` so that the workers' leftovers fall on different processes.
+    Every process reads the same shards and decodes only its own rows.
+    """
+
+    def __init__(
+        self, views: ViewsDataset, tasks: list[tuple[int, int, int]], worker: int, cursor: dict | None
+    ) -> None:
+        self.views, self.tasks, self.worker = views, tasks, worker
+        cursor = cursor or {"task": 0, "shard_state": None, "shard_row": 0, "kept": 0}
+        self.task, self.shard_row, self.kept = cursor["task"], cursor["shard_row"], cursor["kept"]
+        self.shard_state = cursor["shard_state"]
+        self.stream: datasets.IterableDataset | None = None
+
+    def cursor(self) -> dict:
+        """The position after the last row yielded (``datasets`` gives the shard's own, JSON-serialisable)."""
+        state = self.stream.state_dict() if self.stream is not None else self.shard_state
+        return {"task": self.task, "shard_state": state, "shard_row": self.shard_row, "kept": self.kept}
+
+    def rows(self) -> Iterator[Record]:
+        views = self.views
+        if torch.utils.data.get_worker_info() is not None:
+            fsspec.asyn.reset_lock()  # as datasets does in a worker: a lock forked from the parent hangs
+        while self.task < len(self.tasks):
+            shard, step, offset = self.tasks[self.task]
+            self.stream = views.source.shard(num_shards=views.source.num_shards, index=shard)
+            if self.shard_state is not None:
+                self.stream.load_state_dict(self.shard_state)
+            # iter(), unlike iterating the stream, does not split it again among the DataLoader workers
+            for example in self.stream.iter(batch_size=1):
+                self.shard_row += 1
+                if (self.shard_row - 1) % step != offset:
+                    continue
+                self.kept += 1
+                if (self.kept - 1 + self.worker) % views.world_size == views.rank:
+                    yield example[views.image_column][0]
+            self.task, self.shard_row, self.shard_state, self.stream = self.task + 1, 0, None, None
 
 
 # ----------------------------------------------------------------------------- the loader
+
+
+def _as_sent(chunk: dict) -> dict:
+    """The DataLoader's collate function: a chunk travels as the worker made it (its arrays stay numpy)."""
+    return chunk
+
+
+class ViewsLoader:
+    """Full batches of MV-MR views for one process, made in the training process from the workers' chunks.
+
+    The chunks are taken one per worker in turn (a worker leaves the turn at its end marker),
+    whatever order they arrive in; a batch is released once the next one is full or the epoch's
+    data ran out, so that the last batch also counts the images skipped after it. Only the rows
+    after the last full batch are dropped: fewer than ``batch_size`` images per epoch.
+
+    ``dataset`` is the :class:`ViewsDataset` (``set_epoch``, ``augmented_view``);
+    :meth:`state_dict` holds the epoch, each worker's position after its last row in a released
+    batch and whose turn is next: :meth:`load_state_dict` continues there.
+    """
+
+    def __init__(
+        self,
+        dataset: ViewsDataset,
+        *,
+        num_workers: int,
+        pin_memory: bool,
+        worker_init_fn: Callable[[int], None] | None,
+    ) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        # Room for about two batches of chunks ahead, as when each worker made whole batches.
+        ahead = max(2, math.ceil(2 * dataset.batch_size / CHUNK_ROWS / num_workers)) if num_workers else None
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            collate_fn=_as_sent,
+            worker_init_fn=worker_init_fn,
+            prefetch_factor=ahead,
+        )
+        self._state: dict | None = None  # after the last batch released; None: the epoch's start
+        self._resume: dict | None = None
+
+    def state_dict(self) -> dict:
+        """The epoch and the position after the last batch yielded (JSON-serialisable)."""
+        return self._state if self._state is not None else self._start_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue ``state``'s epoch after its last batch on the next iteration, whatever the epoch set.
+
+        A map-style split can continue with another number of workers (its order does not depend
+        on them); a stream cannot (the workers share its shards).
+        """
+        _check_state(state)
+        workers = max(self.num_workers, 1)
+        if state["num_workers"] != workers:
+            if self.dataset.streaming:
+                raise ConfigError(
+                    f"The checkpoint's position in the stream is for {state['num_workers']} DataLoader "
+                    f"worker(s) per process, which share its shards: resume with --num-workers "
+                    f"{state['num_workers']} (0 and 1 are the same here)."
+                )
+            state = _redealt(state, workers)
+        self._state = self._resume = state
+
+    def _start_state(self) -> dict:
+        workers = max(self.num_workers, 1)
+        return {"epoch": self.dataset.epoch, "num_workers": workers, "active": list(range(workers)),
+                "turn": 0, "positions": [_START] * workers}  # fmt: skip
+
+    def __iter__(self) -> Iterator[dict]:
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            self.dataset.set_epoch(resume["epoch"])
+        state = self._state = resume or self._start_state()
+        self.dataset.start = state  # read by every worker, which the iterator below starts
+        arrivals = iter(self.loader)
+        active, positions = list(state["active"]), list(state["positions"])
+        turn = active.index(state["turn"]) if active else 0
+        waiting: dict[int, deque] = {worker: deque() for worker in range(state["num_workers"])}
+        parts: list[tuple[dict, int, int]] = []  # (chunk, first, end) decoded rows of the batch being filled
+        filled = skipped = 0
+        held: tuple[dict, dict] | None = None  # the last full batch and its state, not yet yielded
+        while active:
+            worker = active[turn]
+            chunk = _next_chunk(arrivals, waiting, worker)
+            if chunk["end"]:
+                del active[turn]
+                turn = turn % len(active) if active else 0
+                continue
+            first = decoded = 0
+            for row, is_decoded in enumerate(chunk["decoded"]):
+                positions[worker] = chunk["positions"][row]
+                if not is_decoded:
+                    skipped += 1
+                    continue
+                decoded += 1
+                filled += 1
+                if filled < self.dataset.batch_size:
+                    continue
+                parts.append((chunk, first, decoded))
+                rest = row + 1 < len(chunk["decoded"])  # the next batch goes on with this chunk
+                after = {"epoch": state["epoch"], "num_workers": state["num_workers"], "active": list(active),
+                         "turn": worker if rest else active[(turn + 1) % len(active)],
+                         "positions": list(positions)}  # fmt: skip
+                if held is not None:
+                    self._state = held[1]
+                    yield held[0]
+                held = (self._collate(parts, skipped), after)
+                parts, first, filled, skipped = [], decoded, 0, 0
+            if decoded > first:
+                parts.append((chunk, first, decoded))
+            turn = (turn + 1) % len(active)
+        if held is not None:
+            held[0]["skipped"] += skipped  # the images skipped after the last full batch
+            self._state = held[1]
+            yield held[0]
+
+    def _collate(self, parts: list[tuple[dict, int, int]], skipped: int) -> dict:
+        """A batch of the decoded rows ``first:end`` of each chunk, copied once (to pinned memory if set)."""
+        batch: dict[str, Any] = {}
+        for name, view in parts[0][0]["views"].items():
+            shape = (self.dataset.batch_size, *view.shape[1:])
+            out = torch.empty(shape, dtype=view.dtype, pin_memory=self.pin_memory)
+            batch[name] = torch.cat([chunk["views"][name][first:end] for chunk, first, end in parts], out=out)
+        if params := parts[0][0]["view_params"]:
+            batch["view_params"] = {
+                name: torch.from_numpy(np.concatenate([c["view_params"][name][a:b] for c, a, b in parts]))
+                for name in params
+            }
+        batch["key"] = [key for chunk, first, end in parts for key in chunk["keys"][first:end]]
+        batch["skipped"] = skipped
+        return batch
+
+
+def _next_chunk(arrivals: Iterator[dict], waiting: dict[int, deque], worker: int) -> dict:
+    """``worker``'s next chunk; the chunks of other workers that arrive first wait for their turn."""
+    while not waiting[worker]:
+        chunk = next(arrivals)
+        waiting[chunk["worker"]].append(chunk)
+    return waiting[worker].popleft()
+
+
+_STATE_KEYS = frozenset({"epoch", "num_workers", "active", "turn", "positions"})
+
+
+def _check_state(state: Mapping[str, Any]) -> None:
+    """Refuse, in one line, a saved loader state of another format."""
+    if not isinstance(state, Mapping) or not set(state) >= _STATE_KEYS:
+        raise ConfigError(
+            "The checkpoint's data position was saved by an older mvmr_hf (per-worker batches): "
+            "start a new run, or resume with the version that wrote it."
+        )
+
+
+def _redealt(state: Mapping[str, Any], num_workers: int) -> dict:
+    """A map-style split's saved position for ``num_workers`` workers.
+
+    The rows taken so far are the first ``done`` of the process's rows, whatever the workers
+    (:meth:`ViewsDataset._table_rows`): each new worker has done those it is dealt among them,
+    and the turn is that of the worker dealt the next row.
+    """
+    done = sum(position["row"] for position in state["positions"])
+    chunks, rest = divmod(done, CHUNK_ROWS)
+    rows = [CHUNK_ROWS * len(range(worker, chunks, num_workers)) for worker in range(num_workers)]
+    rows[chunks % num_workers] += rest  # the worker in the middle of its chunk
+    positions = [{**_START, "row": row} for row in rows]
+    return {"epoch": state["epoch"], "num_workers": num_workers, "active": list(range(num_workers)),
+            "turn": chunks % num_workers, "positions": positions}  # fmt: skip
 
 
 def _ignore_signals(signals: tuple[int, ...], worker: int) -> None:
@@ -523,14 +769,16 @@ def build_dataloader(
     source_size: int | None = None,
     augmentations: str | Sequence[str] = AUGMENTATIONS,
     ignore_signals: Sequence[int] = (),
-) -> tuple[StatefulDataLoader, DataStats]:
+) -> tuple[ViewsLoader, DataStats]:
     """A resumable loader of MV-MR batches for process ``rank`` of ``world_size``.
 
     Batches are ``{"image": (B,3,S,S) uint8, "augmented": (B,3,S,S) uint8, "key": list[str],
-    "skipped": int}`` with ``B = batch_size`` always (the last incomplete batch of each worker is
-    dropped: distance correlation needs full, equal batches on every process). The number of
-    batches can differ between processes (shards of different sizes, bad images), so the training
-    loop must stop an epoch when any process runs out.
+    "skipped": int}`` with ``B = batch_size`` always: the workers decode, the training process
+    batches (:class:`ViewsLoader`), so an epoch drops only the incomplete batch at its end
+    (distance correlation needs full, equal batches on every process). The processes get as
+    many rows as can be dealt evenly (``docs/data.md``); bad images, and for streams the
+    workers' leftovers, can still leave one process a batch short, so the training loop must
+    stop an epoch when any process runs out.
 
     Args:
         dataset: one split, from :func:`load_image_dataset` (streamed or map-style).
@@ -541,8 +789,8 @@ def build_dataloader(
             map-style split any positive value means a full permutation per epoch.
         seed: seed of the shard order, the shuffles and the augmentations.
         num_workers: DataLoader worker processes, each single-threaded (0 decodes and augments in
-            the training process, one image at a time; a stream gives each worker whole shards, so
-            more workers than shards per process leaves some idle).
+            the training process, one image at a time). A stream gives each worker whole shards,
+            or with more workers than shards every n-th row of one shard.
         image_column: the image column, or ``None`` to detect it (:func:`resolve_image_column`).
         pin_memory: pin batches in page-locked memory for faster copies to the GPU.
         device_views: workers only decode and resize; the augmented view is made on the device by
@@ -582,10 +830,10 @@ def build_dataloader(
         streaming=isinstance(dataset, datasets.IterableDataset),
         num_examples=_num_examples(dataset),
     )
-    if not stats.streaming and len(dataset) // world_size < batch_size:
+    if stats.num_examples is not None and stats.num_examples // world_size < batch_size:
         raise ConfigError(
-            f"The split has {len(dataset)} images, fewer than {batch_size} per process for {world_size} "
-            "process(es): lower the batch size or use more data."
+            f"The split has {stats.num_examples} images, fewer than {batch_size} per process for "
+            f"{world_size} process(es): lower the batch size or use more data."
         )
     views = ViewsDataset(
         dataset,
@@ -599,10 +847,8 @@ def build_dataloader(
         source_size=(source_size or default_source_size(image_size)) if device_views else None,
         augmentations=augmentations,
     )
-    # The views are batched by the dataset itself (see ViewsDataset), hence batch_size=None.
-    loader = StatefulDataLoader(
+    loader = ViewsLoader(
         views,
-        batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
         worker_init_fn=functools.partial(_ignore_signals, tuple(ignore_signals)) if ignore_signals else None,

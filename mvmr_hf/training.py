@@ -50,7 +50,6 @@ from accelerate.tracking import get_available_trackers
 from accelerate.utils import DataLoaderConfiguration, LoggerType, ProjectConfiguration, set_seed
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
-from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -58,7 +57,7 @@ from mvmr_hf.augment import CENTER_CROP_FRACTION
 from mvmr_hf.card import CardInfo
 from mvmr_hf.checkpoint import CHECKPOINTS_DIR, load_checkpoint, save_checkpoint
 from mvmr_hf.config import DataArguments, LossArguments, ModelArguments, TeacherArguments, TrainingArguments
-from mvmr_hf.data import DataStats, build_dataloader, load_image_dataset
+from mvmr_hf.data import DataStats, ViewsLoader, build_dataloader, load_image_dataset
 from mvmr_hf.dcor import check_batch_size
 from mvmr_hf.errors import ConfigError, PreemptedError, TrainingError
 from mvmr_hf.export import RELEASE_DIR, export_student
@@ -257,8 +256,10 @@ def train(
                 else:  # this epoch's data ran out
                     if batches == 0 and epoch != resumed_epoch:  # a resumed epoch may have no batch left
                         raise TrainingError(
-                            f"epoch {epoch} gave no full batch of {batch_size} images on some process: "
-                            "lower --batch-size or check the data set"
+                            f"epoch {epoch} gave no full batch of {batch_size} images on some process: its "
+                            "share of the split has fewer decodable images (too few images for --batch-size "
+                            "on this many processes, or mostly undecodable ones): lower --batch-size or "
+                            "check the data set"
                         )
                     epoch += 1
                     for cache in caches.values():
@@ -458,10 +459,10 @@ def _teacher_cache(
     return TeacherCache(folder, rank=accelerator.process_index, fingerprint=fingerprint)
 
 
-def _until_any_process_runs_out(loader: StatefulDataLoader, accelerator: Accelerator) -> Iterator[dict]:
+def _until_any_process_runs_out(loader: ViewsLoader, accelerator: Accelerator) -> Iterator[dict]:
     """The loader's batches while every process still has one.
 
-    Processes can hold different numbers of batches (shards of different sizes, skipped images);
+    Processes can hold different numbers of batches (skipped images, a stream's uneven rows);
     a process that went on alone would wait forever in the next collective.
     """
     if accelerator.num_processes == 1:

@@ -276,13 +276,16 @@ def test_key_is_blake2b_of_encoded_bytes():
 # ----------------------------------------------------------------------------- the loader
 
 
+@pytest.mark.parametrize("num_workers", [0, 3])
 @pytest.mark.parametrize("streaming", [True, False])
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_bad_images_skipped_and_counted(samples, cache, streaming, batch_size):
+def test_bad_images_skipped_and_counted(samples, cache, streaming, batch_size, num_workers):
     files = list((samples / "train").iterdir())
     good = _keys_of_files(p for p in files if not p.name.startswith("bad_"))
     dataset = load_image_dataset(str(samples), streaming=streaming, cache_dir=cache)
-    loader, stats = build_dataloader(dataset, image_size=SIZE, batch_size=batch_size, shuffle_buffer=8)
+    loader, stats = build_dataloader(
+        dataset, image_size=SIZE, batch_size=batch_size, shuffle_buffer=8, num_workers=num_workers
+    )
     batches = list(loader)
     keys = [key for batch in batches for key in batch["key"]]
     assert len(keys) == len(set(keys)) == len(good) // batch_size * batch_size
@@ -568,30 +571,145 @@ def test_two_processes_partition_the_data(digits, cache, streaming):
     assert abs(len(parts[0]) - len(parts[1])) <= TEST_ROWS // 4  # whole shards or even halves
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+def _interrupted(make_loader, batches: int, resumed_loader=None) -> list[dict]:
+    """The epoch's batches when the run stops after ``batches`` and resumes from the saved state."""
+    interrupted = make_loader()
+    iterator = iter(interrupted)
+    seen = [next(iterator) for _ in range(batches)]
+    state = json.loads(json.dumps(interrupted.state_dict()))  # a checkpoint stores it as JSON
+    del iterator, interrupted
+    resumed = (resumed_loader or make_loader)()
+    resumed.load_state_dict(state)
+    return seen + list(resumed)
+
+
+def _summary(batches: list[dict]) -> list[tuple[list[str], int]]:
+    return [(batch["key"], batch["skipped"]) for batch in batches]
+
+
+# 4 shards of 45 rows; batches of 12 end inside the workers' chunks of 8; 5 workers share shards by rows
+@pytest.mark.parametrize("num_workers", [0, 2, 5])
 @pytest.mark.parametrize("streaming", [True, False])
 def test_resume_continues_the_epoch(digits, cache, streaming, num_workers):
     dataset = load_image_dataset(str(digits), split="test", streaming=streaming, cache_dir=cache)
 
     def loader():
         built, _ = build_dataloader(
-            dataset, image_size=SIZE, batch_size=8, shuffle_buffer=25, seed=3, num_workers=num_workers
+            dataset, image_size=SIZE, batch_size=12, shuffle_buffer=25, seed=3, num_workers=num_workers
         )
         built.dataset.set_epoch(2)
         return built
 
-    uninterrupted = [batch["key"] for batch in loader()]
-    interrupted = loader()
-    batches = iter(interrupted)
-    seen = [next(batches)["key"] for _ in range(5)]
-    state = json.loads(json.dumps(interrupted.state_dict()))  # a checkpoint can store it as JSON
-    del batches, interrupted
-    resumed = loader()
-    resumed.load_state_dict(state)
-    rest = [batch["key"] for batch in resumed]
-    keys = [key for batch in seen + rest for key in batch]
-    assert len(keys) == len(set(keys))
-    assert seen + rest == uninterrupted  # nothing lost, nothing repeated, same order
+    uninterrupted = _summary(list(loader()))
+    assert len(uninterrupted) == TEST_ROWS // 12
+    for stop in (1, 5):
+        resumed = _summary(_interrupted(loader, stop))
+        assert resumed == uninterrupted  # nothing lost, nothing repeated, the same batches
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_resume_counts_each_skipped_image_once(samples, cache, streaming):
+    dataset = load_image_dataset(str(samples), streaming=streaming, cache_dir=cache)
+
+    def loader():
+        return build_dataloader(dataset, image_size=SIZE, batch_size=3, shuffle_buffer=8, num_workers=3)[0]
+
+    uninterrupted = _summary(list(loader()))
+    assert sum(skipped for _, skipped in uninterrupted) == 5  # the bad files written
+    for stop in (1, len(uninterrupted) - 1, len(uninterrupted)):
+        assert _summary(_interrupted(loader, stop)) == uninterrupted
+
+
+def test_map_style_split_resumes_with_other_workers(digits, cache):
+    """A map-style split's batches do not depend on the workers, so a run may resume with other ones."""
+    table = load_image_dataset(str(digits), split="test", streaming=False, cache_dir=cache)
+
+    def loader(num_workers: int):
+        return lambda: build_dataloader(table, image_size=SIZE, batch_size=12, num_workers=num_workers)[0]
+
+    alone = _summary(list(loader(0)()))
+    assert _summary(list(loader(3)())) == alone
+    assert _summary(_interrupted(loader(3), 4, resumed_loader=loader(2))) == alone
+    assert _summary(_interrupted(loader(2), 7, resumed_loader=loader(0))) == alone
+
+
+def test_stream_refuses_to_resume_with_other_workers(digits):
+    dataset = load_image_dataset(str(digits), split="test", streaming=True)
+    saved, _ = build_dataloader(dataset, image_size=SIZE, batch_size=12, num_workers=2)
+    next(iter(saved))
+    resumed, _ = build_dataloader(dataset, image_size=SIZE, batch_size=12, num_workers=3)
+    with pytest.raises(ConfigError) as excinfo:
+        resumed.load_state_dict(saved.state_dict())
+    assert "--num-workers 2" in _one_line_config_error(excinfo)
+    with pytest.raises(ConfigError) as excinfo:
+        resumed.load_state_dict({"_snapshot": {}, "_steps_since_snapshot": 0})  # a torchdata state
+    assert "older mvmr_hf" in _one_line_config_error(excinfo)
+
+
+# ----------------------------------------------------------------------------- whole epochs
+
+
+def _parquet_shards(folder: Path, digits: Path, sizes: tuple[int, ...]) -> set[str]:
+    """The first ``sum(sizes)`` training digits as parquet shards of ``sizes`` rows; their keys, read back."""
+    table = datasets.load_dataset(str(digits), split="train")
+    (folder / "data").mkdir(parents=True)
+    start = 0
+    for index, size in enumerate(sizes):
+        name = f"train-{index:05d}-of-{len(sizes):05d}.parquet"
+        table.select(range(start, start + size)).to_parquet(str(folder / "data" / name))
+        start += size
+    columns = [pq.read_table(path, columns=["image"]).column("image") for path in (folder / "data").iterdir()]
+    rows = [row for column in columns for row in column.to_pylist()]
+    assert len(rows) == start
+    return {hashlib.blake2b(row["bytes"], digest_size=16).hexdigest() for row in rows}
+
+
+def _trained_keys(dataset, world_size: int, epoch: int, **options) -> list[str]:
+    """The keys of one epoch on ``world_size`` processes, stopped when any runs out (as training does)."""
+    batches = []
+    for rank in range(world_size):
+        loader, _ = build_dataloader(dataset, image_size=SIZE, rank=rank, world_size=world_size, **options)
+        loader.dataset.set_epoch(epoch)
+        batches.append(list(loader))
+    steps = min(len(process) for process in batches)
+    assert all(len(batch["key"]) == options["batch_size"] for process in batches for batch in process)
+    return [key for process in batches for batch in process[:steps] for key in batch["key"]]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("num_workers", [0, 2, 4])
+@pytest.mark.parametrize("streaming", [True, False])
+@pytest.mark.parametrize("sizes", [(24, 24), (40, 8)])
+def test_an_epoch_drops_at_most_one_partial_global_batch(
+    tmp_path, digits, cache, sizes, streaming, num_workers, world_size
+):
+    """48 images in 2 shards, batches of 16: per-worker batching used to read 32 or 0 of them."""
+    written = _parquet_shards(tmp_path / "shards", digits, sizes)
+    dataset = load_image_dataset(str(tmp_path / "shards"), streaming=streaming, cache_dir=cache)
+    global_batch = 16 * world_size
+    for epoch in (0, 1):
+        keys = _trained_keys(dataset, world_size, epoch, batch_size=16, num_workers=num_workers)
+        assert len(keys) == len(set(keys))
+        assert set(keys) <= written
+        assert len(keys) == len(written) // global_batch * global_batch  # 48 with 1 process, 32 with 2
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_more_workers_than_shards(tmp_path, digits, world_size):
+    """16 workers on 8 shards of 6 images: two workers share each shard."""
+    written = _parquet_shards(tmp_path / "shards", digits, (6,) * 8)
+    dataset = load_image_dataset(str(tmp_path / "shards"))
+    keys = _trained_keys(dataset, world_size, 0, batch_size=8, num_workers=16)
+    assert len(keys) == len(set(keys)) == len(written)
+    assert set(keys) == written
+
+
+def test_a_stream_too_small_for_the_batch_is_refused(tmp_path, digits):
+    _parquet_shards(tmp_path / "shards", digits, (20, 10))
+    dataset = load_image_dataset(str(tmp_path / "shards"))
+    with pytest.raises(ConfigError) as excinfo:
+        build_dataloader(dataset, image_size=SIZE, batch_size=16, world_size=2)
+    assert "30 images, fewer than 16 per process" in _one_line_config_error(excinfo)
 
 
 def test_build_dataloader_rejects_bad_arguments(digits, cache):

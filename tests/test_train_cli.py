@@ -12,9 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import yaml
-from conftest import snapshot, tiny_args
+from conftest import read_metrics, snapshot, tiny_args
 
 from mvmr_hf import training
 from mvmr_hf.checkpoint import TRAINER_STATE, checkpoint_path
@@ -291,3 +292,36 @@ def test_the_real_command_line_prints_one_line(digits, tmp_path):
     assert result.stderr.strip().count("\n") == 0
     assert result.stderr.startswith("error: ")
     assert not (tmp_path / "run").exists()
+
+
+def _parquet(folder: Path, tables: list) -> Path:
+    """``tables`` as the parquet shards of a local data set's train split; returns the data set's folder."""
+    (folder / "data").mkdir(parents=True)
+    for index, table in enumerate(tables):
+        table.to_parquet(str(folder / "data" / f"train-{index:05d}-of-{len(tables):05d}.parquet"))
+    return folder
+
+
+def test_every_planned_step_runs_whatever_the_workers(digits, tmp_path):
+    """48 images in 2 shards, batches of 16, 4 workers, 2 epochs: 6 steps planned and run (per-worker
+    batching ran 4 of them and exited 0)."""
+    table = datasets.load_dataset(str(digits), split="train").select(range(48))
+    data = _parquet(tmp_path / "data", [table.select(range(24)), table.select(range(24, 48))])
+    run = tmp_path / "run"
+    argv = tiny_args(data, run, "--handcrafted", "lsd", "--batch-size", "16", "--num-workers", "4",
+                     "--epochs", "2", "--log-every", "1")  # fmt: skip
+    assert pretrain_main(argv) == 0
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_epoch_without_a_full_batch_names_the_undecodable_images(digits, tmp_path, capsys):
+    """16 rows, 4 of them not images, batches of 14: the split is large enough, its decodable part is not."""
+    good = datasets.load_dataset(str(digits), split="train").select(range(12))
+    html = {"bytes": b"<html>404</html>", "path": None}
+    bad = datasets.Dataset.from_dict({"image": [html] * 4, "label": [0] * 4}, features=good.features)
+    data = _parquet(tmp_path / "data", [datasets.concatenate_datasets([good, bad])])
+    argv = tiny_args(data, tmp_path / "run", "--handcrafted", "lsd", "--batch-size", "14", "--epochs", "1")
+    assert pretrain_main(argv) == 1
+    err = capsys.readouterr().err
+    assert "epoch 0 gave no full batch of 14 images" in err
+    assert "fewer decodable images" in err

@@ -81,8 +81,10 @@ def test_two_processes_match_one_process_on_the_global_batch(digits, tmp_path):
 
 
 @pytest.mark.slow
-def test_processes_with_different_amounts_of_data_stop_the_epoch_together(digits, tmp_path):
-    """Two parquet shards of 40 and 8 images: one process gets 10 batches of 4, the other 2."""
+def test_uneven_shards_give_both_processes_every_planned_step(digits, tmp_path):
+    """Two parquet shards of 40 and 8 images: each process decodes 24 of them (rows are dealt to the
+    processes, not whole shards, which gave one process 10 batches of 4 and the other 2), so the
+    epoch runs all 6 steps of 8 that 48 images plan."""
     folder = tmp_path / "uneven" / "data"
     folder.mkdir(parents=True)
     table = datasets.load_dataset(str(digits), split="train").select(range(48))
@@ -94,6 +96,6 @@ def test_processes_with_different_amounts_of_data_stop_the_epoch_together(digits
 
     run = tmp_path / "run"
     _launch(_args(folder.parent, run, "--epochs", "1"), processes=2)
-    assert [m["step"] for m in read_metrics(run)] == [1, 2]
-    assert read_trainer_state(latest_checkpoint(run))["step"] == 2
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+    assert read_trainer_state(latest_checkpoint(run))["step"] == 6
     assert (run / "student" / "model.safetensors").is_file()
