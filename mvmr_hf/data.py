@@ -324,6 +324,9 @@ CHUNK_ROWS = 8
 """Rows a DataLoader worker sends at once: few enough that a batch mixes every worker's rows,
 enough to share the cost of moving tensors between processes (one shared-memory file per view)."""
 
+_VIEWS = ("image", "augmented", "source")
+"""The image tensors a sample can have, stacked per chunk."""
+
 _START = {"row": 0, "block": 0, "block_start": None, "consumed": 0}
 """A worker's position before its first row: rows done, and for streams the shuffle block, the
 stream position at the block's start and the rows of the block done."""
@@ -402,6 +405,7 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         yield {"worker": worker, "end": True}
 
     def _chunk(self, worker: int, rows: list[tuple[Record, dict]]) -> dict:
+        """Decode ``rows`` and make their views: the chunk :class:`ViewsLoader` batches."""
         decoded, keys, samples = [], [], []
         for record, _ in rows:
             try:
@@ -519,10 +523,6 @@ def _dealt(row: int, worker: int, num_workers: int) -> int:
     return (row // CHUNK_ROWS * num_workers + worker) * CHUNK_ROWS + row % CHUNK_ROWS
 
 
-_VIEWS = ("image", "augmented", "source")
-"""The image tensors of a sample, as far as it has them."""
-
-
 class _StreamReader:
     """One worker's rows of one process's part of a stream, from a cursor that :meth:`cursor` gives.
 
@@ -547,6 +547,7 @@ class _StreamReader:
         return {"task": self.task, "shard_state": state, "shard_row": self.shard_row, "kept": self.kept}
 
     def rows(self) -> Iterator[Record]:
+        """The undecoded images of this worker's rows for this process, from the cursor on."""
         views = self.views
         if torch.utils.data.get_worker_info() is not None:
             fsspec.asyn.reset_lock()  # as datasets does in a worker: a lock forked from the parent hangs

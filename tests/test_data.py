@@ -568,7 +568,7 @@ def test_two_processes_partition_the_data(digits, cache, streaming):
     assert not parts[0] & parts[1]
     assert parts[0] | parts[1] == alone
     assert len(alone) == TEST_ROWS
-    assert abs(len(parts[0]) - len(parts[1])) <= TEST_ROWS // 4  # whole shards or even halves
+    assert abs(len(parts[0]) - len(parts[1])) <= 1  # rows dealt in turn, not whole shards
 
 
 def _interrupted(make_loader, batches: int, resumed_loader=None) -> list[dict]:
