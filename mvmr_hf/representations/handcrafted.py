@@ -19,7 +19,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+
+# not kymatio.torch, whose 3-D scattering fails to import with SciPy 1.17
+from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+from torch import Tensor, nn
 
 from mvmr_hf.augment import ViewAugment
 from mvmr_hf.errors import ConfigError
@@ -144,7 +147,11 @@ class ScatNet(Representation):
     """Scattering transform per colour channel (kymatio's filters and paths): ``(B, 3·K, H/2^J, W/2^J)``.
 
     ``K = 1 + J·L + L²·J·(J-1)/2`` maps (81 for J=2, L=8, orders 0-2). Computed in float32. The
-    transform is built on first use for each input size and device and kept for reuse.
+    transform is built on first use for each input size and device and kept for reuse: on the CPU
+    the project's :class:`~mvmr_hf.representations.scattering.Scattering2D` (faster there), on an
+    accelerator kymatio's own torch ``Scattering2D``, whose one batched call per wavelet is the
+    faster of the two on a GPU (``benchmarks/results/representations-cuda.json``). Both give
+    kymatio's coefficients (``tests/test_representations.py``).
     """
 
     name = "scatnet"
@@ -157,9 +164,9 @@ class ScatNet(Representation):
         if max_order not in (1, 2):
             raise ConfigError(f"ScatNet max_order must be 1 or 2, got {max_order!r}.")
         self.max_order = max_order
-        self._transforms: dict[tuple[int, int, torch.device], Scattering2D] = {}
+        self._transforms: dict[tuple[int, int, torch.device], nn.Module] = {}
 
-    def _transform(self, height: int, width: int, device: torch.device) -> Scattering2D:
+    def _transform(self, height: int, width: int, device: torch.device) -> nn.Module:
         key = (height, width, device)
         if key not in self._transforms:
             if min(height, width) < 2**self.J:
@@ -167,7 +174,12 @@ class ScatNet(Representation):
                     f"ScatNet with J={self.J} needs images of at least {2**self.J} pixels per side, "
                     f"got {height}x{width}; use larger images or a smaller J."
                 )
-            scattering = Scattering2D(self.J, self.L, self.max_order, height, width)
+            if device.type == "cpu":
+                scattering = Scattering2D(self.J, self.L, self.max_order, height, width)
+            else:
+                scattering = ScatteringTorch2D(
+                    J=self.J, shape=(height, width), L=self.L, max_order=self.max_order
+                )
             self._transforms[key] = scattering.to(device)
         return self._transforms[key]
 
