@@ -11,7 +11,10 @@ Layout: ``OUTPUT_DIR/teacher_cache/<fingerprint>/`` holds ``fingerprint.json`` (
 outputs depend on) and safetensors shards ``shard-r{rank}-{n}.safetensors``, each with one
 tensor ``outputs`` (N, ...) and the N sample keys in its metadata. Each process writes its
 own shards (atomically: a killed run leaves no partial shard) and reads everyone's after
-:meth:`TeacherCache.refresh`; rows are read lazily from the memory-mapped shards. Each shard's
+:meth:`TeacherCache.refresh`. Each shard is read whole once, when it is indexed, and a batch's
+rows are one gather from the concatenation of the shards read: one indexing per step instead of
+one read per row, which kept the training process's CPU busy while it should be launching the
+student's kernels (``benchmarks/bench_loop.py``). Each shard's
 metadata also holds the SHA-256 of its outputs, checked when the shard is first indexed: a
 shard that cannot be opened or does not match is skipped with one line on stderr, so its rows
 count as missing and the teacher computes them again; a wrong output is never read.
@@ -87,8 +90,9 @@ class TeacherCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         if fingerprint is not None and rank == 0:
             (self.folder / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2, default=str))
-        self._index: dict[str, tuple[Path, int]] = {}
-        self._shards: dict[Path, Any] = {}
+        self._index: dict[str, int] = {}  # key -> row of the concatenated outputs
+        self._outputs: list[Tensor] = []  # each indexed shard's outputs, concatenated on the next lookup
+        self._shards: set[Path] = set()
         self._pending: dict[str, Tensor] = {}
         self._damaged: set[Path] = set()
         self._next_shard = 1 + max(
@@ -112,7 +116,9 @@ class TeacherCache:
         """The stored outputs for ``keys``, stacked on ``device``; None unless every key is in a shard."""
         if any(key not in self._index for key in keys):
             return None
-        rows = torch.stack([self._row(key) for key in keys])
+        if len(self._outputs) > 1:
+            self._outputs = [torch.cat(self._outputs)]
+        rows = self._outputs[0][torch.tensor([self._index[key] for key in keys])]
         if torch.device(device).type == "cuda":
             rows = rows.pin_memory()
         return rows.to(device, non_blocking=True)
@@ -152,21 +158,20 @@ class TeacherCache:
 
     def _add_shard(self, path: Path) -> None:
         try:
-            handle = safe_open(str(path), framework="pt")
-            metadata = handle.metadata() or {}
-            keys = json.loads(metadata["keys"])
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                keys = json.loads(metadata["keys"])
+                outputs = handle.get_tensor(_TENSOR)
             recorded = metadata.get("sha256")  # shards written before the digest existed have none
-            if recorded is not None and _digest(handle.get_tensor(_TENSOR)) != recorded:
+            if recorded is not None and _digest(outputs) != recorded:
                 raise ValueError("its outputs do not match the SHA-256 recorded when it was written")
         except (SafetensorError, OSError, ValueError, KeyError) as error:
             self._damaged.add(path)
             print(f"skipping damaged teacher-cache shard {path}: {error}; its rows are computed again",
                   file=sys.stderr)  # fmt: skip
             return
-        self._shards[path] = handle
+        self._shards.add(path)
+        offset = sum(len(part) for part in self._outputs)
         for row, key in enumerate(keys):
-            self._index.setdefault(key, (path, row))
-
-    def _row(self, key: str) -> Tensor:
-        path, row = self._index[key]
-        return self._shards[path].get_slice(_TENSOR)[row : row + 1][0]
+            self._index.setdefault(key, offset + row)
+        self._outputs.append(outputs)
