@@ -110,6 +110,11 @@ STOP_SIGNALS_HELP = (
     "with status 75 (preempted, resumable with --resume): SIGTERM is what SLURM and Kubernetes send "
     "before a kill, SIGUSR1 what SLURM's --signal=USR1@SECONDS sends before a time limit; empty: none."
 )
+MIXED_PRECISION_HELP = (
+    "Mixed precision; when omitted, what `accelerate launch` or `accelerate config` set, else bf16 on a CUDA "
+    "GPU that supports it (the paper's released code trained in 16-bit precision; it is also the faster "
+    "setting: benchmarks/results/loop-cuda.json), else no."
+)
 RESUME_HELP = (
     "Continue a run: alone (or 'latest') from the newest complete checkpoint in the output folder, starting "
     "afresh when there is none; or from the given checkpoint folder."
@@ -442,9 +447,7 @@ class TrainingArguments:
         "Linear warm-up before the cosine decay, stepped per optimizer step: a fraction of all steps when "
         "below 1, else a number of steps (paper: 10 epochs).",
     )
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = _opt(
-        None, "Mixed precision; when omitted, what `accelerate launch` or `accelerate config` set, else no."
-    )
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _opt(None, MIXED_PRECISION_HELP)
     channels_last: bool | None = _opt(
         None,
         "Keep the student's weights and activations in channels-last memory format (usually faster "
@@ -621,9 +624,7 @@ class FinetuneArguments:
     keep_checkpoints: int = _opt(2, "Keep the N newest checkpoints.")
     resume: str | None = _opt(None, RESUME_HELP, nargs="?", const="latest")
     overwrite: bool = _opt(False, "Delete a previous fine-tuning's checkpoints, metrics and classifier.")
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = _opt(
-        None, "Mixed precision; when omitted, what `accelerate launch` or `accelerate config` set, else no."
-    )
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _opt(None, MIXED_PRECISION_HELP)
     stop_signals: str = _opt("SIGTERM,SIGUSR1", STOP_SIGNALS_HELP)
 
     def __post_init__(self) -> None:

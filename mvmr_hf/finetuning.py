@@ -86,7 +86,7 @@ from mvmr_hf.run_folder import (
     prepare_output_dir,
     resume_point,
 )
-from mvmr_hf.training import StopRequest, build_optimizer
+from mvmr_hf.training import StopRequest, build_optimizer, resolve_mixed_precision
 from mvmr_hf.utils import atomic_folder, atomic_write_json, writing
 
 __all__ = [
@@ -298,7 +298,8 @@ class Finetuning:
         self.args, self.eval_batch_size, self.num_workers = args, eval_batch_size, num_workers
         self.command = command or shlex.join(sys.argv)
         self.output_dir = Path(args.finetune_dir or default_finetune_dir(model, args.label_fraction))
-        self.accelerator = accelerator = Accelerator(mixed_precision=args.mixed_precision)
+        precision = resolve_mixed_precision(args.mixed_precision)
+        self.accelerator = accelerator = Accelerator(mixed_precision=precision)
         if args.finetune_batch_size % accelerator.num_processes:
             world = accelerator.num_processes
             raise ConfigError(

@@ -253,11 +253,13 @@ def test_device_views_train_like_worker_views_and_resume_exactly(digits, tmp_pat
 
 @pytest.mark.gpu
 def test_a_cuda_run_with_the_gpu_defaults_trains_and_releases(digits, teacher, tmp_path, teacher_calls):
-    """On CUDA: bf16, channels-last and device views (both on by default there), the teacher cache."""
+    """On CUDA: bf16, channels-last and device views (all on by default there), the teacher cache."""
     run = tmp_path / "run"
-    argv = _tiny(digits, run, "--teacher", str(teacher), "--handcrafted", "lsd", "--mixed-precision", "bf16",
-                 "--epochs", "2", "--cache-teacher", "--seed", "4")  # fmt: skip
+    argv = _tiny(digits, run, "--teacher", str(teacher), "--handcrafted", "lsd", "--epochs", "2",
+                 "--cache-teacher", "--seed", "4")  # fmt: skip
     assert distill_main(argv) == 0
+    (fingerprint,) = (run / "teacher_cache").glob("*/fingerprint.json")
+    assert json.loads(fingerprint.read_text())["mixed_precision"] == "bf16"  # what the teacher ran under
     metrics = read_metrics(run)
     assert all(math.isfinite(m[name]) for m in metrics for name in ("loss", "dcor/teacher", "dcor/lsd"))
     steps_per_epoch = len(metrics) // 2
