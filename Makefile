@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mvmr-installed
 
-.PHONY: demo test lint bench bench-quality gpu-check clean
+.PHONY: demo test floors lint bench bench-quality gpu-wheels gpu-check clean
 
 # PyTorch's OpenMP threads spin while they wait; on a machine whose cores are busy with other
 # work (a shared CI runner, a laptop) that made CPU steps 15x slower. Passive waiting costs
@@ -25,6 +25,18 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
+# Every declared floor is a tested version: each direct requirement of pyproject.toml pinned to its
+# floor (.ci/floor_constraints.py; torch and torchvision are the machine's, their floors being the GPU
+# node's that gpu-check runs on), then the fast tests. About 5 minutes on 2 cores; CI runs it.
+FLOORS_VENV ?= .venv-floors
+FLOOR_TESTS ?= tests/test_public_api.py tests/test_release.py tests/test_teacher.py tests/test_train.py \
+	tests/test_data.py tests/test_checkpoint.py tests/test_efficientnet_lite.py
+floors: $(STAMP)
+	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(PY) .ci/floor_constraints.py dev > $(FLOORS_VENV)/constraints.txt
+	$(FLOORS_VENV)/bin/python -m pip install --quiet -c $(FLOORS_VENV)/constraints.txt -e ".[dev]"
+	$(FLOORS_VENV)/bin/python -m pytest -q -m "not slow and not gpu" -p no:cacheprovider $(FLOOR_TESTS)
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_dcor.py --quick
 	$(PY) benchmarks/bench_representations.py --quick
@@ -40,15 +52,25 @@ bench: $(STAMP)
 bench-quality: $(STAMP)
 	$(PY) benchmarks/bench_quality.py
 
+# On a networked machine, for an offline GPU node: exactly the wheels the node lacks, in .whl/
+# (.ci/offline_wheels.py). The node is named by its Python, its platform tag and its packages
+# (`pip list --format=freeze` run there; GPU_PACKAGES defaults to the H200 node's list).
+GPU_PYTHON ?= 3.12
+GPU_PLATFORM ?= manylinux_2_28_x86_64
+GPU_PACKAGES ?= .ci/h200-node-packages.txt
+gpu-wheels: $(STAMP)
+	$(PY) .ci/offline_wheels.py --python-version $(GPU_PYTHON) --platform $(GPU_PLATFORM) \
+		--have $(GPU_PACKAGES) --extras test --dest .whl
+
 # On a CUDA machine: the GPU tests, every benchmark on CUDA and a real distillation, written to
 # benchmarks/results/*-cuda.json (benchmarks/gpu_check.py). Its own environment sees the machine's
 # packages, so that its CUDA build of torch is used rather than downloaded again; an offline machine
-# installs the missing ones from wheels put in .whl/.
+# installs the missing ones from the wheels `make gpu-wheels` put in .whl/.
 GPU_VENV ?= .venv-gpu
 gpu-check:
 	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
-	$(GPU_VENV)/bin/python -m pip install --quiet $(if $(wildcard .whl/*.whl),--no-index --find-links .whl) -e ".[dev]"
+	$(GPU_VENV)/bin/python -m pip install --quiet $(if $(wildcard .whl/*.whl),--no-index --find-links .whl) -e ".[test]"
 	$(GPU_VENV)/bin/python benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) $(GPU_VENV) demo-output
+	rm -rf $(VENV) $(GPU_VENV) $(FLOORS_VENV) demo-output
