@@ -48,8 +48,16 @@ from unittest import mock
 
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from common import parser, report, resolve_device, synchronize, write_photo_parquet
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from common import (
+    VIT_B16,
+    VIT_S16,
+    parser,
+    report,
+    resolve_device,
+    save_clip_tower,
+    synchronize,
+    write_photo_parquet,
+)
 
 from mvmr_hf import training
 from mvmr_hf.cli import run_cli
@@ -72,7 +80,6 @@ PHASES = (
 )  # fmt: skip
 BUILDERS = ("build_student", "build_representations", "build_optimizer", "build_dataloader")
 CPU_TARGET, GPU_TARGET, CACHE_TARGET, DATA_WAIT_TARGET = 0.20, 0.10, 2.0, 0.02
-BICUBIC = 3
 
 
 @dataclass(frozen=True)
@@ -91,12 +98,6 @@ class Setup:
     steps: int
 
 
-_VIT_B16 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-            "patch_size": 16, "projection_dim": 512}  # fmt: skip
-_VIT_S16 = {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 12, "num_attention_heads": 6,
-            "patch_size": 16, "projection_dim": 512}  # fmt: skip
-
-
 def _setup(device: torch.device, quick: bool, workers: int | None) -> Setup:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if device.type == "cuda":
@@ -105,7 +106,7 @@ def _setup(device: torch.device, quick: bool, workers: int | None) -> Setup:
         # workers' start-up, so the warm-up is one round and the timed steps are the next rounds.
         return Setup(
             student="resnet50",
-            teacher=_VIT_B16,
+            teacher=VIT_B16,
             teacher_label="CLIP ViT-B/16 image tower",
             image_size=224,
             batch=64 if quick else 256,
@@ -117,7 +118,7 @@ def _setup(device: torch.device, quick: bool, workers: int | None) -> Setup:
         )
     return Setup(
         student="resnet18",
-        teacher=_VIT_S16,
+        teacher=VIT_S16,
         teacher_label="ViT-S/16-sized CLIP image tower",
         image_size=64,
         batch=16 if quick else 64,
@@ -127,18 +128,6 @@ def _setup(device: torch.device, quick: bool, workers: int | None) -> Setup:
         warmup=1 if quick else 2,
         steps=2 if quick else 6,
     )
-
-
-def _save_teacher(folder: Path, sizes: dict[str, int], image_size: int) -> Path:
-    """A random-init CLIP image tower with its processor, saved like a Hub checkpoint."""
-    config = CLIPVisionConfig(image_size=image_size, **sizes)
-    CLIPVisionModelWithProjection(config).save_pretrained(folder)
-    CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        resample=BICUBIC,
-    ).save_pretrained(folder)
-    return folder
 
 
 class _Clock:
@@ -351,7 +340,7 @@ def _measure(setup: Setup, device: torch.device, root: Path) -> list[dict[str, A
     """Each mode's phase medians over its timed steps (the warm-up steps of each epoch left out)."""
     images, shards = _images_for(setup)
     write_photo_parquet(root / "data", images, shards=shards)
-    teacher = _save_teacher(root / "teacher", setup.teacher, setup.image_size)
+    teacher = save_clip_tower(root / "teacher", setup.teacher, setup.image_size)
     runs = [  # name, teacher, cache: the epochs of each run, in order
         (["distill"], teacher, False),
         (["distill, cache epoch 1", "distill, cache epoch 2"], teacher, True),

@@ -18,6 +18,7 @@ On CUDA it is ``torch.cuda.max_memory_allocated`` minus the allocation before th
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import ctypes
 import functools
 import importlib.metadata
@@ -164,30 +165,36 @@ def photo_batch(batch: int, size: int, *, seed: int = 0) -> torch.Tensor:
     return torch.cat(images)
 
 
+def _encoded_photo(index: int, longer_side: int, seed: int) -> dict[str, Any]:
+    """Photograph ``index`` of :func:`write_photo_parquet`: a random crop, resized, as a JPEG."""
+    rng = np.random.default_rng([seed, index])
+    photo = getattr(skimage.data, PHOTOGRAPHS[index % len(PHOTOGRAPHS)])()
+    height, width = photo.shape[:2]
+    crop_h = int(rng.integers(min(height, width) // 2, min(height, width) + 1))
+    crop_w = min(width, int(crop_h * rng.uniform(0.75, 4 / 3)))
+    top, left = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
+    image = Image.fromarray(photo[top : top + crop_h, left : left + crop_w])
+    scale = longer_side / max(crop_h, crop_w)
+    image = image.resize((round(crop_w * scale), round(crop_h * scale)), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
 def write_photo_parquet(
     folder: Path, count: int, *, shards: int = 8, longer_side: int = 500, seed: int = 0
 ) -> Path:
     """A local parquet data set of ``count`` JPEG photographs, like ImageNet's (about 500 x 375 px).
 
     Each image is a random crop (aspect ratio 3:4 to 4:3) of one of scikit-image's sample
-    photographs, resized so that its longer side is ``longer_side`` and saved as a quality-90
-    JPEG; ``shards`` files ``folder/data/train-*.parquet`` let workers and processes split it.
+    photographs, drawn from ``(seed, index)``, resized so that its longer side is ``longer_side``
+    and saved as a quality-90 JPEG, on every usable core (thousands of images take seconds on a
+    GPU node); ``shards`` files ``folder/data/train-*.parquet`` let workers and processes split it.
     """
     datasets.disable_progress_bars()
-    rng = np.random.default_rng(seed)
-    encoded = []
-    for index in range(count):
-        photo = getattr(skimage.data, PHOTOGRAPHS[index % len(PHOTOGRAPHS)])()
-        height, width = photo.shape[:2]
-        crop_h = int(rng.integers(min(height, width) // 2, min(height, width) + 1))
-        crop_w = min(width, int(crop_h * rng.uniform(0.75, 4 / 3)))
-        top, left = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
-        image = Image.fromarray(photo[top : top + crop_h, left : left + crop_w])
-        scale = longer_side / max(crop_h, crop_w)
-        image = image.resize((round(crop_w * scale), round(crop_h * scale)), Image.Resampling.BICUBIC)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=90)
-        encoded.append({"bytes": buffer.getvalue(), "path": None})
+    encode = functools.partial(_encoded_photo, longer_side=longer_side, seed=seed)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        encoded = list(pool.map(encode, range(count), chunksize=64))
     table = datasets.Dataset.from_dict(
         {"image": encoded}, features=datasets.Features({"image": datasets.Image()})
     )
@@ -195,6 +202,29 @@ def write_photo_parquet(
     for shard in range(shards):
         name = f"train-{shard:05d}-of-{shards:05d}.parquet"
         table.shard(shards, shard, contiguous=True).to_parquet(str(folder / "data" / name))
+    return folder
+
+
+VIT_B16 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+           "patch_size": 16, "projection_dim": 512}  # fmt: skip
+"""CLIP ViT-B/16's image tower sizes (the paper's teacher)."""
+VIT_S16 = {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 12, "num_attention_heads": 6,
+           "patch_size": 16, "projection_dim": 512}  # fmt: skip
+"""A ViT-S/16-sized tower, for CPU configurations."""
+
+
+def save_clip_tower(folder: Path, sizes: dict[str, int], image_size: int) -> Path:
+    """A random-init CLIP image tower of ``sizes`` with its processor, saved like a Hub checkpoint."""
+    # Imported here: the benchmarks that share this module without a teacher need no transformers.
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(image_size=image_size, **sizes)
+    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        resample=Image.Resampling.BICUBIC,
+    ).save_pretrained(folder)
     return folder
 
 

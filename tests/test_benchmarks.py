@@ -25,6 +25,7 @@ EXPECTED = {
     "bench_dcor.py": ("floor_ms", "dcor_forward_ms", "dcor_forward_backward_ms", "cdist_forward_ms"),
     "bench_representations.py": ("images_per_s", "ms_per_image"),
     "bench_step.py": ("step_ms", "images_per_s", "student_forward_ms", "optimizer_ms", "overhead_share"),
+    "bench_loop.py": ("loop_images_per_s", "parts_images_per_s", "loop_share", "data_wait_share"),
     "bench_dataloading.py": ("images_per_s", "images_per_s_per_worker", "decode_ms", "views_ms"),
     "bench_quality.py": ("linear", "knn"),
     "bench_distill.py": ("linear", "knn"),
@@ -109,12 +110,14 @@ def test_the_gpu_check_gives_each_step_at_most_what_is_left_of_its_budget_and_sk
     assert gpu_check.main(["--budget", "420"]) == 1  # a skipped step is not a pass
     assert calls == [
         ("gpu tests", 120),
-        ("bench_step", 150),
-        ("bench_evaluation", 120),
-        ("bench_distill", 30),
+        ("bench_loop", 150),
+        ("bench_representations", 30),
+        ("bench_dataloading", 45),
+        ("bench_evaluation", 60),
+        ("bench_distill", 15),
     ]
     summary = json.loads((tmp_path / "gpu-check-cuda.json").read_text())
-    assert [s["status"] for s in summary["steps"][4:]] == ["skipped (budget spent)"] * 5
+    assert [s["status"] for s in summary["steps"][6:]] == ["skipped (budget spent)"] * 3
     assert sum(limit for _, limit in calls) == 420
 
 
