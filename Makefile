@@ -24,10 +24,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+	$(MAKE) floors
 
 # Every declared floor is a tested version: each direct requirement of pyproject.toml pinned to its
 # floor (.ci/floor_constraints.py; torch and torchvision are the machine's, their floors being the GPU
-# node's that gpu-check runs on), then the fast tests. About 5 minutes on 2 cores; CI runs it.
+# node's that gpu-check runs on), then the fast tests. About 4 minutes on 2 cores; make test ends with it.
 FLOORS_VENV ?= .venv-floors
 FLOOR_TESTS ?= tests/test_public_api.py tests/test_release.py tests/test_teacher.py tests/test_train.py \
 	tests/test_data.py tests/test_checkpoint.py tests/test_efficientnet_lite.py
@@ -63,14 +64,17 @@ gpu-wheels: $(STAMP)
 		--have $(GPU_PACKAGES) --extras test --dest .whl
 
 # On a CUDA machine: the GPU tests, every benchmark on CUDA and a real distillation, written to
-# benchmarks/results/*-cuda.json (benchmarks/gpu_check.py). Its own environment sees the machine's
-# packages, so that its CUDA build of torch is used rather than downloaded again; an offline machine
-# installs the missing ones from the wheels `make gpu-wheels` put in .whl/.
+# benchmarks/results/*-cuda.json (benchmarks/gpu_check.py). It uses the machine's own CUDA build of
+# torch rather than downloading one: when `python3` is already a virtual environment (the H200 node's
+# is), the project is installed into it, since a venv made from it would see only the base
+# interpreter's packages; otherwise into a venv that sees the system's. An offline machine installs
+# the missing packages from the wheels `make gpu-wheels` put in .whl/.
 GPU_VENV ?= .venv-gpu
+GPU_PY = $(shell $(PYTHON) -c "import sys; print(sys.executable if sys.prefix != sys.base_prefix else '$(GPU_VENV)/bin/python')")
 gpu-check:
-	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
-	$(GPU_VENV)/bin/python -m pip install --quiet $(if $(wildcard .whl/*.whl),--no-index --find-links .whl) -e ".[test]"
-	$(GPU_VENV)/bin/python benchmarks/gpu_check.py
+	[ -x $(GPU_PY) ] || $(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_PY) -m pip install --quiet $(if $(wildcard .whl/*.whl),--no-index --find-links .whl) -e ".[test]"
+	$(GPU_PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) $(GPU_VENV) $(FLOORS_VENV) demo-output

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from common import RESULTS, machine
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the steps run here, named by paths relative to it
 TESTS = ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
 # (benchmark, seconds allowed, reduced grid always): the GPU targets first
 BENCHMARKS = [("loop", 150, False), ("representations", 30, True), ("dataloading", 45, True),
@@ -60,7 +60,7 @@ def _run(name: str, command: list[str], limit: int) -> dict:
     began = time.perf_counter()
     # A session of its own, so that a step out of time is killed with its workers and launched processes,
     # which would otherwise hold the GPU's memory during the next steps.
-    process = subprocess.Popen([sys.executable, *command], env=environment, start_new_session=True)
+    process = subprocess.Popen([sys.executable, *command], env=environment, cwd=ROOT, start_new_session=True)
     try:
         code = process.wait(timeout=limit)
         status = "passed" if code == 0 else f"failed (exit {code})"
@@ -88,7 +88,8 @@ def main(argv: list[str]) -> int:
     for name, limit, always_quick in BENCHMARKS:
         quick = always_quick or args.quick
         output = RESULTS / f"{name}-cuda{'-quick' if args.quick and not always_quick else ''}.json"
-        command = [str(HERE / f"bench_{name}.py"), "--device", "cuda", "--output", str(output)]
+        script, output = f"benchmarks/bench_{name}.py", os.path.relpath(output, ROOT)
+        command = [script, "--device", "cuda", "--output", output]
         planned.append((f"bench_{name}", command + (["--quick"] if quick else []), limit))
     steps = []
     for name, command, limit in planned:
