@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -89,7 +89,9 @@ class Setup:
     compile: bool
 
 
-def _setup(device: torch.device, quick: bool, compile_: bool) -> Setup:
+def _setup(device: torch.device, quick: bool, compile_: bool, workers: int | None) -> Setup:
+    if workers is not None:
+        return replace(_setup(device, quick, compile_, None), workers=workers)
     if device.type == "cuda":
         return Setup(
             "resnet50",
@@ -301,9 +303,10 @@ def _verdicts(rows: list[dict[str, Any]], device: torch.device, quick: bool) -> 
 def main(argv: list[str]) -> None:
     cli = parser(__doc__.splitlines()[0])
     cli.add_argument("--compile", action="store_true", help="torch.compile the student (loop and parts)")
+    cli.add_argument("--num-workers", type=int, help="DataLoader workers (default: 16 on CUDA, 2 on CPU)")
     args = cli.parse_args(argv)
     device = resolve_device(args.device)
-    setup = _setup(device, args.quick, args.compile)
+    setup = _setup(device, args.quick, args.compile, args.num_workers)
     with tempfile.TemporaryDirectory() as tmp:
         rows, parts = _measure(setup, device, Path(tmp))
     notes = [
