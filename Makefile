@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_dcor.py --quick
 	$(PY) benchmarks/bench_representations.py --quick
 	$(PY) benchmarks/bench_step.py --quick
+	$(PY) benchmarks/bench_loop.py --quick
 	$(PY) benchmarks/bench_dataloading.py --quick
 	$(PY) benchmarks/bench_evaluation.py --quick
 	$(PY) benchmarks/bench_quality.py --quick
