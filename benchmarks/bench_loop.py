@@ -43,7 +43,6 @@ from typing import Any
 from unittest import mock
 
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from common import (
     VIT_B16,
     VIT_S16,
@@ -52,6 +51,7 @@ from common import (
     resolve_device,
     save_clip_tower,
     synchronize,
+    train_run,
     write_photo_parquet,
 )
 
@@ -59,7 +59,6 @@ from mvmr_hf import training
 from mvmr_hf.cli import run_cli
 from mvmr_hf.config import (
     DataArguments,
-    LossArguments,
     ModelArguments,
     PretrainModelArguments,
     TeacherArguments,
@@ -164,22 +163,9 @@ def _loop(
         loader, stats = built(*args, **kwargs)
         return clock.loader(loader), stats
 
-    environment = {"ACCELERATE_USE_CPU": "true"} if device.type == "cpu" else {}
-    with (
-        mock.patch.object(training, "build_dataloader", build_dataloader),
-        mock.patch.dict(os.environ, environment),
-    ):
-        try:
-            training.train(
-                model(student=setup.student, projector=setup.projector),
-                data_args,
-                LossArguments(),
-                training_args,
-                teacher=teacher_args,
-            )
-        finally:  # Accelerate keeps process-wide singletons: the next run starts afresh
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
+    with mock.patch.object(training, "build_dataloader", build_dataloader):
+        train_run(device, model(student=setup.student, projector=setup.projector), data_args, training_args,
+                  teacher_args)  # fmt: skip
     ended = time.perf_counter()
     logs = [json.loads(line) for line in (output / METRICS_FILE).read_text().splitlines()]
     epochs = sorted({log["epoch"] for log in logs})

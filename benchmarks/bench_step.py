@@ -47,7 +47,6 @@ from typing import Any
 from unittest import mock
 
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from common import (
     VIT_B16,
     VIT_S16,
@@ -56,6 +55,7 @@ from common import (
     resolve_device,
     save_clip_tower,
     synchronize,
+    train_run,
     write_photo_parquet,
 )
 
@@ -63,7 +63,6 @@ from mvmr_hf import training
 from mvmr_hf.cli import run_cli
 from mvmr_hf.config import (
     DataArguments,
-    LossArguments,
     ModelArguments,
     PretrainModelArguments,
     TeacherArguments,
@@ -72,7 +71,6 @@ from mvmr_hf.config import (
 from mvmr_hf.metrics import MetricsLogger
 from mvmr_hf.objective import MVMRLoss
 from mvmr_hf.representations.teacher import Teacher
-from mvmr_hf.training import train
 
 PHASES = (
     "data_wait", "transfer", "student_forward", "teacher", "representations", "loss_forward", "loss_backward",
@@ -319,19 +317,9 @@ def _run(setup: Setup, device: torch.device, folder: Path, *, teacher: Path | No
         num_workers=setup.workers,
     )
     teacher_args = None if teacher is None else TeacherArguments(teacher=str(teacher), cache_teacher=cache)
-    environment = {"ACCELERATE_USE_CPU": "true"} if device.type == "cpu" else {}
-    with instrument(clock), mock.patch.dict(os.environ, environment):
-        try:
-            train(
-                model(student=setup.student, projector=setup.projector),
-                data_args,
-                LossArguments(),
-                training_args,
-                teacher=teacher_args,
-            )
-        finally:  # Accelerate keeps process-wide singletons: the next run starts afresh
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
+    with instrument(clock):
+        train_run(device, model(student=setup.student, projector=setup.projector), data_args, training_args,
+                  teacher_args)  # fmt: skip
     shutil.rmtree(folder / "run")
     return clock
 

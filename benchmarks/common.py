@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import datasets
 import numpy as np
@@ -226,6 +227,27 @@ def save_clip_tower(folder: Path, sizes: dict[str, int], image_size: int) -> Pat
         resample=Image.Resampling.BICUBIC,
     ).save_pretrained(folder)
     return folder
+
+
+def train_run(
+    device: torch.device, model_args: Any, data_args: Any, training_args: Any, teacher_args: Any
+) -> None:
+    """One :func:`mvmr_hf.train` run with the default loss, as the commands make it, in a process of
+    ``device``'s kind (Accelerate is told to stay on the CPU); Accelerate's process-wide singletons
+    are reset after it, so that the next run in this process starts afresh."""
+    # Imported here: the benchmarks that share this module without training need no Accelerate.
+    from accelerate.state import AcceleratorState, GradientState
+
+    from mvmr_hf.config import LossArguments
+    from mvmr_hf.training import train
+
+    environment = {"ACCELERATE_USE_CPU": "true"} if device.type == "cpu" else {}
+    with mock.patch.dict(os.environ, environment):
+        try:
+            train(model_args, data_args, LossArguments(), training_args, teacher=teacher_args)
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
 
 
 def synchronize(device: torch.device) -> None:
