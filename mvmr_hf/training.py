@@ -7,7 +7,8 @@ every representation - the teachers, one after another, the hand-crafted descrip
 non-augmented view on the accelerator under ``no_grad``; the MV-MR loss (eq. 10) compares them, on the batch
 gathered from all processes unless ``--dcor-scope local``; ``backward``, then Adam with a
 linear warm-up and a cosine decay, once per optimizer step (``accelerator.accumulate``).
-``benchmarks/bench_step.py`` times this loop from outside, with hooks on what it builds.
+``benchmarks/bench_step.py`` times this loop's phases from outside, with hooks on what it builds;
+``benchmarks/bench_loop.py`` measures its own rate, from its metrics, against its parts alone.
 
 The data stream is already split across processes by :mod:`mvmr_hf.data`, so the loader is
 *not* given to ``accelerator.prepare`` (which would split it again); batches move to the
