@@ -70,7 +70,8 @@ COMMON = ["--student", STUDENT, "--image-size", str(IMAGE_SIZE), "--batch-size",
           "--checkpoint-every", "100000", "--log-every", "1000"]  # fmt: skip
 DEFAULTS = ["--projector", PROJECTOR]
 
-# (group, cell, command, flags changed against the candidate defaults; later flags win)
+# (group, cell, command, flags changed against the candidate defaults; later flags win, except that a
+# repeated comma-list option such as --teacher extends its list: a cell's --teacher replaces the default one)
 DISTILL_CELLS = [
     ("distill", "defaults: mean, R, biased, L1 + L2", "distill", []),
     ("distill", "invariance sum (eq. 4 as printed)", "distill", ["--invariance-reduction", "sum"]),
@@ -191,13 +192,8 @@ def main() -> int:
                     *(["--split", splits[0], "--no-streaming"] if args.quick else []),
                     "--seed", str(seed), "--epochs", str(epochs)]  # fmt: skip
             if command == "distill":
-                argv = [
-                    *argv[: len(COMMON)],
-                    "--teacher",
-                    str(teacher),
-                    "--cache-teacher",
-                    *argv[len(COMMON) :],
-                ]
+                default_teacher = [] if "--teacher" in changes else ["--teacher", str(teacher)]
+                argv = [*argv[: len(COMMON)], *default_teacher, "--cache-teacher", *argv[len(COMMON) :]]
                 if not run.exists():
                     _share_teacher_caches(pool, run, after=False)
             began = time.perf_counter()

@@ -5,6 +5,7 @@ training groups, and :mod:`mvmr_hf.cli` only parses ``argv`` into them (transfor
 ``HfArgumentParser`` turns each field into a flag, its ``help`` metadata into the ``--help``
 text). Each ``__post_init__`` checks what can be checked without data or models, so a bad value
 is reported, as a :class:`~mvmr_hf.errors.ConfigError` naming the flag, before anything runs.
+Every comma-list option takes :class:`CommaListAction`: given several times, it means all of its lists.
 
 Training (``mvmr-distill`` / ``mvmr-pretrain``): :class:`ModelArguments` (or
 :class:`PretrainModelArguments`), :class:`TeacherArguments` (distillation only),
@@ -16,6 +17,7 @@ Training (``mvmr-distill`` / ``mvmr-pretrain``): :class:`ModelArguments` (or
 
 from __future__ import annotations
 
+import argparse
 import re
 import signal
 from collections.abc import Mapping
@@ -33,6 +35,7 @@ __all__ = [
     "DEFAULT_DISTILL_DATASET",
     "PAPER_REPRESENTATIONS",
     "AlignArguments",
+    "CommaListAction",
     "DataArguments",
     "DistillDataArguments",
     "DistillTrainingArguments",
@@ -58,27 +61,33 @@ PAPER_REPRESENTATIONS = ("pixels", "augmented-pixels", "scatnet", "hog", "lsd")
 """The hand-crafted representations of the paper's self-supervised pretraining (section 7)."""
 
 
-def parse_names(text: str) -> list[str]:
-    """``"hog, lsd"`` -> ``["hog", "lsd"]``; empty entries are dropped, duplicates rejected."""
+def parse_names(text: str, flag: str = "--handcrafted") -> list[str]:
+    """``"hog, lsd"`` -> ``["hog", "lsd"]``; empty entries dropped, duplicates refused naming ``flag``."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise ConfigError(f"--handcrafted lists {', '.join(repeated)} twice: name each representation once")
+        raise ConfigError(f"{flag} lists {', '.join(repeated)} twice: name each one once")
     return names
 
 
 def parse_weights(text: str) -> dict[str, float]:
-    """``"teacher=2,hog=0.5"`` -> ``{"teacher": 2.0, "hog": 0.5}`` (the β_k of eq. 9)."""
+    """``"teacher=2,hog=0.5"`` -> ``{"teacher": 2.0, "hog": 0.5}`` (the β_k of eq. 9).
+
+    A name given twice is refused rather than the later weight silently replacing the earlier one.
+    """
     weights: dict[str, float] = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
         name, sep, value = item.partition("=")
+        name = name.strip()
+        if name in weights:
+            raise ConfigError(f"--representation-weights gives {name} two weights: give each name one")
         try:
-            weights[name.strip()] = float(value)
+            weights[name] = float(value)
         except ValueError:
             sep = ""
-        if not sep or not name.strip():
+        if not sep or not name:
             raise ConfigError(
                 f"--representation-weights entry {item!r} is not name=number: write e.g. teacher=1,hog=0.5"
             )
@@ -88,7 +97,7 @@ def parse_weights(text: str) -> dict[str, float]:
 def parse_signals(text: str) -> list[signal.Signals]:
     """``"SIGTERM,SIGUSR1"`` (``--stop-signals``) as signals; ConfigError naming an unknown one."""
     try:
-        return [signal.Signals[name.upper()] for name in parse_names(text)]
+        return [signal.Signals[name.upper()] for name in parse_names(text, "--stop-signals")]
     except KeyError as error:
         raise ConfigError(
             f"--stop-signals names {error.args[0]}, which is not a signal: use names like SIGTERM,SIGUSR1"
@@ -175,6 +184,36 @@ def _opt(default: Any, text: str, **argparse_options: Any) -> Any:
     return field(default=default, metadata={"help": text, **argparse_options})
 
 
+class _GivenList(str):
+    """A comma list that this command line gave: a later occurrence of its option extends it."""
+
+
+class CommaListAction(argparse.Action):
+    """The argparse action of every comma-list option: given several times, it means all the lists.
+
+    ``--teacher A --teacher B`` is ``--teacher A,B``; argparse's plain ``store`` would keep B and
+    silently drop A. The first occurrence replaces the default (or a config file's value), so that
+    the command line still overrides both. :func:`mvmr_hf.cli.parse_arguments` hands the value on
+    as a plain ``str``.
+    """
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest, None)
+        joined = f"{current},{values}" if isinstance(current, _GivenList) else values
+        setattr(namespace, self.dest, _GivenList(joined))
+
+
+def _list_opt(default: str | None, text: str) -> Any:
+    """A comma-list option: repeated on the command line, its lists join (:class:`CommaListAction`)."""
+    return _opt(default, text, action=CommaListAction)
+
+
 @dataclass
 class ModelArguments:
     """The student and the hand-crafted representations it is matched against."""
@@ -189,7 +228,7 @@ class ModelArguments:
         "Projector widths, dash-separated: Linear-BN-ReLU blocks, the last layer plain Linear "
         "(paper, section 7: 8192-8192-8192).",
     )
-    handcrafted: str = _opt(
+    handcrafted: str = _list_opt(
         "",
         "Comma-separated hand-crafted representations for the dCor terms of eq. 9, among "
         f"{', '.join(PAPER_REPRESENTATIONS)}; empty for none.",
@@ -213,7 +252,7 @@ class ModelArguments:
 class PretrainModelArguments(ModelArguments):
     """Self-supervised pretraining: the paper's five hand-crafted representations by default."""
 
-    handcrafted: str = _opt(
+    handcrafted: str = _list_opt(
         ",".join(PAPER_REPRESENTATIONS),
         "Comma-separated hand-crafted representations for the dCor terms of eq. 9 (paper, section 7: all "
         "five); empty for none, which leaves the L1 and L2 terms.",
@@ -226,18 +265,18 @@ class TeacherArguments:
 
     _argument_group_name = "teacher"
 
-    teacher: str = _opt(
+    teacher: str = _list_opt(
         "openai/clip-vit-base-patch16",
         "Hub id or local folder of a transformers vision model (paper: CLIP ViT-B/16); several teachers as a "
         "comma-separated list, each one more dCor term of eq. 9 (no adaptor: dCor needs no common width).",
     )
-    teacher_output: str = _opt(
+    teacher_output: str = _list_opt(
         "auto",
         "Teacher output to match: auto (the image embedding of image-text models, else the pooled output, "
         "else the CLS token, else the token mean), embedding, pooler, cls, mean or tokens; one for every "
         "teacher, or a comma-separated list with one per teacher.",
     )
-    teacher_names: str = _opt(
+    teacher_names: str = _list_opt(
         "",
         "Names of the teachers in --representation-weights, metrics.jsonl and the trackers, comma-separated, "
         "one per teacher; default: 'teacher' for one teacher, else each id's last part (a repeated one "
@@ -337,7 +376,7 @@ class DataArguments:
         "With device views, the side of the square image the workers send (default image_size / 0.875: "
         "256 px for 224); larger brings the views closer to crops of the full-resolution image.",
     )
-    augmentations: str = _opt(
+    augmentations: str = _list_opt(
         ",".join(AUGMENTATIONS),
         "Steps of the augmented view, comma-separated among crop, flip, color, grayscale, blur, run in that "
         "order with the paper's parameters (section 7: all five); a subset is the paper's Table 7 ablation, "
@@ -380,7 +419,7 @@ class LossArguments:
     invariance_weight: float = _opt(1.0, "λ of eq. 7 (paper: 1).")
     variance_weight: float = _opt(1.0, "μ of eq. 7 (paper: 1).")
     view_weight: float = _opt(1.0, "α of eq. 8 (paper: 1).")
-    representation_weights: str = _opt(
+    representation_weights: str = _list_opt(
         "", "β_k of eq. 9 as name=weight,... (e.g. teacher=1,hog=0.5); unlisted representations get 1."
     )
     invariance_reduction: Literal["mean", "sum"] = _opt(
@@ -468,12 +507,12 @@ class TrainingArguments:
         False, "Delete a previous run's checkpoints, metrics and release in the output folder."
     )
     seed: int = _opt(42, "Seed of the initial weights, the data order and the augmentations.")
-    log_with: str | None = _opt(
+    log_with: str | None = _list_opt(
         None, "Comma-separated Accelerate trackers (tensorboard, wandb, ...) or 'all'."
     )
     log_every: int = _opt(10, "Log loss, terms, learning rate and throughput every N optimizer steps.")
     push_to_hub: str | None = _opt(None, "Hub repository id (user/name) to push the student release to.")
-    stop_signals: str = _opt("SIGTERM,SIGUSR1", STOP_SIGNALS_HELP)
+    stop_signals: str = _list_opt("SIGTERM,SIGUSR1", STOP_SIGNALS_HELP)
 
     def __post_init__(self) -> None:
         self.signals()  # an unknown signal name is told now
@@ -496,7 +535,7 @@ class TrainingArguments:
         """``--log-with`` as Accelerate's ``log_with``: a list of tracker names, ``"all"`` or None."""
         if not self.log_with or self.log_with == "all":
             return self.log_with or None
-        return parse_names(self.log_with)
+        return parse_names(self.log_with, "--log-with")
 
 
 @dataclass
@@ -527,7 +566,9 @@ class ExportArguments:
     """Export a training checkpoint as a release folder."""
 
     checkpoint: str = _opt(
-        MISSING, "Run folder (its latest checkpoint is used) or one of its checkpoints/step-NNNNNN folders."
+        MISSING,
+        "Run folder (its latest checkpoint is used) or one of its checkpoints/step-NNNNNN folders.",
+        metavar="RUN_OR_CHECKPOINT",
     )
     output_dir: str | None = _opt(None, "Release folder to write; default RUN/student.")
 
@@ -576,7 +617,7 @@ class EvaluateArguments:
         "label",
         "The labels: a class id per image, or (multilabel) a list of classes or a multi-hot vector.",
     )
-    protocol: str = _opt(
+    protocol: str = _list_opt(
         "linear,knn",
         "Comma-separated protocols among linear, knn, zero-shot, multilabel (frozen features) and finetune "
         "(semi-supervised fine-tuning of the whole backbone on --label-fraction of the training labels, "
@@ -625,7 +666,7 @@ class FinetuneArguments:
     resume: str | None = _opt(None, RESUME_HELP, nargs="?", const="latest")
     overwrite: bool = _opt(False, "Delete a previous fine-tuning's checkpoints, metrics and classifier.")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _opt(None, MIXED_PRECISION_HELP)
-    stop_signals: str = _opt("SIGTERM,SIGUSR1", STOP_SIGNALS_HELP)
+    stop_signals: str = _list_opt("SIGTERM,SIGUSR1", STOP_SIGNALS_HELP)
 
     def __post_init__(self) -> None:
         check_label_fraction(self.label_fraction)
@@ -659,7 +700,7 @@ class PushArguments:
     """Upload a release folder to the Hugging Face Hub."""
 
     folder: str = _opt(MISSING, "Release folder to upload.")
-    repo_id: str = _opt(MISSING, "Hub model repository, ORG/NAME (created when missing).")
+    repo_id: str = _opt(MISSING, "Hub model repository (created when missing).", metavar="ORG/NAME")
     private: bool = _opt(False, "Create the repository private.")
     revision: str | None = _opt(None, "Branch to commit to (created when missing); default the main branch.")
     commit_message: str | None = _opt(None, "Commit message; default names the training step.")

@@ -28,7 +28,7 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -167,8 +167,12 @@ def _state_dict_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
 
+def _json_text(content: Any) -> str:
+    return json.dumps(content, indent=2, default=str) + "\n"
+
+
 def _write_json(path: Path, content: Any) -> None:
-    path.write_text(json.dumps(content, indent=2, default=str) + "\n")
+    path.write_text(_json_text(content))
 
 
 def _as_dict(training_args: Any) -> dict[str, Any]:
@@ -240,9 +244,11 @@ def read_run_info(folder: str | os.PathLike) -> CardInfo:
     return CardInfo(**json.loads((Path(folder) / RUN_INFO).read_text()))
 
 
-def write_card(folder: str | os.PathLike, results: Sequence[EvalResult] = ()) -> None:
-    """Render ``README.md`` of the release ``folder`` from its files and ``results``."""
-    folder = Path(folder)
+def release_card(folder: Path, results: Sequence[EvalResult] = (), *, info: CardInfo | None = None) -> str:
+    """The card of the release ``folder``, rendered from its files, ``results`` and ``info``.
+
+    ``info`` defaults to the folder's ``run_info.json``.
+    """
     config = json.loads((folder / CONFIG).read_text())
     projector = json.loads((folder / PROJECTOR_CONFIG).read_text())
     backbone = BackboneInfo(
@@ -252,15 +258,33 @@ def write_card(folder: str | os.PathLike, results: Sequence[EvalResult] = ()) ->
         image_size=config["pretrained_cfg"]["input_size"][-1],
     )
     alignment = load_alignment(folder)
-    card = render_card(
+    return render_card(
         backbone=backbone,
         training_args=json.loads((folder / TRAINING_ARGS).read_text()),
-        info=read_run_info(folder),
+        info=info or read_run_info(folder),
         projector=projector["spec"],
         alignment=asdict(alignment[1]) if alignment else None,
         results=results,
     )
-    (folder / CARD).write_text(card)
+
+
+def write_card(folder: str | os.PathLike, results: Sequence[EvalResult] = ()) -> None:
+    """Render ``README.md`` of the release ``folder`` from its files and ``results``."""
+    (Path(folder) / CARD).write_text(release_card(Path(folder), results))
+
+
+def published_files(folder: Path, repo_id: str) -> dict[str, Path | bytes]:
+    """The files of the release ``folder`` as they are published to the Hub repository ``repo_id``.
+
+    ``run_info.json`` and the card name ``repo_id`` (the card's loading snippets, whatever Hub id,
+    if any, the run was exported for); the card keeps its results. The others are the folder's own.
+    The folder itself is left as it is.
+    """
+    info = replace(read_run_info(folder), repo_id=repo_id)
+    files: dict[str, Path | bytes] = {path.name: path for path in sorted(folder.iterdir()) if path.is_file()}
+    files[RUN_INFO] = _json_text(asdict(info)).encode()
+    files[CARD] = release_card(folder, read_results(folder / CARD), info=info).encode()
+    return files
 
 
 def update_card(folder: str | os.PathLike, results: Sequence[EvalResult]) -> None:

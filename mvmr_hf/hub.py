@@ -1,7 +1,8 @@
 """Publish a release folder on the Hugging Face Hub.
 
 :func:`push_to_hub` creates the repository if needed (``create_repo(exist_ok=True)``), the
-branch when a ``revision`` is given, and uploads the folder in one commit. It only reads the
+branch when a ``revision`` is given, and uploads the folder in one commit, its card naming the
+repository in its loading snippets (:func:`~mvmr_hf.export.published_files`). It only reads the
 folder. Without a token, in offline mode (``HF_HUB_OFFLINE=1``) or when the Hub cannot be
 reached, it raises :class:`~mvmr_hf.errors.ConfigError` with one sentence saying how to retry;
 the token never appears in that message.
@@ -12,11 +13,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from huggingface_hub import HfApi, get_token, is_offline_mode
+from huggingface_hub import CommitOperationAdd, HfApi, get_token, is_offline_mode
 from huggingface_hub.errors import HTTPError
 
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.export import check_release, read_run_info
+from mvmr_hf.export import check_release, published_files, read_run_info
 
 
 def _retry_hint(folder: Path, repo_id: str) -> str:
@@ -40,6 +41,9 @@ def push_to_hub(
 ) -> str:
     """Upload the release ``folder`` to the Hub model repository ``repo_id``; return the commit URL.
 
+    The uploaded card and ``run_info.json`` name ``repo_id``, so that the card's ``hf-hub:`` and
+    ``from_pretrained`` snippets load this repository; the folder is not modified.
+
     Args:
         folder: a release folder (``config.json`` and ``model.safetensors``, see :mod:`mvmr_hf.export`).
         repo_id: ``ORG/NAME`` (created when missing, with ``private`` visibility).
@@ -57,14 +61,18 @@ def push_to_hub(
             f"cannot push: no Hugging Face token; run `hf auth login` or set HF_TOKEN, "
             f"{_retry_hint(folder, repo_id)}."
         )
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
+        for name, content in published_files(folder, repo_id).items()
+    ]
     api = HfApi(token=token, library_name="mvmr_hf")
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None:
             api.create_branch(repo.repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(
+        commit = api.create_commit(
             repo_id=repo.repo_id,
-            folder_path=folder,
+            operations=operations,
             revision=revision,
             commit_message=commit_message or default_commit_message(folder),
         )

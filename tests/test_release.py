@@ -212,7 +212,7 @@ def test_export_run_from_the_run_folder_and_from_a_checkpoint(tmp_path, capsys):
     ("argv", "message"),
     [
         (["/no/such/run"], "does not exist"),
-        ([], "checkpoint"),
+        ([], "required: RUN_OR_CHECKPOINT"),
     ],
 )
 def test_export_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys):

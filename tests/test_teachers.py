@@ -146,24 +146,24 @@ def test_each_teacher_is_its_own_processor_and_forward_and_the_loss_sums_their_t
 # ----------------------------------------------------------------------------- runs
 
 
-def _two(digits, teacher, timm_teacher, run, *extra):
-    return tiny_args(digits, run, "--teacher", f"{teacher},{timm_teacher}", "--teacher-names", "clip,cnn",
+def _two(digits, teacher, timm_teacher, run, *extra, names="clip,cnn"):
+    return tiny_args(digits, run, "--teacher", f"{teacher},{timm_teacher}", "--teacher-names", names,
                      "--log-every", "1", *extra)  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("names", "extra", "message"),
     [
-        (["--teacher-names", "same,same"], "two teachers the name same"),
-        (["--representation-weights", "dino=2"], "dino, which this run does not use"),
-        (["--teacher-output", "auto,auto,auto"], "3 values for 2 teachers"),
+        ("same,same", [], "two teachers the name same"),
+        ("clip,cnn", ["--representation-weights", "dino=2"], "dino, which this run does not use"),
+        ("clip,cnn", ["--teacher-output", "auto,auto,auto"], "3 values for 2 teachers"),
     ],
 )
 def test_bad_several_teacher_input_is_one_line_exit_2_and_writes_nothing(
-    digits, teacher, timm_teacher, tmp_path, capsys, extra, message
+    digits, teacher, timm_teacher, tmp_path, capsys, names, extra, message
 ):
     run = tmp_path / "run"
-    assert distill_main([*_two(digits, teacher, timm_teacher, run), *extra]) == 2
+    assert distill_main([*_two(digits, teacher, timm_teacher, run, names=names), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert message in err

@@ -267,7 +267,7 @@ def test_help_documents_every_option(capsys):
     ):  # fmt: skip
         assert option in text, option
     help_of_teacher_output = " ".join(
-        text.split("--teacher-output TEACHER_OUTPUT")[1].split("--cache")[0].split()
+        text.split("--teacher-output TEACHER_OUTPUT, --teacher_output")[1].split("--cache")[0].split()
     )
     for kind in OUTPUT_KINDS:
         assert kind in help_of_teacher_output, kind

@@ -7,7 +7,7 @@ them, errors are one line, exit 2)::
     mvmr-export runs/kd                                   # -> runs/kd/student (latest checkpoint)
     mvmr-evaluate --model runs/kd/student --dataset tanganke/stl10 --protocol linear,knn --update-card
     mvmr-evaluate --model runs/kd/student --dataset ./imagenet --protocol finetune --label-fraction 0.01
-    mvmr-align --model runs/kd/student --dataset tanganke/stl10 --split unlabelled
+    mvmr-align --model runs/kd/student --dataset tanganke/stl10 --split unlabeled
     mvmr-evaluate --model runs/kd/student --dataset tanganke/stl10 --protocol zero-shot --update-card
     mvmr-evaluate --model runs/kd/student --dataset ORG/VOC2007 --train-split trainval \
         --protocol multilabel --label-column labels --update-card
@@ -55,22 +55,13 @@ from mvmr_hf.utils import deprecated_alias
 __all__ = ["align_main", "evaluate_main", "export_main", "push_main"]
 
 
-def _with_positionals(argv: Sequence[str], names: Sequence[str]) -> list[str]:
-    """``FOLDER ORG/NAME --private`` -> ``--folder FOLDER --repo_id ORG/NAME --private``."""
-    args, flags = list(argv), []
-    for name in names:
-        if not args or args[0].startswith("-"):
-            break
-        flags += [f"--{name}", args.pop(0)]
-    return flags + args
-
-
 def _export(argv: Sequence[str]) -> None:
     (args,) = parse_arguments(
         [ExportArguments],
-        _with_positionals(argv, ["checkpoint"]),
+        argv,
         prog="mvmr-export",
         description=export_main.__doc__,
+        positionals=["checkpoint"],
     )
     print(export_run(args.checkpoint, args.output_dir))
 
@@ -170,9 +161,10 @@ def _align(argv: Sequence[str]) -> None:
 def _push(argv: Sequence[str]) -> None:
     (args,) = parse_arguments(
         [PushArguments],
-        _with_positionals(argv, ["folder", "repo_id"]),
+        argv,
         prog="mvmr-push",
         description=push_main.__doc__,
+        positionals=["folder", "repo_id"],
     )
     url = push_to_hub(
         args.folder,
@@ -185,7 +177,7 @@ def _push(argv: Sequence[str]) -> None:
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
-    """``mvmr-export CHECKPOINT_OR_RUN``: write the release folder (timm + transformers format, card)."""
+    """``mvmr-export RUN_OR_CHECKPOINT``: write the release folder (timm + transformers format, card)."""
     return run_cli(_export, argv)
 
 

@@ -1,0 +1,339 @@
+"""Issue 20, item 4: every command's command line says and does the same thing.
+
+``--resume`` with a saved ``training_args.json`` continues the run however it started; each
+``--help`` footer holds only that command's options; the README's command forms are the usage
+lines; one STL-10 split name; ``mvmr-push`` names the real repository in the pushed card; a
+repeated comma-list option means all of its lists. Bad input: one line, exit 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import fields
+from pathlib import Path
+from typing import ClassVar
+
+import huggingface_hub
+import pytest
+from conftest import read_metrics, snapshot, tiny_args
+
+from mvmr_hf.card import CardInfo
+from mvmr_hf.cli import parse_arguments
+from mvmr_hf.cli import release as release_cli
+from mvmr_hf.cli.release import align_main, evaluate_main, export_main, push_main
+from mvmr_hf.cli.train import distill_main, pretrain_main
+from mvmr_hf.config import (
+    AlignArguments,
+    CommaListAction,
+    DataArguments,
+    DistillDataArguments,
+    DistillTrainingArguments,
+    EvalDataArguments,
+    EvaluateArguments,
+    ExportArguments,
+    FinetuneArguments,
+    LossArguments,
+    ModelArguments,
+    PretrainModelArguments,
+    PushArguments,
+    TeacherArguments,
+    TrainingArguments,
+)
+from mvmr_hf.export import export_student
+from mvmr_hf.student import build_student
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+REPO = Path(__file__).resolve().parents[1]
+DISTILL_GROUPS = [
+    ModelArguments,
+    TeacherArguments,
+    DistillDataArguments,
+    LossArguments,
+    DistillTrainingArguments,
+]
+EVALUATE_GROUPS = [EvaluateArguments, EvalDataArguments, FinetuneArguments]
+COMMANDS = {
+    "mvmr-distill": distill_main,
+    "mvmr-pretrain": pretrain_main,
+    "mvmr-export": export_main,
+    "mvmr-evaluate": evaluate_main,
+    "mvmr-align": align_main,
+    "mvmr-push": push_main,
+}
+ALL_GROUPS = [
+    *DISTILL_GROUPS, PretrainModelArguments, DataArguments, TrainingArguments, ExportArguments,
+    *EVALUATE_GROUPS, AlignArguments, PushArguments,
+]  # fmt: skip
+
+
+def _help(main, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _one_line_error(main, argv: list[str], capsys, folder: Path) -> str:
+    before = snapshot(folder)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: "), err
+    assert err.count("\n") == 1, err
+    assert snapshot(folder) == before, "a rejected command must not write anything"
+    return err
+
+
+# ----------------------------------------------------------------------------- --resume with a saved run
+
+
+def test_resume_with_the_saved_arguments_of_an_overwriting_run(digits, tmp_path, capsys):
+    """The demo's run starts with --overwrite; its training_args.json then continues it with --resume."""
+    run = tmp_path / "run"
+    assert (
+        pretrain_main(tiny_args(digits, run, "--max-steps", "1", "--handcrafted", "lsd", "--overwrite")) == 0
+    )
+    assert json.loads((run / "training_args.json").read_text())["overwrite"] is True
+    assert pretrain_main([str(run / "training_args.json"), "--resume", "--max-steps", "2"]) == 0
+    assert [line["step"] for line in read_metrics(run) if "loss" in line][-1] == 2
+    capsys.readouterr()  # the two runs' progress
+    err = _one_line_error(
+        pretrain_main, [str(run / "training_args.json"), "--resume", "--overwrite"], capsys, tmp_path
+    )
+    assert "--resume and --overwrite contradict each other" in err
+
+
+@pytest.mark.parametrize(
+    ("groups", "saved"),
+    [
+        pytest.param(DISTILL_GROUPS, {"output_dir": "runs/kd"}, id="distill"),
+        pytest.param(EVALUATE_GROUPS, {"model": "m", "dataset": "d", "protocol": "finetune"}, id="finetune"),
+    ],
+)
+def test_the_command_line_decides_between_resume_and_overwrite(tmp_path, groups, saved):
+    config = tmp_path / "training_args.json"
+    config.write_text(json.dumps({**saved, "overwrite": True, "resume": None}))
+    *_, arguments = parse_arguments(groups, [str(config), "--resume"], prog="t")
+    assert (arguments.resume, arguments.overwrite) == ("latest", False)
+    config.write_text(json.dumps({**saved, "overwrite": False, "resume": "latest"}))
+    *_, arguments = parse_arguments(groups, [str(config), "--overwrite"], prog="t")
+    assert (arguments.resume, arguments.overwrite) == (None, True)
+    *_, arguments = parse_arguments(groups, [str(config)], prog="t")  # the file alone keeps its own
+    assert (arguments.resume, arguments.overwrite) == ("latest", False)
+
+
+# ----------------------------------------------------------------------------- --help and usage
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_footer_example_uses_the_commands_own_options(command, capsys):
+    text = _help(COMMANDS[command], capsys)
+    footer = text.split("\n\n")[-1]
+    example = re.search(r"`(mvmr-\S+) run\.yaml (--[a-z-]+) ([A-Z_]+)`", " ".join(footer.split()))
+    assert example is not None, footer
+    assert example.group(1) == command
+    usage = text.split("\n\n")[0]
+    assert f"[{example.group(2)} {example.group(3)}]" in " ".join(usage.split())
+    if command not in ("mvmr-distill", "mvmr-pretrain"):
+        assert "--max-steps" not in text
+
+
+@pytest.mark.parametrize(
+    ("command", "usage"),
+    [
+        ("mvmr-export", "mvmr-export [-h] [--output-dir OUTPUT_DIR] RUN_OR_CHECKPOINT"),
+        ("mvmr-push", "[--commit-message COMMIT_MESSAGE] FOLDER ORG/NAME"),
+    ],
+)
+def test_usage_lines_are_the_readme_forms(command, usage, capsys):
+    text = " ".join(_help(COMMANDS[command], capsys).split("\n\n")[0].split())
+    assert usage in text
+    options = re.findall(r"--[\w-]+", text)
+    assert not {"--checkpoint", "--folder", "--repo-id"} & set(options)
+    assert not [option for option in options if "_" in option]  # the README's dashes
+
+
+def _readme_commands() -> list[tuple[str, list[str]]]:
+    """Each ``mvmr-*`` command line of the README's bash blocks: (command, its arguments)."""
+    text = (REPO / "README.md").read_text()
+    lines = " ".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S)).replace("\\\n", " ").splitlines()
+    commands = []
+    for line in lines:
+        words = shlex.split(line.split("#")[0])
+        for index, word in enumerate(words):
+            if word in COMMANDS:
+                commands.append((word, words[index + 1 :]))
+    return commands
+
+
+def test_every_readme_option_is_one_of_its_commands(capsys):
+    commands = _readme_commands()
+    assert {command for command, _ in commands} >= {"mvmr-distill", "mvmr-push", "mvmr-evaluate"}
+    helps = {command: _help(main, capsys) for command, main in COMMANDS.items()}
+    for command, argv in commands:
+        for option in (word.split("=")[0] for word in argv if word.startswith("--")):
+            assert re.search(rf"{option}\b", helps[command]), f"{command} {option}"
+
+
+def test_the_readme_forms_and_the_old_spellings_reach_the_library(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(
+        release_cli, "push_to_hub", lambda folder, repo, **kw: calls.append((folder, repo, kw))
+    )
+    monkeypatch.setattr(release_cli, "export_run", lambda run, folder: calls.append((run, folder)))
+    (push,) = [argv for command, argv in _readme_commands() if command == "mvmr-push"]
+    assert push_main(push) == 0
+    assert push_main(["--folder", "runs/kd/student", "--repo_id", "ORG/NAME", "--private"]) == 0
+    assert push_main(["runs/kd/student", "--repo-id", "ORG/NAME", "--private"]) == 0
+    private = {"private": True, "revision": None, "commit_message": None}
+    assert calls == [("runs/kd/student", "ORG/NAME", private)] * 3
+    calls.clear()
+    config = tmp_path / "export.yaml"
+    config.write_text("checkpoint: runs/kd\n")
+    for argv in (["runs/kd"], ["--checkpoint", "runs/kd"], [str(config)], ["--config", str(config)]):
+        assert export_main(argv) == 0
+    assert calls == [("runs/kd", None)] * 4
+
+
+@pytest.mark.parametrize(
+    ("main", "argv", "match"),
+    [
+        (push_main, ["runs/kd/student"], "required: ORG/NAME"),
+        (push_main, [], "required: FOLDER, ORG/NAME"),
+        (export_main, [], "required: RUN_OR_CHECKPOINT"),
+        (push_main, ["a", "b/c", "d"], "unrecognized arguments: d"),
+    ],
+)
+def test_missing_positional_arguments_are_one_line(main, argv, match, capsys, tmp_path):
+    assert match in _one_line_error(main, argv, capsys, tmp_path)
+
+
+def test_one_split_name_for_stl10s_unlabeled_images():
+    sources = [REPO / "README.md", *REPO.glob("examples/*.py"), *REPO.glob("mvmr_hf/cli/*.py")]
+    names = {name for path in sources for name in re.findall(r"--split (unlabel\w*)", path.read_text())}
+    assert names == {"unlabeled"}
+
+
+# ----------------------------------------------------------------------------- mvmr-push and the card
+
+
+def _content(path_or_bytes: Path | bytes) -> bytes:
+    return path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+
+
+class _FakeHub:
+    """HfApi for one push: it records the commit instead of sending it."""
+
+    commits: ClassVar[list] = []
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def create_repo(self, repo_id: str, **_: object):
+        return type("Repo", (), {"repo_id": repo_id})()
+
+    def create_commit(self, *, repo_id: str, operations: list, **_: object):
+        files = {op.path_in_repo: _content(op.path_or_fileobj) for op in operations}
+        _FakeHub.commits.append((repo_id, files))
+        return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
+
+
+def test_push_names_the_real_repository_in_the_card(tmp_path, monkeypatch, capsys):
+    student = build_student("test_resnet", projector="8", image_size=32).eval()
+    folder = export_student(
+        student, tmp_path / "student", training_args={"student": "test_resnet"}, card_info=CardInfo(step=3)
+    )
+    assert "hf-hub:ORG/" in (folder / "README.md").read_text()  # trained without --push-to-hub
+    before = snapshot(folder)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("mvmr_hf.hub.HfApi", _FakeHub)
+    _FakeHub.commits = []
+    assert push_main([str(folder), "me/tiny-mvmr"]) == 0
+    assert capsys.readouterr().out.strip() == "https://huggingface.co/me/tiny-mvmr/commit/0"
+    ((repo_id, files),) = _FakeHub.commits
+    assert repo_id == "me/tiny-mvmr"
+    assert set(files) == {path.name for path in folder.iterdir()}
+    card = files["README.md"].decode()
+    assert 'timm.create_model("hf-hub:me/tiny-mvmr"' in card
+    assert 'AutoModel.from_pretrained("me/tiny-mvmr")' in card
+    assert "ORG/" not in card
+    assert json.loads(files["run_info.json"])["repo_id"] == "me/tiny-mvmr"
+    assert files["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+    assert snapshot(folder) == before, "pushing only reads the release folder"
+
+
+# ----------------------------------------------------------------------------- repeated comma lists
+
+LIST_VALUES = {
+    "handcrafted": ("hog", "lsd"),
+    "teacher": ("org/a", "org/b"),
+    "teacher_output": ("cls", "mean"),
+    "teacher_names": ("x", "y"),
+    "augmentations": ("crop", "flip"),
+    "representation_weights": ("hog=1", "lsd=2"),
+    "log_with": ("tensorboard", "wandb"),
+    "stop_signals": ("SIGTERM", "SIGUSR1"),
+    "protocol": ("linear", "knn"),
+}
+REQUIRED = {"dataset": "d", "output_dir": "o", "model": "m"}
+TWO_TEACHERS = {"teacher_output", "teacher_names"}  # one value per teacher
+
+
+def _groups_with(name: str) -> list[type]:
+    groups = {
+        "protocol": EVALUATE_GROUPS,
+        "stop_signals": EVALUATE_GROUPS,
+    }.get(name, DISTILL_GROUPS)
+    assert any(f.name == name for group in groups for f in fields(group)), name
+    return groups
+
+
+def _value(groups: list[type], argv: list[str], name: str) -> str:
+    parsed = parse_arguments(groups, argv, prog="t")
+    (value,) = [getattr(group, name) for group in parsed if hasattr(group, name)]
+    return value
+
+
+def test_every_comma_list_option_is_in_this_table():
+    lists = {
+        f.name for group in ALL_GROUPS for f in fields(group) if f.metadata.get("action") is CommaListAction
+    }
+    assert lists == set(LIST_VALUES)
+
+
+@pytest.mark.parametrize("name", LIST_VALUES)
+def test_a_repeated_list_option_means_all_of_its_lists(name, tmp_path):
+    groups = _groups_with(name)
+    required = [f"--{key}={value}" for key, value in REQUIRED.items() if any(
+        f.name == key for group in groups for f in fields(group))]  # fmt: skip
+    required += ["--teacher=org/a,org/b"] if name in TWO_TEACHERS else []
+    first, second = LIST_VALUES[name]
+    flag, spelling = f"--{name.replace('_', '-')}", f"--{name}"
+    joined = _value(groups, [*required, flag, f"{first},{second}"], name)
+    assert joined == f"{first},{second}"
+    assert type(joined) is str
+    assert _value(groups, [*required, flag, first, spelling, second], name) == joined
+    config = tmp_path / "run.yaml"
+    config.write_text(f"{name}: {second},{first}\n")
+    assert _value(groups, [str(config), *required], name) == _value(
+        groups, [*required, flag, f"{second},{first}"], name
+    )
+    # The command line replaces the file's list rather than extending it.
+    assert _value(groups, [str(config), *required, flag, first, flag, second], name) == joined
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--handcrafted", "lsd", "--handcrafted", "lsd"], "--handcrafted lists lsd twice"),
+        (["--stop-signals", "SIGTERM", "--stop-signals", "SIGTERM"], "--stop-signals lists SIGTERM twice"),
+        (["--representation-weights", "lsd=1", "--representation-weights", "lsd=2"], "gives lsd two weights"),
+    ],
+)
+def test_a_list_that_names_one_entry_twice_is_refused(digits, tmp_path, capsys, extra, match):
+    argv = tiny_args(digits, tmp_path / "run", "--max-steps", "1", *extra)
+    assert match in _one_line_error(pretrain_main, argv, capsys, tmp_path)
+    assert not (tmp_path / "run").exists()
