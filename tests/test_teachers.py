@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from conftest import read_metrics, reset_accelerate, snapshot, tiny_args
 from huggingface_hub import ModelCard
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, CLIPImageProcessor, CLIPModel
 
@@ -111,7 +112,9 @@ def test_each_teacher_is_its_own_processor_and_forward_and_the_loss_sums_their_t
     clip_pixels = CLIPImageProcessor.from_pretrained(teacher)(images=photos, return_tensors="pt")[
         "pixel_values"
     ]
-    timm_pixels = AutoImageProcessor.from_pretrained(timm_teacher)(images01)["pixel_values"]
+    timm_pixels = AutoImageProcessor.from_pretrained(timm_teacher)([Image.fromarray(p) for p in photos])[
+        "pixel_values"
+    ]
     assert timm_pixels.shape[-1] == 48
     with torch.no_grad():
         expected = {
@@ -120,8 +123,10 @@ def test_each_teacher_is_its_own_processor_and_forward_and_the_loss_sums_their_t
             .pooler_output,
             "timm-cnn": AutoModel.from_pretrained(timm_teacher)(timm_pixels).pooler_output,
         }
+    # The processors resize PIL images; the teachers, tensors the same way, to within one gray level on a
+    # few pixels (tests/test_teacher.py bounds it): outputs equal up to that.
     for name, reference in expected.items():
-        torch.testing.assert_close(outputs[name], reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outputs[name], reference, atol=1e-4, rtol=1e-3)
 
     generator = torch.Generator().manual_seed(0)
     z, z_aug = torch.randn(16, 8, generator=generator), torch.randn(16, 8, generator=generator)
