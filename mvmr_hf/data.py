@@ -42,6 +42,7 @@ import fsspec.asyn
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
 from datasets.utils.file_utils import xopen
 from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
@@ -147,7 +148,7 @@ def load_image_dataset(
             _check_choice("split", split, list(splits), name_or_path)
             stream = splits[split]
             if local and _num_examples(stream) is None:
-                _count_local_parquet_rows(stream, path, config, split)
+                _count_local_rows(stream, path, config, split)
             return stream
         # Check the split before load_dataset downloads and converts every split.
         available = datasets.get_dataset_split_names(path, config, **hub)
@@ -170,17 +171,23 @@ def load_image_dataset(
         raise ConfigError(_unreachable(name_or_path)) from error
 
 
-def _count_local_parquet_rows(
-    stream: datasets.IterableDataset, path: str, config: str | None, split: str
-) -> None:
-    """Record the row count of a local parquet split from the files' footers (no data is read).
+def _count_local_rows(stream: datasets.IterableDataset, path: str, config: str | None, split: str) -> None:
+    """Record the row count of a local split without reading its data.
 
-    A local stream does not know its length, which ``--epochs`` needs; parquet stores it.
+    A local stream does not know its length, which ``--epochs`` needs: a parquet split's is in its
+    files' footers, an image folder's is its number of image files (one image a row; ``datasets``
+    lists only the files with an image extension, and an image that then fails to decode is
+    skipped and counted as the loader reads it).
     """
-    files = datasets.load_dataset_builder(path, config).config.data_files.get(split, [])
+    builder = datasets.load_dataset_builder(path, config)
+    files = builder.config.data_files.get(split, [])
     if files and all(str(f).endswith(".parquet") for f in files):
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-        stream.info.splits = datasets.SplitDict({split: datasets.SplitInfo(split, num_examples=rows)})
+    elif files and builder.name == "imagefolder":
+        rows = sum(Path(str(f)).suffix.lower() in IMAGE_EXTENSIONS for f in files)
+    else:
+        return
+    stream.info.splits = datasets.SplitDict({split: datasets.SplitInfo(split, num_examples=rows)})
 
 
 def _unreachable(name: str) -> str:

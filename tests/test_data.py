@@ -125,6 +125,17 @@ def test_write_sample_images(samples):
 # ----------------------------------------------------------------------------- loading and errors
 
 
+def test_a_streamed_image_folder_states_its_size_without_a_cache(samples, tmp_path):
+    """``--epochs`` on a folder of images: its length is its number of image files, known before a row is
+    read and whatever ``datasets`` cached before; an epoch reads each file once, decoded or skipped."""
+    files = list((samples / "train").iterdir())
+    stream = load_image_dataset(str(samples), cache_dir=str(tmp_path / "fresh-cache"))
+    loader, stats = build_dataloader(stream, image_size=32, batch_size=1)
+    assert stats.num_examples == len(files)
+    assert sum(len(batch["key"]) + batch["skipped"] for batch in loader) == len(files)
+
+
+
 @pytest.mark.parametrize("streaming", [True, False])
 @pytest.mark.parametrize("fixture", ["digits", "digits_folder", "samples"])
 def test_load_image_dataset(fixture, streaming, cache, request):
