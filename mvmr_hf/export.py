@@ -240,8 +240,20 @@ def _count_parameters(weights: Path) -> int:
 
 
 def read_run_info(folder: str | os.PathLike) -> CardInfo:
-    """The run facts (step, hardware, time, command, Hub id) a release keeps in ``run_info.json``."""
-    return CardInfo(**json.loads((Path(folder) / RUN_INFO).read_text()))
+    """The run facts (step, hardware, time, command, Hub id) a student release keeps in ``run_info.json``.
+
+    Raises:
+        ConfigError: the folder has none, so it is not a student release (a fine-tuned classifier
+            folder, for one, has no run facts or student card to publish).
+    """
+    path = Path(folder) / RUN_INFO
+    if not path.is_file():
+        raise ConfigError(
+            f"{folder} has no {RUN_INFO}: it is not a student release written by mvmr-distill, mvmr-pretrain "
+            f"or mvmr-export (a fine-tuned classifier folder is published as it is with `hf upload ORG/NAME "
+            f"{folder}`)"
+        )
+    return CardInfo(**json.loads(path.read_text()))
 
 
 def release_card(folder: Path, results: Sequence[EvalResult] = (), *, info: CardInfo | None = None) -> str:

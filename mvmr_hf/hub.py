@@ -53,6 +53,11 @@ def push_to_hub(
         token: a Hub token; defaults to the logged-in one (``HF_TOKEN`` or ``hf auth login``).
     """
     folder = check_release(folder)
+    # Read (and checked) before any network call: a folder that is not a student release is one line.
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
+        for name, content in published_files(folder, repo_id).items()
+    ]
     if is_offline_mode():
         raise ConfigError(f"cannot push: HF_HUB_OFFLINE is set; unset it, {_retry_hint(folder, repo_id)}.")
     token = token or get_token()
@@ -61,10 +66,6 @@ def push_to_hub(
             f"cannot push: no Hugging Face token; run `hf auth login` or set HF_TOKEN, "
             f"{_retry_hint(folder, repo_id)}."
         )
-    operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
-        for name, content in published_files(folder, repo_id).items()
-    ]
     api = HfApi(token=token, library_name="mvmr_hf")
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True)

@@ -81,3 +81,18 @@ def test_push_of_a_folder_that_is_not_a_release(tmp_path, capsys):
 
 def test_default_commit_message_names_the_step(release):
     assert default_commit_message(release) == "Upload MV-MR student (step 12)"
+
+
+def test_a_folder_without_run_facts_is_one_line_before_any_network_call(release, tmp_path, capsys):
+    """A fine-tuned classifier's folder has weights and a timm config but no run_info.json."""
+    folder = tmp_path / "classifier"
+    folder.mkdir()
+    for path in release.iterdir():
+        if path.name != "run_info.json":
+            (folder / path.name).write_bytes(path.read_bytes())
+    before = _state(folder)
+    err = _push_fails([str(folder), "someone/classifier"], capsys)
+    assert "has no run_info.json" in err
+    assert "hf upload" in err  # how to publish it instead
+    assert _state(folder) == before
+
