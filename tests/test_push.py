@@ -95,4 +95,3 @@ def test_a_folder_without_run_facts_is_one_line_before_any_network_call(release,
     assert "has no run_info.json" in err
     assert "hf upload" in err  # how to publish it instead
     assert _state(folder) == before
-
