@@ -5,7 +5,9 @@ The loop measured is the one users run: :func:`mvmr_hf.train` (what ``mvmr-disti
 or hooked inside the step. Its rate is read from its own ``metrics.jsonl`` (``images_per_s``,
 logged every few steps), as the median of an epoch's logs after its first (which holds the
 workers' start and, with ``--compile``, the compilation). The data wait is the share of the
-loop's wall time spent waiting for the loader's next batch, seen from outside the loader.
+run's wall time, from its first request for a batch to the end of ``train`` (the final checkpoint
+and the release included, so a lower bound of the steps' share), spent waiting for the loader's
+next batch, seen from outside the loader.
 
 In the same process, the parts alone, on one batch already on the device, in the loop's
 precision and memory format, each timed over repeated calls with one synchronisation at the end:
@@ -304,7 +306,8 @@ def main(argv: list[str]) -> None:
         f"parts alone: student step {parts['student_s'] * 1e3:.1f} ms, teacher forward "
         f"{parts['teacher_s'] * 1e3:.1f} ms a batch",
         "loop: median of metrics.jsonl's images_per_s over an epoch's logs after its first; data wait: "
-        "share of the loop's wall time spent in the loader's next()",
+        "share of the run's wall time spent in the loader's next(), from the first batch to the end of "
+        "train (final checkpoint and release included: a lower bound)",
     ]
     columns = [
         ("mode", "mode", ""),

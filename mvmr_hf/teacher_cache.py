@@ -11,10 +11,9 @@ Layout: ``OUTPUT_DIR/teacher_cache/<fingerprint>/`` holds ``fingerprint.json`` (
 outputs depend on) and safetensors shards ``shard-r{rank}-{n}.safetensors``, each with one
 tensor ``outputs`` (N, ...) and the N sample keys in its metadata. Each process writes its
 own shards (atomically: a killed run leaves no partial shard) and reads everyone's after
-:meth:`TeacherCache.refresh`. Each shard is read whole once, when it is indexed, and a batch's
-rows are one gather from the concatenation of the shards read: one indexing per step instead of
-one read per row, which kept the training process's CPU busy while it should be launching the
-student's kernels (``benchmarks/bench_loop.py``). Each shard's
+:meth:`TeacherCache.refresh`. Each shard is read whole once, when it is indexed (its digest
+needs all of it anyway), and a batch's rows are one gather from the concatenation of the shards
+read, instead of one safetensors read per row in the training process. Each shard's
 metadata also holds the SHA-256 of its outputs, checked when the shard is first indexed: a
 shard that cannot be opened or does not match is skipped with one line on stderr, so its rows
 count as missing and the teacher computes them again; a wrong output is never read.
