@@ -25,20 +25,33 @@ ROOT = Path(__file__).resolve().parent.parent
 MACHINE_PACKAGES = {"torch", "torchvision"}
 
 
-def floors(extras: list[str]) -> list[str]:
-    """``name==floor`` for every direct requirement with a ``>=`` floor (the extras' included)."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    texts, pending = list(project["dependencies"]), list(extras)
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def direct_requirements(extras: list[str]) -> list[Requirement]:
+    """The project's requirements with ``extras``; an extra naming others (``mvmr_hf[test]``) adds theirs."""
+    project = _pyproject()["project"]
+    requirements, pending = [Requirement(text) for text in project["dependencies"]], list(extras)
     while pending:
         for text in project["optional-dependencies"][pending.pop()]:
             requirement = Requirement(text)
             if canonicalize_name(requirement.name) == canonicalize_name(project["name"]):
                 pending += sorted(requirement.extras)
             else:
-                texts.append(text)
+                requirements.append(requirement)
+    return requirements
+
+
+def build_requirements() -> list[Requirement]:
+    """What building the project needs (``[build-system] requires``)."""
+    return [Requirement(text) for text in _pyproject()["build-system"]["requires"]]
+
+
+def floors(extras: list[str]) -> list[str]:
+    """``name==floor`` for every direct requirement with a ``>=`` floor (the extras' included)."""
     pins = {}
-    for text in texts:
-        requirement = Requirement(text)
+    for requirement in direct_requirements(extras):
         name = canonicalize_name(requirement.name)
         low = [spec.version for spec in requirement.specifier if spec.operator in (">=", "==")]
         if low and name not in MACHINE_PACKAGES:

@@ -23,14 +23,10 @@ import zipfile
 from email.parser import Parser
 from pathlib import Path
 
+from floor_constraints import build_requirements, direct_requirements  # this script's folder
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser, as pip vendors it
-    from pip._vendor import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,16 +57,6 @@ def markers(python_version: str) -> dict[str, str]:
         "implementation_name": "cpython",
         "platform_python_implementation": "CPython",
     }
-
-
-def project_requirements(extras: list[str]) -> tuple[str, list[Requirement]]:
-    """The project's name and its requirements with ``extras``, build requirements included."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    project = pyproject["project"]
-    wanted = [*project["dependencies"], *pyproject["build-system"]["requires"]]
-    for extra in extras:
-        wanted += project["optional-dependencies"][extra]
-    return canonicalize_name(project["name"]), [Requirement(text) for text in wanted]
 
 
 def wheel_requirements(wheel: Path) -> list[Requirement]:
@@ -105,7 +91,7 @@ def collect(
     packages it lacks: their requirements are read from the wheel of the version it has,
     downloaded aside and not kept.
     """
-    project, queue = project_requirements(extras)
+    queue = [*direct_requirements(extras), *build_requirements()]
     environment = markers(python_version)
     fetched: dict[str, tuple[Version, Path]] = {}
     expanded: set[tuple[str, str]] = set()  # (package, extra) whose requirements are queued
@@ -114,9 +100,6 @@ def collect(
             requirement = queue.pop(0)
             name = canonicalize_name(requirement.name)
             wanted_extras = sorted(requirement.extras)
-            if name == project:  # the project's own extras (dev = mvmr_hf[test] + ...)
-                queue += project_requirements(wanted_extras)[1]
-                continue
             present = have.get(name, False)
             if present is None or (present and requirement.specifier.contains(present, prereleases=True)):
                 if not wanted_extras:
