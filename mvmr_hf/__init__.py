@@ -18,7 +18,7 @@ from mvmr_hf.dcor import (
     gather_with_grad,
 )
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.objective import LossOutput, MVMRLoss
+from mvmr_hf.objective import FeatureMatching, LossOutput, MVMRLoss
 
 __version__ = "0.1.0"
 
@@ -82,6 +82,7 @@ _LAZY = {
 __all__ = [
     "CenteredDistances",
     "ConfigError",
+    "FeatureMatching",
     "LossOutput",
     "MVMRLoss",
     "centered_distances",

@@ -1,4 +1,5 @@
-"""The MV-MR objective (eq. 4-10) against hand computations in NumPy and the `dcor` package."""
+"""The MV-MR objective (eq. 4-10) against hand computations in NumPy and the `dcor` package; the
+feature-matching term (not in the paper) against NumPy and by fitting its head."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mvmr_hf.objective import MVMRLoss, invariance, variance_hinge
+from mvmr_hf.objective import FeatureMatching, MVMRLoss, invariance, variance_hinge
 
 
 def _batch(seed=0, batch=12, dim=5):
@@ -127,3 +128,91 @@ def test_bad_configuration_and_shapes_raise_clearly():
         MVMRLoss(unbiased=True)(z[:3], z_aug[:3])
     assert MVMRLoss(unbiased=True).min_batch_size == 4
     assert MVMRLoss().min_batch_size == 2
+
+
+# ----------------------------------------------------------------------------- feature matching
+
+
+def _features_and_targets(seed=0, batch=12, feature_dim=6):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, feature_dim, generator=generator)
+    targets = {
+        "teacher": torch.randn(batch, 4, generator=generator),
+        "dino": torch.randn(batch, 9, generator=generator, dtype=torch.float64),
+    }
+    return features, targets
+
+
+def test_feature_matching_is_one_minus_cosine_of_each_head_by_hand():
+    features, targets = _features_and_targets()
+    torch.manual_seed(0)
+    matching = FeatureMatching(6, {"teacher": 4, "dino": 9}, weight=0.7)
+    terms = matching(features, targets)
+
+    assert list(terms) == ["match/teacher", "match/dino"]
+    h = features.numpy().astype(np.float64)
+    for name, target in targets.items():
+        head = matching.heads[name]
+        w, b = head.weight.detach().numpy().astype(np.float64), head.bias.detach().numpy().astype(np.float64)
+        projected, t = h @ w.T + b, target.numpy().astype(np.float64)
+        cosine = (projected * t).sum(1) / (np.linalg.norm(projected, axis=1) * np.linalg.norm(t, axis=1))
+        assert terms[f"match/{name}"].dtype == torch.float32
+        assert terms[f"match/{name}"].item() == pytest.approx(0.7 * np.mean(1 - cosine), rel=1e-5, abs=1e-6)
+
+
+def test_feature_matching_runs_its_heads_in_float32_under_bf16_autocast():
+    """Under the training loop's bf16 autocast the term is the float32 one, not bf16-rounded heads'."""
+    features, targets = _features_and_targets()
+    matching = FeatureMatching(6, {"teacher": 4, "dino": 9})
+    plain = matching(features, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = matching(features, targets)
+    for name, value in plain.items():
+        assert autocast[name].dtype == torch.float32
+        assert autocast[name].item() == value.item(), name
+
+
+def test_feature_matching_trains_its_heads_and_the_features_but_not_the_targets():
+    features, targets = _features_and_targets()
+    features.requires_grad_(True)
+    for target in targets.values():
+        target.requires_grad_(True)
+    matching = FeatureMatching(6, {"teacher": 4, "dino": 9})
+    sum(matching(features, targets).values()).backward()
+    assert torch.isfinite(features.grad).all()
+    assert features.grad.abs().sum() > 0
+    for name, head in matching.heads.items():
+        assert head.weight.grad.abs().sum() > 0, name
+        assert head.bias.grad.abs().sum() > 0, name
+    assert all(target.grad is None for target in targets.values())  # the teachers are frozen targets
+
+
+def test_a_fitted_head_drives_the_term_to_zero_on_a_linearly_related_target():
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(64, 8, generator=generator)
+    mapping, offset = torch.randn(8, 5, generator=generator), torch.randn(5, generator=generator)
+    targets = {"teacher": features @ mapping + offset}
+    torch.manual_seed(0)
+    matching = FeatureMatching(8, {"teacher": 5})
+    optimizer = torch.optim.Adam(matching.parameters(), lr=1e-2)
+    initial = matching(features, targets)["match/teacher"].item()
+    for _ in range(400):
+        optimizer.zero_grad()
+        loss = matching(features, targets)["match/teacher"]
+        loss.backward()
+        optimizer.step()
+    assert initial > 0.3
+    assert matching(features, targets)["match/teacher"].item() < 1e-3
+
+
+def test_loss_output_plus_adds_terms_to_the_total_and_keeps_the_dcor_values():
+    z, z_aug = _batch()
+    out = MVMRLoss()(z, z_aug, {"teacher": torch.randn(12, 3, dtype=torch.float64)})
+    extra = {"match/teacher": torch.tensor(0.25, dtype=torch.float64)}
+    combined = out.plus(extra)
+
+    assert list(combined.terms) == [*out.terms, "match/teacher"]
+    assert combined.total.item() == pytest.approx(sum(t.item() for t in combined.terms.values()), rel=1e-12)
+    assert combined.total.item() == pytest.approx(out.total.item() + 0.25, rel=1e-12)
+    assert combined.dcor.keys() == out.dcor.keys()
+    assert "match/teacher" not in out.terms  # a new output: the original is unchanged
