@@ -2,7 +2,8 @@
 
 A checkpoint is ``OUTPUT_DIR/checkpoints/step-NNNNNN/`` holding what
 ``accelerator.save_state`` writes (``model.safetensors`` with the Student's ``backbone.*``
-and ``projector.*`` keys, optimizer, scheduler, gradient scaler, one RNG file per process),
+and ``projector.*`` keys, ``model_1.safetensors`` with the feature-matching heads when the run
+has them, optimizer, scheduler, gradient scaler, one RNG file per process),
 one ``dataloader_rank{r}.json`` per process (the position of that process's data stream)
 and ``trainer_state.json`` (step, epoch, number of processes, and under ``files`` every other
 file's size and SHA-256, so that a truncated, missing or altered file is found before it is

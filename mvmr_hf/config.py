@@ -33,6 +33,7 @@ from mvmr_hf.utils import check_int, check_number
 __all__ = [
     "DEFAULT_CACHE",
     "DEFAULT_DISTILL_DATASET",
+    "DEFAULT_FEATURE_MATCHING_WEIGHT",
     "PAPER_REPRESENTATIONS",
     "AlignArguments",
     "CommaListAction",
@@ -124,6 +125,8 @@ MIXED_PRECISION_HELP = (
     "GPU that supports it (the paper's released code trained in 16-bit precision; it is also the faster "
     "setting: benchmarks/results/loop-cuda.json), else no."
 )
+DEFAULT_FEATURE_MATCHING_WEIGHT = 0.0
+"""``--feature-matching-weight`` when omitted (0: the paper's objective only)."""
 RESUME_HELP = (
     "Continue a run: alone (or 'latest') from the newest complete checkpoint in the output folder, starting "
     "afresh when there is none; or from the given checkpoint folder."
@@ -295,9 +298,23 @@ class TeacherArguments:
     trust_remote_code: bool = _opt(
         False, "Let a Hub teacher run its own code; only for repositories you trust."
     )
+    feature_matching_weight: float = _opt(
+        DEFAULT_FEATURE_MATCHING_WEIGHT,
+        "Weight of a feature-matching term (not in the paper): 1 − cosine between a linear head on the "
+        "student's pooled features of the non-augmented view and each teacher's output, the heads trained "
+        "with the student and not released; 0: the paper's objective only.",
+    )
 
     def __post_init__(self) -> None:
-        self.teachers()  # every mistake in the teacher options is told before anything is loaded
+        specs = self.teachers()  # every mistake in the teacher options is told before anything is loaded
+        check_number("--feature-matching-weight", self.feature_matching_weight, allow_zero=True)
+        tokens = [spec.name for spec in specs if spec.output == "tokens"]
+        if self.feature_matching_weight > 0 and tokens:
+            raise ConfigError(
+                f"--feature-matching-weight needs a pooled teacher output but {', '.join(tokens)} gives "
+                "tokens: choose --teacher-output embedding, pooler, cls or mean, "
+                "or --feature-matching-weight 0"
+            )
 
     def teachers(self) -> list[TeacherSpec]:
         """The teachers of ``--teacher``, each with its name and output kind.

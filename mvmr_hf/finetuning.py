@@ -82,6 +82,7 @@ from mvmr_hf.metrics import MetricsLogger, truncate_metrics
 from mvmr_hf.multilabel import multi_hot_encoding
 from mvmr_hf.run_folder import (
     check_output_dir_free,
+    flat_defaults,
     own_output_dir,
     prepare_output_dir,
     resume_point,
@@ -327,7 +328,7 @@ class Finetuning:
             **asdict(args),
         }  # fmt: skip
         check_output_dir_free(accelerator, self.output_dir)
-        self.resume_from = resume_point(self.output_dir, args, self.saved_args)
+        self.resume_from = resume_point(self.output_dir, args, self.saved_args, flat_defaults(args))
         check_release_target(
             self.output_dir / CLASSIFIER_DIR,
             "the classifier could not be written there; move it away or choose another --finetune-dir",

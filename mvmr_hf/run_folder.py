@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "check_output_dir_free",
     "check_outputs",
     "flat_arguments",
+    "flat_defaults",
     "own_output_dir",
     "prepare_output_dir",
     "resume_point",
@@ -64,10 +65,28 @@ def flat_arguments(*groups: Any) -> dict[str, Any]:
     return flat
 
 
+def flat_defaults(*groups: Any) -> dict[str, Any]:
+    """Each argument's default, where it has one, under its name in :func:`flat_arguments`."""
+    return {
+        item.name: item.default
+        for group in groups
+        if group is not None
+        for item in fields(group)
+        if item.default is not MISSING
+    }
+
+
 def resume_point(
-    output_dir: Path, training_args: TrainingArguments | FinetuneArguments, args: dict[str, Any]
+    output_dir: Path,
+    training_args: TrainingArguments | FinetuneArguments,
+    args: dict[str, Any],
+    defaults: Mapping[str, Any] | None = None,
 ) -> Path | None:
-    """The checkpoint to resume from (None: a fresh start), after checking the output folder."""
+    """The checkpoint to resume from (None: a fresh start), after checking the output folder.
+
+    ``defaults`` (:func:`flat_defaults`) stand for the arguments that the run's saved
+    ``training_args.json`` lacks: it was written before they existed, so it ran with their defaults.
+    """
     if training_args.resume is None:
         if list_checkpoints(output_dir) and not training_args.overwrite:
             raise ConfigError(
@@ -80,7 +99,7 @@ def resume_point(
     else:
         path = intact_checkpoint(training_args.resume)
     if path is not None:
-        _check_same_run(path.parent.parent / TRAINING_ARGS, args)
+        _check_same_run(path.parent.parent / TRAINING_ARGS, args, defaults or {})
     return path
 
 
@@ -95,10 +114,10 @@ def check_outputs(release: Path, training_args: TrainingArguments) -> None:
         )
 
 
-def _check_same_run(saved_args: Path, args: dict[str, Any]) -> None:
+def _check_same_run(saved_args: Path, args: dict[str, Any], defaults: Mapping[str, Any]) -> None:
     if not saved_args.is_file():
         return
-    saved = json.loads(saved_args.read_text())
+    saved = {**defaults, **json.loads(saved_args.read_text())}  # a key the file lacks: its default
     changed = [
         f"{key}: {saved[key]!r} -> {args[key]!r}"
         for key in sorted(args.keys() & saved.keys() - CHANGEABLE_ON_RESUME)

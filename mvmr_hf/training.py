@@ -7,6 +7,10 @@ every representation - the teachers, one after another, the hand-crafted descrip
 non-augmented view on the accelerator under ``no_grad``; the MV-MR loss (eq. 10) compares them, on the batch
 gathered from all processes unless ``--dcor-scope local``; ``backward``, then Adam with a
 linear warm-up and a cosine decay, once per optimizer step (``accelerator.accumulate``).
+With ``--feature-matching-weight`` (not in the paper), linear heads from the student's pooled
+features of the non-augmented view to each teacher's output add a 1 - cosine term
+(:class:`~mvmr_hf.objective.FeatureMatching`); they train with the student, are saved in its
+checkpoints and are not released.
 ``benchmarks/bench_step.py`` times this loop's phases from outside, with hooks on what it builds;
 ``benchmarks/bench_loop.py`` measures its own rate, from its metrics, against its parts alone.
 
@@ -65,7 +69,7 @@ from mvmr_hf.errors import ConfigError, PreemptedError, TrainingError
 from mvmr_hf.export import RELEASE_DIR, export_student
 from mvmr_hf.hub import push_to_hub
 from mvmr_hf.metrics import METRICS_FILE, MetricsLogger, truncate_metrics
-from mvmr_hf.objective import LossOutput, MVMRLoss
+from mvmr_hf.objective import FeatureMatching, LossOutput, MVMRLoss
 from mvmr_hf.representations import build as build_representation
 from mvmr_hf.representations.teacher import Teacher, load_teacher
 from mvmr_hf.run_folder import (
@@ -73,6 +77,7 @@ from mvmr_hf.run_folder import (
     check_output_dir_free,
     check_outputs,
     flat_arguments,
+    flat_defaults,
     own_output_dir,
     prepare_output_dir,
     resume_point,
@@ -85,6 +90,7 @@ __all__ = [
     "METRICS_FILE",
     "TrainingError",
     "TrainingStep",
+    "build_feature_matching",
     "build_optimizer",
     "build_representations",
     "representation_outputs",
@@ -137,7 +143,8 @@ def train(
     )
     batch_size = _per_process_batch(training_args.batch_size, world, unbiased=criterion.unbiased)
     check_output_dir_free(accelerator, output_dir)  # another run's folder is named before any other check
-    resume_from = resume_point(output_dir, training_args, args)
+    defaults = flat_defaults(model_args, teacher, data_args, loss_args, training_args)
+    resume_from = resume_point(output_dir, training_args, args, defaults)
     check_outputs(output_dir / RELEASE_DIR, training_args)
     # The data first: a wrong or unreachable data set is told before a large teacher is downloaded.
     dataset = load_image_dataset(
@@ -150,10 +157,15 @@ def train(
     student = build_student(
         model_args.student, projector=model_args.projector, image_size=data_args.image_size
     )
+    heads_rng = torch.random.get_rng_state()  # the feature-matching heads' weights come next in this stream
     # Weights for terms the run does not have are told before any teacher is loaded.
     _check_representation_weights(criterion, _term_names(model_args, teacher))
     representations = build_representations(model_args, teacher)
     _check_local_batch(batch_size, criterion, representations, student)
+    matching = build_feature_matching(
+        student, representations, teacher.feature_matching_weight if teacher is not None else 0.0,
+        image_size=data_args.image_size, rng_state=heads_rng,
+    )  # fmt: skip
     set_seed(training_args.seed, device_specific=True)  # e.g. augmented-pixels: per-process random draws
     loader, data_stats = build_dataloader(
         dataset,
@@ -179,12 +191,15 @@ def train(
         if model_args.sync_batchnorm and world > 1 and device.type == "cuda":
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         _apply_speed_options(student, training_args, device)
-        optimizer = build_optimizer(student, training_args.learning_rate, training_args.weight_decay, device)
+        trained = [student] if matching is None else [student, matching]  # the heads learn with the student
+        optimizer = build_optimizer(trained, training_args.learning_rate, training_args.weight_decay, device)
         warmup = training_args.warmup
         scheduler = get_cosine_schedule_with_warmup(
             optimizer, round(warmup * total_steps if warmup < 1 else warmup), total_steps
         )
-        student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+        # The heads prepared too: DDP averages their gradients, save_state / load_state keep them.
+        student, *heads, optimizer, scheduler = accelerator.prepare(*trained, optimizer, scheduler)
+        matching, trained = (heads[0] if heads else None), [student, *heads]
         for representation in representations.values():
             representation.to(device)
         caches = _teacher_caches(accelerator, output_dir, teacher, data_args, representations)
@@ -228,13 +243,17 @@ def train(
                     # the views travel as uint8 (fewer bytes than floats), become [0, 1] floats on the device
                     images = batch["image"].to(device, non_blocking=True).float().div_(255)
                     augmented = loader.dataset.augmented_view(batch, device)  # made here with --device-views
-                    with accelerator.accumulate(student):
-                        z = student(images).embedding  # Z: the non-augmented view
+                    with accelerator.accumulate(*trained):
+                        out = student(images)
+                        z = out.embedding  # Z: the non-augmented view
                         z_aug = student(augmented).embedding  # Z̃: a separate pass, its own BN statistics
                         targets = representation_outputs(
                             accelerator, representations, images, batch["key"], caches
                         )
                         loss = criterion(z, z_aug, targets, gather=gather)  # eq. 10
+                        if matching is not None:  # not in the paper: it distils better (README, "Quality")
+                            # the backbone features of the view the teachers saw; per sample, local batch
+                            loss = loss.plus(matching(out.features, targets))
                         accelerator.backward(loss.total)
                         optimizer.step()
                         scheduler.step()
@@ -367,19 +386,48 @@ def _apply_speed_options(student: Student, training_args: TrainingArguments, dev
 
 
 def build_optimizer(
-    student: nn.Module, learning_rate: float, weight_decay: float, device: torch.device
+    modules: nn.Module | Sequence[nn.Module], learning_rate: float, weight_decay: float, device: torch.device
 ) -> torch.optim.Adam:
-    """Adam (the paper's optimizer); fused on CPU and CUDA.
+    """Adam (the paper's optimizer) over the parameters of ``modules``; fused on CPU and CUDA.
 
     The fused kernel updates all parameters in one pass instead of one kernel per tensor, which
     matters for the paper's 8192-wide projector (``benchmarks/bench_step.py`` times the optimizer).
     """
+    modules = [modules] if isinstance(modules, nn.Module) else modules
     return torch.optim.Adam(
-        student.parameters(),
+        [parameter for module in modules for parameter in module.parameters()],
         lr=learning_rate,
         weight_decay=weight_decay,
         fused=device.type in ("cpu", "cuda"),
     )
+
+
+def build_feature_matching(
+    student: Student,
+    representations: Mapping[str, nn.Module],
+    weight: float,
+    *,
+    image_size: int,
+    rng_state: Tensor | None = None,
+) -> FeatureMatching | None:
+    """The linear heads of the feature-matching term (not in the paper), one per teacher; None at weight 0.
+
+    Each head maps the student's pooled features to its teacher's output, whose width is read
+    from one forward of a black image of the training size (a teacher states no output width).
+    ``rng_state`` is the CPU random state to draw the heads' initial weights from (the global
+    state is left as it was): taken right after the student is built, every process draws the
+    same heads. ``--teacher-output tokens`` is refused with a weight above 0 by
+    :class:`~mvmr_hf.config.TeacherArguments`, and ``auto`` never resolves to tokens.
+    """
+    teachers = {name: r for name, r in representations.items() if isinstance(r, Teacher)}
+    if weight == 0 or not teachers:
+        return None
+    view = torch.zeros(1, 3, image_size, image_size)
+    widths = {name: teacher(view).shape[1] for name, teacher in teachers.items()}
+    with torch.random.fork_rng(devices=[]):
+        if rng_state is not None:
+            torch.random.set_rng_state(rng_state)
+        return FeatureMatching(student.feature_dim, widths, weight)
 
 
 def build_representations(

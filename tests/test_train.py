@@ -251,6 +251,59 @@ def test_device_views_train_like_worker_views_and_resume_exactly(digits, tmp_pat
         assert torch.equal(value, expected[key]), key
 
 
+def test_feature_matching_trains_its_heads_and_resumes_them_exactly(digits, teacher, tmp_path):
+    """--feature-matching-weight (not in the paper): a match/<teacher> term in the loss and the metrics,
+    which falls as the head and the student learn; the heads live in the checkpoints, not the release;
+    a run stopped after its first checkpoint resumes heads and student to the uninterrupted run's."""
+    common = ["--teacher", str(teacher), "--feature-matching-weight", "1", "--seed", "2", "--max-steps",
+              "30", "--learning-rate", "1e-3", "--warmup", "0", "--checkpoint-every", "15",
+              "--keep-checkpoints", "5", "--shuffle-buffer", "64"]  # fmt: skip
+    whole = tmp_path / "whole"
+    assert distill_main(_tiny(digits, whole, *common)) == 0
+
+    metrics = read_metrics(whole)
+    terms = ["invariance", "variance", "dcor/views", "dcor/teacher", "match/teacher"]
+    for m in metrics:
+        assert m["loss"] == pytest.approx(sum(m[t] for t in terms), rel=1e-5)
+    match = [m["match/teacher"] for m in metrics]
+    assert 0.5 < sum(match[:5]) / 5 <= 2  # 1 - cosine of a random head: about 1
+    assert sum(match[-5:]) / 5 < 0.5 * sum(match[:5]) / 5, match
+
+    heads = load_file(latest_checkpoint(whole) / "model_1.safetensors")
+    student = load_file(latest_checkpoint(whole) / "model.safetensors")
+    teacher_width = load_teacher(str(teacher))(torch.zeros(1, 3, 32, 32)).shape[1]
+    feature_dim = build_student("test_resnet", projector="16-16", image_size=32).feature_dim
+    assert {key: tuple(value.shape) for key, value in heads.items()} == {
+        "heads.teacher.weight": (teacher_width, feature_dim),
+        "heads.teacher.bias": (teacher_width,),
+    }
+    released = [load_file(path) for path in (whole / "student").glob("*.safetensors")]
+    assert not [key for weights in released for key in weights if "heads" in key]
+
+    # As if killed before the last checkpoint: the first checkpoint and everything logged after it.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(checkpoint_path(resumed, 30))
+    shutil.rmtree(resumed / "student")
+    reset_accelerate()
+    assert distill_main([*_tiny(digits, resumed, *common), "--resume"]) == 0
+    for name, expected in (("model_1.safetensors", heads), ("model.safetensors", student)):
+        for key, value in load_file(latest_checkpoint(resumed) / name).items():
+            assert torch.equal(value, expected[key]), (name, key)
+    again = read_metrics(resumed)
+    assert [m["step"] for m in again] == list(range(1, 31)), "each step logged once"
+    for a, b in zip(metrics, again, strict=True):
+        for name in ("loss", *terms):
+            assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-7), (a["step"], name)
+
+    # Weight 0 (the default): the paper's objective only, and no heads.
+    reset_accelerate()
+    paper = tmp_path / "paper"
+    assert distill_main(_tiny(digits, paper, *common[:2], "--max-steps", "2")) == 0
+    assert "match/teacher" not in read_metrics(paper)[0]
+    assert not (latest_checkpoint(paper) / "model_1.safetensors").exists()
+
+
 @pytest.mark.gpu
 def test_a_cuda_run_with_the_gpu_defaults_trains_and_releases(digits, teacher, tmp_path, teacher_calls):
     """On CUDA: bf16, channels-last and device views (all on by default there), the teacher cache."""

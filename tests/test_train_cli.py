@@ -15,7 +15,7 @@ from pathlib import Path
 import datasets
 import pytest
 import yaml
-from conftest import read_metrics, snapshot, tiny_args
+from conftest import read_metrics, reset_accelerate, snapshot, tiny_args
 
 from mvmr_hf import training
 from mvmr_hf.checkpoint import TRAINER_STATE, checkpoint_path
@@ -88,6 +88,10 @@ BAD_PRETRAIN_INPUT = [
         ["--augmentations", "crop,zoom"], "crop, flip, color, grayscale, blur", id="unknown-augmentation"
     ),
     pytest.param(["--augmentations", "flip,crop,flip"], "flip twice", id="repeated-augmentation"),
+    # A term through each teacher's output: there is no teacher to match in pretraining.
+    pytest.param(
+        ["--feature-matching-weight", "1"], "--feature-matching-weight", id="feature-matching-no-teacher"
+    ),
 ]
 
 
@@ -100,6 +104,25 @@ def test_bad_pretrain_input_is_one_line_exit_2_and_writes_nothing(digits, tmp_pa
 def test_missing_teacher_is_rejected(digits, tmp_path, capsys):
     argv = [*_tiny(digits, tmp_path / "run"), "--teacher", str(tmp_path / "no-teacher")]
     _fails_cleanly(distill_main, argv, capsys, tmp_path, "no-teacher")
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        pytest.param(["--feature-matching-weight", "-1"], "--feature-matching-weight is -1.0", id="negative"),
+        pytest.param(
+            ["--feature-matching-weight", "0.5", "--teacher-output", "tokens"],
+            "needs a pooled teacher output but teacher gives tokens",
+            id="tokens",
+        ),
+    ],
+)
+def test_bad_feature_matching_is_one_line_exit_2_and_writes_nothing(
+    digits, teacher, tmp_path, capsys, extra, match
+):
+    argv = [*_tiny(digits, tmp_path / "run"), "--teacher", str(teacher), *extra]
+    _fails_cleanly(distill_main, argv, capsys, tmp_path, match)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_folder_with_another_runs_checkpoints_is_left_alone(digits, tmp_path, capsys):
@@ -129,6 +152,26 @@ def test_resuming_with_other_settings_is_rejected(digits, tmp_path, capsys):
     assert "student: 'resnet18' -> 'test_resnet'" in err
     for setting in ("max_steps", "channels_last", "compile"):  # they do not change what is trained
         assert setting not in err
+
+
+def test_a_run_saved_before_an_option_existed_resumes_with_its_default(digits, teacher, tmp_path, capsys):
+    """A training_args.json from before --feature-matching-weight lacks it: that run had its default."""
+    run = tmp_path / "run"
+    argv = [*tiny_args(digits, run, "--max-steps", "1", "--teacher", str(teacher)), "--checkpoint-every", "1"]
+    assert distill_main(argv) == 0
+    saved = json.loads((run / "training_args.json").read_text())
+    del saved["feature_matching_weight"]
+    (run / "training_args.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+
+    longer = [*argv, "--max-steps", "2", "--resume"]
+    err = _fails_cleanly(
+        distill_main, [*longer, "--feature-matching-weight", "1"], capsys, tmp_path, "other settings"
+    )
+    assert "feature_matching_weight: 0.0 -> 1.0" in err
+    reset_accelerate()
+    assert distill_main(longer) == 0
+    assert [m["step"] for m in read_metrics(run)] == [1, 2]
 
 
 def test_config_file_then_flags_override(tmp_path):
@@ -263,7 +306,7 @@ def test_help_documents_every_option(capsys):
         "--dcor-squared", "--dcor-scope", "--mixed-precision", "--output-dir", "--checkpoint-every",
         "--keep-checkpoints", "--resume", "--overwrite", "--seed", "--log-with", "--log-every",
         "--num-workers", "--cache-teacher", "--push-to-hub", "--trust-remote-code", "--debug", "--config",
-        "--channels-last", "--compile", "--augmentations",
+        "--channels-last", "--compile", "--augmentations", "--feature-matching-weight",
     ):  # fmt: skip
         assert option in text, option
     help_of_teacher_output = " ".join(

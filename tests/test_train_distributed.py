@@ -26,6 +26,7 @@ from mvmr_hf.checkpoint import latest_checkpoint, read_trainer_state
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = str(REPO / "examples" / "pretrain.py")
+DISTILL = str(REPO / "examples" / "distill.py")
 TERMS = ("loss", "invariance", "variance", "dcor/views", "dcor/lsd")
 SHIFT_ONLY = "backbone.head.norm.bias"
 """The bias of the last LayerNorm only shifts z and z̃ by the same vector, which no term of the
@@ -33,13 +34,13 @@ objective sees: its true gradient is 0, so Adam's normalised first steps turn fl
 into updates of ±lr in both runs alike. Every other weight agrees (measured: within 3e-8)."""
 
 
-def _launch(argv: list[str], processes: int) -> subprocess.CompletedProcess:
+def _launch(argv: list[str], processes: int, script: str = PRETRAIN) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     if processes == 1:
-        command = [sys.executable, PRETRAIN, *argv]
+        command = [sys.executable, script, *argv]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={processes}", PRETRAIN, *argv]  # fmt: skip
+                   f"--nproc_per_node={processes}", script, *argv]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -78,6 +79,32 @@ def test_two_processes_match_one_process_on_the_global_batch(digits, tmp_path):
         if key == SHIFT_ONLY:
             continue
         torch.testing.assert_close(weights_two[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_feature_matching_on_two_processes_matches_one_process(digits, teacher, tmp_path):
+    """The feature-matching heads (not in the paper): the same initial heads on both processes, their
+    gradients averaged with the student's, and the per-sample term's local means averaging to the
+    global batch's, so the term, the student and the heads agree with one process."""
+    extra = ("--no-streaming", "--split", "train[:64]", "--shuffle-buffer", "0", "--max-steps", "3",
+             "--dcor-squared", "--teacher", str(teacher), "--feature-matching-weight", "1",
+             "--learning-rate", "1e-3")  # fmt: skip
+    _launch(_args(digits, tmp_path / "one", *extra), processes=1, script=DISTILL)
+    _launch(_args(digits, tmp_path / "two", *extra), processes=2, script=DISTILL)
+
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3]
+    for a, b in zip(one, two, strict=True):
+        for term in ("loss", "dcor/teacher", "match/teacher"):
+            assert b[term] == pytest.approx(a[term], rel=1e-5, abs=1e-6), (a["step"], term)
+    assert one[-1]["match/teacher"] < one[0]["match/teacher"]
+    for name in ("model.safetensors", "model_1.safetensors"):  # the student, then the heads
+        weights_one = load_file(latest_checkpoint(tmp_path / "one") / name)
+        weights_two = load_file(latest_checkpoint(tmp_path / "two") / name)
+        assert weights_one.keys() == weights_two.keys()
+        for key, value in weights_one.items():
+            if key != SHIFT_ONLY:
+                torch.testing.assert_close(weights_two[key], value, rtol=0, atol=1e-6, msg=key)
 
 
 @pytest.mark.slow
