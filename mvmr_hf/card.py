@@ -150,14 +150,23 @@ def _loss_weights(training_args: Mapping[str, Any]) -> str:
 
 
 def _objective_form(training_args: Mapping[str, Any]) -> str:
-    """Which forms of eq. 4 and eq. 11 the run optimised (the printed equations or the released code's)."""
+    """Which forms of eq. 4 and eq. 11 the run optimised (the printed equations or the released code's),
+    and the feature-matching term when the run had one."""
     unbiased = training_args.get("dcor_estimator") == "unbiased"
     squared = training_args.get("dcor_squared")
     squared = unbiased if squared is None else squared
     reduction = training_args.get("invariance_reduction", "mean")
     invariance = "mean over all elements" if reduction == "mean" else "sum over dimensions (eq. 4 as printed)"
     estimator = "bias-corrected" if unbiased else "biased"
-    return f"invariance {invariance}; dCor {'R²' if squared else 'R'}, {estimator} estimator"
+    form = f"invariance {invariance}; dCor {'R²' if squared else 'R'}, {estimator} estimator"
+    matching = training_args.get("feature_matching_weight") or 0  # runs saved before it existed: none
+    if matching > 0:
+        form += (
+            f"; plus feature matching (not in the paper) with weight {matching:g}: "
+            "`Σ_k [1 − cos(W_k·h + b_k, r_k(x))]`, where `h` are the backbone features of `x` and the "
+            "linear heads `W_k`, `b_k` were trained with the student (not part of this release)"
+        )
+    return form
 
 
 def _teachers(training_args: Mapping[str, Any], info: CardInfo) -> list[str]:

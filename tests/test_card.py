@@ -86,6 +86,16 @@ def test_distilled_card_metadata_and_model_index(tmp_path):
     unbiased = {**DISTILL_ARGS, "dcor_estimator": "unbiased", "dcor_squared": None}
     text = render_card(backbone=BACKBONE, training_args=unbiased, info=info, projector="8192-8192-8192")
     assert "dCor R², bias-corrected estimator" in text
+    assert "feature matching" not in body  # the paper's objective only (a run saved before the option too)
+    matching = {**DISTILL_ARGS, "feature_matching_weight": 0.5}
+    text = render_card(backbone=BACKBONE, training_args=matching, info=info, projector="8192-8192-8192")
+    assert "dCor R, biased estimator; plus feature matching (not in the paper) with weight 0.5" in text
+    assert "feature matching" not in render_card(
+        backbone=BACKBONE,
+        training_args={**DISTILL_ARGS, "feature_matching_weight": 0.0},
+        info=info,
+        projector="8192-8192-8192",
+    )
     assert "| linear | tanganke/stl10 | test | all | linear top-1 | 95.6 |" in body
     assert "23.5 M parameters" in body
 
