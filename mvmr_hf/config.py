@@ -388,6 +388,13 @@ class DataArguments:
         nargs="?",
         const=True,
     )
+    decode_on_device: bool = _opt(
+        False,
+        "Decode the JPEGs on the CUDA GPU (nvJPEG, batched) instead of in the workers, which then only read "
+        "each JPEG's header: for when the workers cannot decode as fast as the GPU trains. Needs CUDA and "
+        "device views; other formats, CMYK and EXIF-rotated JPEGs are still decoded by the workers. The "
+        "pixels may differ from PIL's by a few gray levels (tests/test_data.py gives the bound).",
+    )
     view_source_size: int | None = _opt(
         None,
         "With device views, the side of the square image the workers send (default image_size / 0.875: "

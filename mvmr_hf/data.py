@@ -30,6 +30,7 @@ import io
 import logging
 import math
 import signal
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -45,6 +46,7 @@ import torch
 from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
 from datasets.utils.file_utils import xopen
 from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from mvmr_hf.augment import AUGMENTATIONS, CENTER_CROP_FRACTION, ViewAugment, ViewParams, center_view
@@ -305,6 +307,86 @@ def decode_image(encoded: bytes) -> torch.Tensor:
     return torch.from_numpy(rgb.transpose(2, 0, 1).copy())
 
 
+_JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
+_EXIF_ORIENTATION = 0x0112
+
+
+def jpeg_size(encoded: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` of a JPEG the device decodes as it is (read from its header), else ``None``.
+
+    ``None`` (PIL decodes the image in the worker instead) for other formats, CMYK and YCCK
+    JPEGs, and JPEGs with an EXIF rotation, which nvJPEG would not apply. Only the header is
+    read, so that the worker's share of the work stays small.
+
+    Raises:
+        BadImageError: a JPEG without its end-of-image marker (truncated), with an unreadable
+            header, or degenerate (see :data:`MIN_IMAGE_SIDE`, :data:`MAX_ASPECT_RATIO`).
+    """
+    if not encoded.startswith(_JPEG_START):
+        return None
+    # Encoders may pad after the marker; a truncated file has none near its end.
+    if _JPEG_END not in encoded[-64:]:
+        raise BadImageError("the JPEG has no end-of-image marker: truncated")
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            width, height = image.size
+            plain = image.mode in ("RGB", "L") and image.getexif().get(_EXIF_ORIENTATION, 1) == 1
+    except Exception as error:  # PIL raises many types on a corrupt header, as in decode_image
+        raise BadImageError(f"{type(error).__name__}: {error}") from error
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise BadImageError(f"{width}x{height} px is smaller than {MIN_IMAGE_SIDE} px")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise BadImageError(f"{width}x{height} px is longer than {MAX_ASPECT_RATIO}:1")
+    return (height, width) if plain else None
+
+
+def decode_on(raw: Sequence[bytes | np.ndarray], device: torch.device | str) -> list[torch.Tensor]:
+    """The ``(3, H, W)`` uint8 images of ``raw`` on ``device``: JPEG bytes decoded there, arrays moved there.
+
+    JPEG bytes (:func:`jpeg_size` accepted them) are decoded together by
+    ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA, libjpeg-turbo on the CPU); ``(3, H, W)``
+    arrays are images the worker decoded with PIL. A JPEG the device cannot decode is decoded by
+    PIL here, as the worker would have.
+
+    Raises:
+        ConfigError: an image that passed the worker's checks but that neither decoder reads.
+    """
+    jpegs = [i for i, item in enumerate(raw) if isinstance(item, bytes)]
+    images: list[torch.Tensor | None] = [
+        None if isinstance(item, bytes) else torch.from_numpy(item).to(device, non_blocking=True)
+        for item in raw
+    ]
+    data = [torch.frombuffer(bytearray(raw[i]), dtype=torch.uint8) for i in jpegs]
+    try:
+        decoded = _decode_jpeg(data, device) if data else []
+    except RuntimeError:  # one bad image fails the whole call: decode them one at a time
+        decoded = [_decode_one(item, device) for item in data]
+    for i, image in zip(jpegs, decoded, strict=True):
+        images[i] = image
+    return images  # type: ignore[return-value]
+
+
+def _decode_jpeg(data: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders for TorchCodec; they still are its only nvJPEG path.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def _decode_one(data: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    try:
+        return _decode_jpeg([data], device)[0]
+    except RuntimeError:
+        pass
+    try:
+        return decode_image(data.numpy().tobytes()).to(device)
+    except BadImageError as error:
+        raise ConfigError(
+            f"an image passed the JPEG checks but neither the device nor PIL decodes it ({error}): "
+            "run without --decode-on-device, which skips such images in the workers"
+        ) from error
+
+
 def _seed(*parts: object) -> int:
     """A 63-bit seed derived from ``parts`` (stable across processes, unlike ``hash``)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
@@ -365,6 +447,7 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         seed: int = 0,
         source_size: int | None = None,
         augmentations: str | Sequence[str] = AUGMENTATIONS,
+        decode_on_device: bool = False,
     ) -> None:
         super().__init__()
         undecoded = dataset.select_columns([image_column])
@@ -379,6 +462,7 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         self.seed = seed
         self.augment = ViewAugment(image_size, augmentations=augmentations)
         self.source_size = source_size
+        self.decode_on_device = decode_on_device
         self.epoch = 0
         self.start: dict | None = None  # the loader's saved state to continue from, read by each worker
 
@@ -417,7 +501,8 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         for record, _ in rows:
             try:
                 encoded = read_encoded(record)
-                image = decode_image(encoded)
+                size = jpeg_size(encoded) if self.decode_on_device else None
+                image = decode_image(encoded) if size is None else None
             except BadImageError as error:
                 decoded.append(False)
                 logger.debug("Skipping an image: %s", error)
@@ -425,7 +510,14 @@ class ViewsDataset(torch.utils.data.IterableDataset):
             key = image_key(encoded)
             decoded.append(True)
             keys.append(key)
-            samples.append(self._views(image, key))
+            if image is None:  # a JPEG the device decodes: only its bytes and the view's parameters travel
+                samples.append({"raw": encoded, "view_params": self._device_params(*size, key)})
+            elif self.decode_on_device:
+                samples.append(
+                    {"raw": image.numpy(), "view_params": self._device_params(*image.shape[-2:], key)}
+                )
+            else:
+                samples.append(self._views(image, key))
         present = [name for name in _VIEWS if samples and name in samples[0]]
         views = {name: torch.stack([s[name] for s in samples]) for name in present}
         params = {}
@@ -434,32 +526,82 @@ class ViewsDataset(torch.utils.data.IterableDataset):
             names = samples[0]["view_params"]
             params = {n: torch.cat([s["view_params"][n] for s in samples]).numpy() for n in names}
         positions = [position for _, position in rows]
+        raw = [
+            sample["raw"] for sample in samples if "raw" in sample
+        ]  # pickled inline: no shared-memory file
         return {"worker": worker, "end": False, "decoded": decoded, "positions": positions, "keys": keys,
-                "views": views, "view_params": params}  # fmt: skip
+                "views": views, "view_params": params, "raw": raw}  # fmt: skip
 
     def _views(self, image: torch.Tensor, key: str) -> dict[str, Any]:
         """The non-augmented view and either the augmented view or what the device needs to make it."""
         images01 = image.unsqueeze(0).float().div_(255.0)
-        plain = center_view(images01, self.image_size, crop_fraction=CENTER_CROP_FRACTION)
-        generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch, key))
-        # The parameters are drawn on the full-resolution image in both paths, from the same
-        # generator: the device views differ from the worker views only by the resampling.
-        height, width = image.shape[-2:]
-        params = self.augment.sample(1, height, width, generator=generator)
-        if self.source_size is None:
-            # The crop comes from the full-resolution image: a small crop of an image first shrunk to
-            # S would be upsampled more, and so blurrier, than torchvision's RandomResizedCrop makes it.
+        if self.source_size is not None:
+            plain, source = self._plain_and_source(images01)
             return {
-                "image": _to_uint8(plain[0]),
-                "augmented": _to_uint8(self.augment.apply(images01, params)[0]),
+                "image": plain[0],
+                "source": source[0],
+                "view_params": self._device_params(*image.shape[-2:], key),
             }
+        plain = center_view(images01, self.image_size, crop_fraction=CENTER_CROP_FRACTION)
+        params = self._params(*image.shape[-2:], key)
+        # The crop comes from the full-resolution image: a small crop of an image first shrunk to
+        # S would be upsampled more, and so blurrier, than torchvision's RandomResizedCrop makes it.
+        return {"image": _to_uint8(plain[0]), "augmented": _to_uint8(self.augment.apply(images01, params)[0])}
+
+    def _params(self, height: int, width: int, key: str) -> ViewParams:
+        """The augmentation's random parameters for the image ``key`` of ``height`` x ``width`` px this epoch.
+
+        They are drawn on the full-resolution image in every path, from the same generator: the
+        device views differ from the worker views only by the resampling.
+        """
+        generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch, key))
+        return self.augment.sample(1, height, width, generator=generator)
+
+    def _device_params(self, height: int, width: int, key: str) -> dict[str, torch.Tensor]:
+        """:meth:`_params` with the crop boxes moved onto the square source the device crops from."""
+        params = self._params(height, width, key)
         side = self.source_size
-        # Squashed to a square so that images of any shape batch; the crop boxes follow the squash.
-        source = TF.resize(images01, [side, side], antialias=True)
-        scale = torch.tensor([side / width, side / height] * 2, dtype=torch.float64)
         values = {f.name: getattr(params, f.name) for f in fields(params)}
-        values["crop_boxes"] = params.crop_boxes * scale
-        return {"image": _to_uint8(plain[0]), "source": _to_uint8(source[0]), "view_params": values}
+        values["crop_boxes"] = params.crop_boxes * torch.tensor(
+            [side / width, side / height] * 2, dtype=torch.float64
+        )
+        return values
+
+    def _plain_and_source(self, images01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The non-augmented views and the square sources of same-sized ``images01``, rounded to 8 bits."""
+        plain = center_view(images01, self.image_size, crop_fraction=CENTER_CROP_FRACTION)
+        # Squashed to a square so that images of any shape batch; the crop boxes follow the squash.
+        source = TF.resize(images01, [self.source_size, self.source_size], antialias=True)
+        return _to_uint8(plain), _to_uint8(source)
+
+    def views_on(
+        self, batch: Mapping[str, Any], device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's non-augmented and augmented views x and x̃ on ``device``, as floats in ``[0, 1]``.
+
+        With ``decode_on_device`` the images are decoded on ``device`` first (:func:`decode_on`)
+        and cut there as the workers cut them (same functions, batched by image size).
+        """
+        if "raw" in batch:
+            batch = {**batch, **self._decoded_views(batch["raw"], device)}
+        images = batch["image"].to(device, non_blocking=True).float().div_(255)
+        return images, self.augmented_view(batch, device)
+
+    def _decoded_views(
+        self, raw: Sequence[bytes | np.ndarray], device: torch.device | str
+    ) -> dict[str, torch.Tensor]:
+        images = decode_on(raw, device)
+        plain = torch.empty((len(raw), 3, self.image_size, self.image_size), dtype=torch.uint8, device=device)
+        source = torch.empty(
+            (len(raw), 3, self.source_size, self.source_size), dtype=torch.uint8, device=device
+        )
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape), []).append(index)
+        for indices in by_size.values():
+            same = torch.stack([images[i] for i in indices]).float().div_(255)
+            plain[indices], source[indices] = self._plain_and_source(same)
+        return {"image": plain, "source": source}
 
     def augmented_view(self, batch: Mapping[str, Any], device: torch.device | str) -> torch.Tensor:
         """The batch's augmented view x̃ on ``device`` as floats in ``[0, 1]``.
@@ -706,6 +848,8 @@ class ViewsLoader:
                 name: torch.from_numpy(np.concatenate([c["view_params"][name][a:b] for c, a, b in parts]))
                 for name in params
             }
+        if parts[0][0]["raw"]:
+            batch["raw"] = [item for chunk, first, end in parts for item in chunk["raw"][first:end]]
         batch["key"] = [key for chunk, first, end in parts for key in chunk["keys"][first:end]]
         batch["skipped"] = skipped
         return batch
@@ -776,6 +920,7 @@ def build_dataloader(
     device_views: bool = False,
     source_size: int | None = None,
     augmentations: str | Sequence[str] = AUGMENTATIONS,
+    decode_on_device: bool = False,
     ignore_signals: Sequence[int] = (),
 ) -> tuple[ViewsLoader, DataStats]:
     """A resumable loader of MV-MR batches for process ``rank`` of ``world_size``.
@@ -811,6 +956,10 @@ def build_dataloader(
             string (:func:`~mvmr_hf.augment.parse_augmentations`). The random parameters are those
             of the full augmentation, switched-off steps neutralised, in both the workers' and the
             device views.
+        decode_on_device: the workers only read each JPEG's header and draw its view's parameters;
+            ``loader.dataset.views_on(batch, device)`` decodes the batch's JPEGs on the device
+            (nvJPEG on CUDA) and makes both views there (:func:`jpeg_size` says which images PIL
+            still decodes in the workers). Needs ``device_views``.
         ignore_signals: signals the worker processes ignore: the training process handles them
             (a cluster's stop signal reaches every process of the job, workers included, which
             would otherwise die before the run can save its checkpoint).
@@ -830,6 +979,8 @@ def build_dataloader(
     check_int("shuffle_buffer", shuffle_buffer, 0)
     if source_size is not None:
         check_int("source_size", source_size, MIN_IMAGE_SIDE)
+    if decode_on_device and not device_views:
+        raise ConfigError("decode_on_device makes the views on the device: pass device_views=True too.")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ConfigError(f"rank must be an integer in [0, {world_size}), got {rank!r}.")
     column = resolve_image_column(dataset.features, image_column)
@@ -854,6 +1005,7 @@ def build_dataloader(
         seed=seed,
         source_size=(source_size or default_source_size(image_size)) if device_views else None,
         augmentations=augmentations,
+        decode_on_device=decode_on_device,
     )
     loader = ViewsLoader(
         views,

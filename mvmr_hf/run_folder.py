@@ -51,8 +51,8 @@ LOGS_DIR = "logs"
 CHANGEABLE_ON_RESUME = frozenset(
     {"resume", "overwrite", "output_dir", "epochs", "max_steps", "num_workers", "checkpoint_every",
      "keep_checkpoints", "log_with", "log_every", "push_to_hub", "cache_teacher", "mixed_precision",
-     "channels_last", "compile", "device_views", "view_source_size", "finetune_epochs", "finetune_max_steps",
-     "finetune_dir"}
+     "channels_last", "compile", "device_views", "decode_on_device", "view_source_size", "finetune_epochs",
+     "finetune_max_steps", "finetune_dir"}
 )  # fmt: skip
 
 

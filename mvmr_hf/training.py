@@ -129,6 +129,8 @@ def train(
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
     device, world = accelerator.device, accelerator.num_processes
+    device_views = data_args.device_views if data_args.device_views is not None else device.type == "cuda"
+    _check_decoding(data_args.decode_on_device, device, device_views=device_views)
 
     # Check everything, build everything: nothing is written before this block succeeds.
     criterion = MVMRLoss(
@@ -178,8 +180,9 @@ def train(
         num_workers=data_args.num_workers,
         image_column=data_args.image_column,
         pin_memory=device.type == "cuda",
-        device_views=data_args.device_views if data_args.device_views is not None else device.type == "cuda",
+        device_views=device_views,
         source_size=data_args.view_source_size,
+        decode_on_device=data_args.decode_on_device,
         augmentations=data_args.augmentations,
         ignore_signals=training_args.signals(),
     )
@@ -240,9 +243,9 @@ def train(
                 batches = 0
                 for batch in _until_any_process_runs_out(loader, accelerator):
                     batches += 1
-                    # the views travel as uint8 (fewer bytes than floats), become [0, 1] floats on the device
-                    images = batch["image"].to(device, non_blocking=True).float().div_(255)
-                    augmented = loader.dataset.augmented_view(batch, device)  # made here with --device-views
+                    # x and x̃ as [0, 1] floats on the device (travelling as uint8; x̃ made there with device
+                    # views, both decoded there with --decode-on-device)
+                    images, augmented = loader.dataset.views_on(batch, device)
                     with accelerator.accumulate(*trained):
                         out = student(images)
                         z = out.embedding  # Z: the non-augmented view
@@ -312,6 +315,18 @@ def train(
             # After the other processes have finished: a failed push (ConfigError) keeps the release.
             push_to_hub(release, training_args.push_to_hub)
         return release
+
+
+def _check_decoding(decode_on_device: bool, device: torch.device, *, device_views: bool) -> None:
+    if not decode_on_device:
+        return
+    if device.type != "cuda":
+        raise ConfigError(
+            f"--decode-on-device decodes JPEGs with nvJPEG on a CUDA GPU, but this run's device is "
+            f"{device.type}: drop the flag (the workers decode)"
+        )
+    if not device_views:
+        raise ConfigError("--decode-on-device makes the views on the GPU: drop --device-views false")
 
 
 def _check_trackers(trackers: list[str] | str | None) -> None:

@@ -27,8 +27,10 @@ from mvmr_hf.data import (
     BadImageError,
     build_dataloader,
     decode_image,
+    decode_on,
     default_source_size,
     image_key,
+    jpeg_size,
     load_image_dataset,
     resolve_image_column,
 )
@@ -133,7 +135,6 @@ def test_a_streamed_image_folder_states_its_size_without_a_cache(samples, tmp_pa
     loader, stats = build_dataloader(stream, image_size=32, batch_size=1)
     assert stats.num_examples == len(files)
     assert sum(len(batch["key"]) + batch["skipped"] for batch in loader) == len(files)
-
 
 
 @pytest.mark.parametrize("streaming", [True, False])
@@ -750,3 +751,68 @@ def test_undecodable_record_bytes_do_not_stop_the_stream():
     batches = list(loader)
     assert [b["key"][0] for b in batches] == [image_key(b.getvalue()) for b in encoded]
     assert sum(b["skipped"] for b in batches) == 1
+
+
+# ----------------------------------------------------------------------------- decoding on the device
+
+
+def _decoding_loaders(folder: Path, num_workers: int):
+    """Device views of every image of ``folder``, decoded by PIL in the workers or by the device."""
+    dataset = load_image_dataset(str(folder), streaming=False)
+    options = {"image_size": 32, "batch_size": 8, "shuffle_buffer": 0, "device_views": True}
+    return [
+        build_dataloader(dataset, num_workers=num_workers, decode_on_device=on_device, **options)[0]
+        for on_device in (False, True)
+    ]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_decoding_on_the_device_gives_the_views_of_pil_decoding(tmp_path, num_workers):
+    """Every sample image, unusual and broken ones included, plus a grayscale JPEG: the JPEGs decoded by
+    torchvision's libjpeg-turbo on the CPU (the path nvJPEG takes on CUDA) give the views PIL's decoding
+    gives, the same images are skipped, and the images PIL must decode (PNG, CMYK, EXIF-rotated) still are."""
+    folder = write_sample_images(tmp_path / "images", unusual=True, broken=True)
+    Image.fromarray(skdata.camera()).save(folder / "train" / "camera_gray.jpg", quality=90)
+    pil, device = _decoding_loaders(folder, num_workers)
+    for epoch in range(2):
+        pil.dataset.set_epoch(epoch)
+        device.dataset.set_epoch(epoch)
+        expected, batches = list(pil), list(device)
+        assert [b["key"] for b in batches] == [b["key"] for b in expected]
+        skipped = [sum(b["skipped"] for b in loaded) for loaded in (batches, expected)]
+        assert skipped == [5, 5]  # the five bad_* files
+        assert any(isinstance(item, bytes) for b in batches for item in b["raw"])  # JPEGs travel undecoded
+        for batch, reference in zip(batches, expected, strict=True):
+            images, augmented = device.dataset.views_on(batch, "cpu")
+            assert torch.equal(images, reference["image"].float() / 255)
+            assert torch.equal(augmented, pil.dataset.augmented_view(reference, "cpu"))
+
+
+def test_jpeg_size_reads_the_header_and_leaves_other_images_to_pil(tmp_path):
+    folder = write_sample_images(tmp_path / "images", unusual=True, broken=True) / "train"
+    for name in ("astronaut.jpg", "coffee.jpg"):
+        with Image.open(folder / name) as image:
+            assert jpeg_size((folder / name).read_bytes()) == (image.height, image.width)
+    for name in ("chelsea.png", "coffee_cmyk.jpg", "rocket_exif_rotated.jpg"):
+        assert jpeg_size((folder / name).read_bytes()) is None
+    with pytest.raises(BadImageError, match="truncated"):
+        jpeg_size((folder / "bad_truncated.jpg").read_bytes())
+
+
+def test_decoding_on_the_device_needs_device_views(tmp_path):
+    dataset = load_image_dataset(str(write_digits(tmp_path / "digits")), streaming=False)
+    with pytest.raises(ConfigError, match="device_views=True"):
+        build_dataloader(dataset, image_size=16, batch_size=8, decode_on_device=True)
+
+
+@pytest.mark.gpu
+def test_decoding_on_cuda_matches_pil(tmp_path):
+    """nvJPEG against PIL on the sample JPEGs: other inverse DCT and chroma upsampling, so values may differ
+    by a few gray levels (bound: mean difference at most 1 level, none more than 16)."""
+    folder = write_sample_images(tmp_path / "images") / "train"
+    raw = [(folder / name).read_bytes() for name in ("astronaut.jpg", "coffee.jpg")]
+    for image, encoded in zip(decode_on(raw, "cuda"), raw, strict=True):
+        assert image.device.type == "cuda"
+        difference = (image.cpu().int() - decode_image(encoded).int()).abs()
+        assert difference.float().mean() <= 1.0
+        assert difference.max() <= 16

@@ -88,6 +88,9 @@ BAD_PRETRAIN_INPUT = [
         ["--augmentations", "crop,zoom"], "crop, flip, color, grayscale, blur", id="unknown-augmentation"
     ),
     pytest.param(["--augmentations", "flip,crop,flip"], "flip twice", id="repeated-augmentation"),
+    pytest.param(
+        ["--decode-on-device"], "a CUDA GPU, but this run's device is cpu", id="decode-without-cuda"
+    ),
     # A term through each teacher's output: there is no teacher to match in pretraining.
     pytest.param(
         ["--feature-matching-weight", "1"], "--feature-matching-weight", id="feature-matching-no-teacher"
