@@ -5,9 +5,9 @@ The loop measured is the one users run: :func:`mvmr_hf.train` (what ``mvmr-disti
 or hooked inside the step. Its rate is read from its own ``metrics.jsonl`` (``images_per_s``,
 logged every few steps), as the median of an epoch's logs after its first (which holds the
 workers' start and, with ``--compile``, the compilation). The data wait is the share of the
-run's wall time, from its first request for a batch to the end of ``train`` (the final checkpoint
-and the release included, so a lower bound of the steps' share), spent waiting for the loader's
-next batch, seen from outside the loader.
+steps' wall time, from the loop's first request for a batch to the last batch it receives (the
+final checkpoint and the release are outside it), spent waiting for the loader's next batch, seen
+from outside the loader.
 
 In the same process, the parts alone, on one batch already on the device, in the loop's
 precision and memory format, each timed over repeated calls with one synchronisation at the end:
@@ -22,6 +22,9 @@ Configurations (random-init weights: speed does not depend on them):
   at its real sizes, 224 px, batch 256, bf16, 16 workers, JPEGs of about 500 x 375 px;
 - ``cpu``: resnet18, a 2048-2048 projector, a ViT-S/16-sized tower, 64 px, batch 16, fp32, 2 workers
   (a smoke test of the script, not a target).
+
+On CUDA the distillation without the cache runs a second time with ``--decode-on-device`` (nvJPEG
+in the training process, the workers only reading headers), against the workers' decoding.
 
 Targets (issue 19, one H200): loop >= 0.85 of the parts alone with and without the cache; >= 1,700
 images/s without the cache and >= 2,200 in the cache's second epoch; pretraining >= 0.8 of the
@@ -102,7 +105,7 @@ def _setup(device: torch.device, quick: bool, compile_: bool, workers: int | Non
             128 if quick else 256,
             "bf16",
             min(16, len(os.sched_getaffinity(0))),
-            12 if quick else 24,
+            12 if quick else 16,
             4,
             compile_,
         )
@@ -110,11 +113,17 @@ def _setup(device: torch.device, quick: bool, compile_: bool, workers: int | Non
 
 
 class _WaitClock:
-    """Wall time of the loop and, within it, the time spent waiting for the loader's next batch."""
+    """Wall time of the steps and, within it, the time spent waiting for the loader's next batch."""
 
     def __init__(self) -> None:
         self.wait = 0.0
         self.began: float | None = None
+        self.last = 0.0  # when the loop received its latest batch
+
+    @property
+    def wait_share(self) -> float:
+        span = self.last - self.began if self.began is not None else 0.0
+        return self.wait / span if span > 0 else 0.0
 
     def loader(self, loader: Any) -> Any:
         clock = self
@@ -129,7 +138,8 @@ class _WaitClock:
                     start = time.perf_counter()
                     clock.began = clock.began or start
                     batch = next(batches, None)
-                    clock.wait += time.perf_counter() - start
+                    clock.last = time.perf_counter()
+                    clock.wait += clock.last - start
                     if batch is None:
                         return
                     yield batch
@@ -138,7 +148,7 @@ class _WaitClock:
 
 
 def _loop(
-    setup: Setup, device: torch.device, root: Path, *, teacher: Path | None, cache: bool
+    setup: Setup, device: torch.device, root: Path, *, teacher: Path | None, cache: bool, decode: bool = False
 ) -> dict[str, Any]:
     """One :func:`mvmr_hf.train` run; the median rate of each epoch's logs after the first, the data wait."""
     output = Path(tempfile.mkdtemp(prefix="run-", dir=root))
@@ -154,7 +164,10 @@ def _loop(
         seed=0,
     )
     data_args = DataArguments(
-        dataset=str(root / "data"), image_size=setup.image_size, num_workers=setup.workers
+        dataset=str(root / "data"),
+        image_size=setup.image_size,
+        num_workers=setup.workers,
+        decode_on_device=decode,
     )
     model = ModelArguments if teacher is not None else PretrainModelArguments
     teacher_args = None if teacher is None else TeacherArguments(teacher=str(teacher), cache_teacher=cache)
@@ -168,13 +181,12 @@ def _loop(
     with mock.patch.object(training, "build_dataloader", build_dataloader):
         train_run(device, model(student=setup.student, projector=setup.projector), data_args, training_args,
                   teacher_args)  # fmt: skip
-    ended = time.perf_counter()
     logs = [json.loads(line) for line in (output / METRICS_FILE).read_text().splitlines()]
     epochs = sorted({log["epoch"] for log in logs})
     rates = {e: [log["images_per_s"] for log in logs if log["epoch"] == e][1:] for e in epochs}
     return {
         "rates": {e: statistics.median(r) for e, r in rates.items() if r},
-        "data_wait_share": clock.wait / (ended - (clock.began or ended)),
+        "data_wait_share": clock.wait_share,
     }
 
 
@@ -229,12 +241,15 @@ def _measure(setup: Setup, device: torch.device, root: Path) -> tuple[list[dict[
     student_rate = setup.batch / parts["student_s"]
     both_rate = setup.batch / (parts["student_s"] + parts["teacher_s"])
     rows = []
-    for mode, run_teacher, cache, epoch, parts_rate in (
-        ("distill", teacher, False, 0, both_rate),
-        ("distill, cache epoch 2", teacher, True, 1, student_rate),
-        ("pretrain (5 hand-crafted)", None, False, 0, student_rate),
-    ):
-        loop = _loop(setup, device, root, teacher=run_teacher, cache=cache)
+    modes = [
+        ("distill", teacher, False, 0, both_rate, False),
+        ("distill, cache epoch 2", teacher, True, 1, student_rate, False),
+        ("pretrain (5 hand-crafted)", None, False, 0, student_rate, False),
+    ]
+    if device.type == "cuda":  # nvJPEG against the workers' decoding of the first row
+        modes.append(("distill, JPEGs decoded on the GPU", teacher, False, 0, both_rate, True))
+    for mode, run_teacher, cache, epoch, parts_rate, decode in modes:
+        loop = _loop(setup, device, root, teacher=run_teacher, cache=cache, decode=decode)
         rate = loop["rates"][epoch]
         rows.append(
             {
@@ -306,8 +321,8 @@ def main(argv: list[str]) -> None:
         f"parts alone: student step {parts['student_s'] * 1e3:.1f} ms, teacher forward "
         f"{parts['teacher_s'] * 1e3:.1f} ms a batch",
         "loop: median of metrics.jsonl's images_per_s over an epoch's logs after its first; data wait: "
-        "share of the run's wall time spent in the loader's next(), from the first batch to the end of "
-        "train (final checkpoint and release included: a lower bound)",
+        "share of the steps' wall time spent in the loader's next(), from the loop's first request for a "
+        "batch to the last batch it received (the final checkpoint and the release left out)",
     ]
     columns = [
         ("mode", "mode", ""),
