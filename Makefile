@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mvmr-installed
 
-.PHONY: demo test floors lint bench bench-quality gpu-wheels gpu-check clean
+.PHONY: demo test floors lint bench bench-quality bench-quality-fashion gpu-wheels gpu-check clean
 
 # PyTorch's OpenMP threads spin while they wait; on a machine whose cores are busy with other
 # work (a shared CI runner, a laptop) that made CPU steps 15x slower. Passive waiting costs
@@ -53,6 +53,10 @@ bench: $(STAMP)
 # The full quality grid behind the README's defaults table (about 70 minutes on 2 CPU cores).
 bench-quality: $(STAMP)
 	$(PY) benchmarks/bench_quality.py
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package (MIT): `apt-get install dataset-fashion-mnist`.
+bench-quality-fashion: $(STAMP)
+	$(PY) benchmarks/bench_quality_fashion.py
 
 # On a networked machine, for an offline GPU node: exactly the wheels the node lacks, in .whl/
 # (.ci/offline_wheels.py). The node is named by its Python, its platform tag and its packages

@@ -37,9 +37,7 @@ smoke test and ``make bench``: its numbers show the script runs, not what the ob
 
 from __future__ import annotations
 
-import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -47,8 +45,17 @@ from pathlib import Path
 
 import timm
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from common import DIGITS_SPLITS, Column, linear_and_knn, parser, report, resolve_device
+from common import (
+    DIGITS_SPLITS,
+    Column,
+    linear_and_knn,
+    parser,
+    report,
+    reset_accelerate,
+    resolve_device,
+    seed_row,
+    share_teacher_caches,
+)
 from safetensors.torch import save_file
 
 from mvmr_hf.cli.train import distill_main, pretrain_main
@@ -58,7 +65,6 @@ from mvmr_hf.errors import ConfigError
 from mvmr_hf.export import CONFIG, WEIGHTS, export_student, write_timm_config
 from mvmr_hf.sample_data import write_digits
 from mvmr_hf.student import build_student
-from mvmr_hf.teacher_cache import CACHE_DIR
 from mvmr_hf.utils import atomic_folder
 
 IMAGE_SIZE = 16  # the digits are 8 x 8: 16 px keeps every detail at a quarter of the cost of 32 px
@@ -103,21 +109,6 @@ PRETRAIN_CELLS = [
 QUICK_CELLS = [DISTILL_CELLS[0], DISTILL_CELLS[1]]
 
 
-def _reset_accelerate() -> None:
-    """Accelerate keeps process-wide singletons; each in-process run starts from a clean state."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def _share_teacher_caches(pool: Path, run: Path, *, after: bool) -> None:
-    """Hard-link exact teacher caches (one folder per teacher setting) from ``pool`` into a new ``run``,
-    or, ``after`` it, from the run into the pool."""
-    source, target = (run / CACHE_DIR, pool) if after else (pool, run / CACHE_DIR)
-    for folder in sorted(source.iterdir()) if source.is_dir() else []:
-        if not (target / folder.name).exists():
-            shutil.copytree(folder, target / folder.name, copy_function=os.link)
-
-
 def _random_teacher(folder: Path) -> Path:
     """EfficientNet-Lite0's architecture with random weights: a teacher that knows nothing."""
     if not (folder / WEIGHTS).is_file():
@@ -127,10 +118,6 @@ def _random_teacher(folder: Path) -> Path:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, work / WEIGHTS)
             write_timm_config(model, work / CONFIG)
     return folder
-
-
-def _summary(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (max(values) - min(values)) / 2
 
 
 def main() -> int:
@@ -181,7 +168,7 @@ def main() -> int:
         if not release.exists():
             export_student(build_student(STUDENT, projector=PROJECTOR, image_size=IMAGE_SIZE), release)
         random_scores.append(linear_and_knn(str(release), data, features, device, splits))
-    rows.append(_row("reference", f"{STUDENT} randomly initialised", random_scores, 0.0))
+    rows.append(seed_row("reference", f"{STUDENT} randomly initialised", random_scores, 0.0))
 
     for group, cell, command, changes in cells:
         changes = [change.format(**folders) for change in changes]
@@ -195,18 +182,18 @@ def main() -> int:
                 default_teacher = [] if "--teacher" in changes else ["--teacher", str(teacher)]
                 argv = [*argv[: len(COMMON)], *default_teacher, "--cache-teacher", *argv[len(COMMON) :]]
                 if not run.exists():
-                    _share_teacher_caches(pool, run, after=False)
+                    share_teacher_caches(pool, run, after=False)
             began = time.perf_counter()
-            _reset_accelerate()
+            reset_accelerate()
             status = (distill_main if command == "distill" else pretrain_main)([*argv, "--resume"])
             if status:
                 print(f"error: the run {run} failed with status {status}", file=sys.stderr)
                 return status
             seconds += time.perf_counter() - began
             if command == "distill":
-                _share_teacher_caches(pool, run, after=True)
+                share_teacher_caches(pool, run, after=True)
             scores.append(linear_and_knn(str(run / "student"), data, features, device, splits))
-        rows.append(_row(group, cell, scores, seconds / len(seeds)))
+        rows.append(seed_row(group, cell, scores, seconds / len(seeds)))
         print(f"[{time.perf_counter() - start:.0f} s] {group}: {cell}: {rows[-1]['linear']:.2f} linear, "
               f"{rows[-1]['knn']:.2f} kNN", flush=True)  # fmt: skip
 
@@ -234,23 +221,6 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     report("quality", args, device, rows, columns, config=config, notes=notes)
     return 0
-
-
-def _row(group: str, cell: str, scores: list[dict[str, float]], seconds: float) -> dict:
-    linear, linear_spread = _summary([s["linear"] for s in scores])
-    knn, knn_spread = _summary([s["knn"] for s in scores])
-    return {
-        "group": group,
-        "cell": cell,
-        "linear": linear,
-        "linear_spread": linear_spread,
-        "knn": knn,
-        "knn_spread": knn_spread,
-        "seeds": len(scores),
-        "seconds_per_run": seconds,
-        "linear_per_seed": [s["linear"] for s in scores],
-        "knn_per_seed": [s["knn"] for s in scores],
-    }
 
 
 if __name__ == "__main__":

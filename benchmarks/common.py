@@ -27,6 +27,8 @@ import json
 import os
 import platform
 import re
+import shutil
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -449,3 +451,45 @@ def linear_and_knn(
     results = evaluate(load_encoder(str(model)), str(data), train_split=splits[0], test_split=splits[1],
                        protocols=("linear", "knn"), cache_dir=cache, device=device)  # fmt: skip
     return {result.protocol: result.top1 for result in results}
+
+
+# ----------------------------------------------------------------------------- quality runs
+
+
+def reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons; each in-process run starts from a clean state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def share_teacher_caches(pool: Path, run: Path, *, after: bool) -> None:
+    """Hard-link exact teacher caches (one folder per teacher setting) from ``pool`` into a new ``run``,
+    or, ``after`` it, from the run into the pool."""
+    from mvmr_hf.teacher_cache import CACHE_DIR
+
+    source, target = (run / CACHE_DIR, pool) if after else (pool, run / CACHE_DIR)
+    for folder in sorted(source.iterdir()) if source.is_dir() else []:
+        if not (target / folder.name).exists():
+            shutil.copytree(folder, target / folder.name, copy_function=os.link)
+
+
+def spread_summary(values: list[float]) -> tuple[float, float]:
+    """Mean over seeds and the spread, half the range: a difference smaller than the spreads is noise."""
+    return statistics.fmean(values), (max(values) - min(values)) / 2
+
+
+def seed_row(
+    group: str,
+    cell: str,
+    scores: list[dict[str, float]],
+    seconds: float,
+    metrics: Sequence[str] = ("linear", "knn"),
+) -> dict[str, Any]:
+    """One table row: each metric's mean over the seeds' ``scores``, its spread and per-seed values."""
+    row: dict[str, Any] = {"group": group, "cell": cell}
+    for metric in metrics:
+        row[metric], row[f"{metric}_spread"] = spread_summary([s[metric] for s in scores])
+    row |= {"seeds": len(scores), "seconds_per_run": seconds}
+    return row | {f"{metric}_per_seed": [s[metric] for s in scores] for metric in metrics}

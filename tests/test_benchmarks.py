@@ -256,3 +256,13 @@ def test_bench_step_instruments_change_neither_the_loss_nor_the_update(bench_ste
     for key, value in plain_weights.items():
         assert torch.equal(marked_weights[key], value), key
     assert not all(torch.equal(initial[key], plain_weights[key]) for key in initial), "no update"
+
+
+def test_quality_on_fashion_mnist_without_its_files_is_one_line_and_exit_2(tmp_path):
+    """The Fashion-MNIST benchmark's data set is a system package, not in CI: its absence is one line."""
+    output = tmp_path / "result.json"
+    result = _run("bench_quality_fashion.py", output, "--fashion-mnist", str(tmp_path / "none"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().count("\n") == 0
+    assert "apt-get install dataset-fashion-mnist" in result.stderr
+    assert not output.exists()
