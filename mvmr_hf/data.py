@@ -96,9 +96,17 @@ class DataStats:
 # ----------------------------------------------------------------------------- loading
 
 
-def _check_choice(kind: str, value: str, available: list[str], dataset: str) -> None:
+def _check_choice(kind: str, value: str, available: list[str], dataset: str, hint: str = "") -> None:
     if value not in available:
-        raise ConfigError(f"Unknown {kind} {value!r} for dataset {dataset!r}: choose one of {available}.")
+        raise ConfigError(
+            f"Unknown {kind} {value!r} for dataset {dataset!r}: choose one of {available}{hint}."
+        )
+
+
+_FOLDER_SPLITS = (
+    " (a local folder's splits are its train/, test/ and validation/ subfolders, each holding the images or "
+    "one subfolder of images per class, which is then the label)"
+)
 
 
 def _check_config(path: str, config: str | None, name: str, hub: dict) -> None:
@@ -147,7 +155,7 @@ def load_image_dataset(
                 raise ConfigError(f"Split {split!r} is a slice or a sum, which needs streaming=False.")
             # All splits of a stream are opened lazily, so this costs no more than opening one.
             splits = datasets.load_dataset(path, config, streaming=True, **hub)
-            _check_choice("split", split, list(splits), name_or_path)
+            _check_choice("split", split, list(splits), name_or_path, _FOLDER_SPLITS if local else "")
             stream = splits[split]
             if local and _num_examples(stream) is None:
                 _count_local_rows(stream, path, config, split)
@@ -155,7 +163,9 @@ def load_image_dataset(
         # Check the split before load_dataset downloads and converts every split.
         available = datasets.get_dataset_split_names(path, config, **hub)
         for part in split.split("+"):
-            _check_choice("split", part.split("[")[0].strip(), available, name_or_path)
+            _check_choice(
+                "split", part.split("[")[0].strip(), available, name_or_path, _FOLDER_SPLITS if local else ""
+            )
         return datasets.load_dataset(path, config, split=split, **hub)
     except ConfigError:
         raise

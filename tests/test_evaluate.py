@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import on_two_processes
 from huggingface_hub import ModelCard
+from PIL import Image
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression, Ridge
@@ -481,3 +482,24 @@ def test_zero_shot_without_text_tower_or_alignment_says_how_to_fix(digits, relea
     argv = ["--model", str(releases["random"]), "--dataset", str(digits), "--protocol", "zero-shot"]
     assert evaluate_main(argv) == 2
     assert "mvmr-align" in capsys.readouterr().err
+
+
+def test_evaluate_on_class_folders_without_splits_says_how_to_lay_them_out(releases, tmp_path, capsys):
+    """A folder of class subfolders is one split, train: evaluating on its test split is one line that
+    says where the splits go, and nothing is cached."""
+    for label in ("cat", "dog"):
+        (tmp_path / "pets" / label).mkdir(parents=True)
+        for index in range(3):
+            Image.fromarray(np.full((16, 16, 3), 40 * index, dtype=np.uint8)).save(
+                tmp_path / "pets" / label / f"{index}.png"
+            )
+    cache = tmp_path / "cache"
+    argv = ["--model", str(releases["random"]), "--dataset", str(tmp_path / "pets")]
+    argv += ["--cache-dir", str(cache)]
+    assert evaluate_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "Unknown split 'test'" in err
+    assert "['train']" in err
+    assert "train/, test/ and validation/ subfolders" in err
+    assert not cache.exists()
