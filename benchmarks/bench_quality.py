@@ -22,7 +22,9 @@ Cells (each against the candidate defaults, one change at a time):
 - pretraining (no teacher): no descriptor, each of the paper's five alone, all five;
 - several teachers: EfficientNet-Lite2 (ImageNet, 260 px) alone, Lite0 and Lite2 distilled together
   (two dCor terms, no adaptor), and Lite0 together with a teacher that knows nothing (the same
-  architecture, randomly initialised): what a useless teacher does to the mix.
+  architecture, randomly initialised): what a useless teacher does to the mix;
+- feature matching (``--feature-matching-weight``, not in the paper): the paper's objective with
+  and without it, and the teacher's dCor term with it alone (``--groups matching``).
 
 Rows also give the two references: the same student randomly initialised (the floor) and the
 teacher itself (the ceiling). Numbers are means over seeds with the spread (max - min) / 2.
@@ -32,6 +34,7 @@ smoke test and ``make bench``: its numbers show the script runs, not what the ob
 
     python benchmarks/bench_quality.py            # full grid, about an hour on 2 cores
     python benchmarks/bench_quality.py --groups teachers --output benchmarks/results/quality-teachers-cpu.json
+    python benchmarks/bench_quality.py --groups matching --output benchmarks/results/quality-matching-cpu.json
     python benchmarks/bench_quality.py --quick
 """
 
@@ -92,6 +95,14 @@ DISTILL_CELLS = [
     ("distill", "projector none", "distill", ["--projector", "none"]),
     ("distill", "projector 512-512", "distill", ["--projector", "512-512"]),
 ]  # fmt: skip
+# The feature-matching term (not in the paper; benchmarks/bench_quality_fashion.py chose it) on digits.
+MATCHING_CELLS = [
+    ("matching", "paper objective, no feature matching", "distill", ["--feature-matching-weight", "0"]),
+    ("matching", "paper objective + feature matching 1", "distill", ["--feature-matching-weight", "1"]),
+    ("matching", "teacher dCor + feature matching 1 (λ = μ = α = 0)", "distill",
+     ["--invariance-weight", "0", "--variance-weight", "0", "--view-weight", "0",
+      "--feature-matching-weight", "1"]),
+]  # fmt: skip
 # {lite0}, {lite2} and {random} are the teachers' folders.
 TEACHER_CELLS = [
     ("teachers", "EfficientNet-Lite0 alone (the defaults cell)", "distill", []),
@@ -125,7 +136,7 @@ def main() -> int:
     arguments.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 2, quick 2)")
     arguments.add_argument("--epochs", type=int, default=None, help="epochs per run (default 8, quick 2)")
     arguments.add_argument("--work-dir", type=Path, default=None, help="keep runs here (default: a temp dir)")
-    arguments.add_argument("--groups", default="distill,pretrain,teachers",
+    arguments.add_argument("--groups", default="distill,pretrain,teachers,matching",
                            help="cell groups to run, comma-separated (references always run)")  # fmt: skip
     args = arguments.parse_args()
     try:
@@ -136,7 +147,7 @@ def main() -> int:
     seeds = list(range(args.seeds or 2))
     epochs = args.epochs or (2 if args.quick else 8)
     groups = set(args.groups.split(","))
-    cells = QUICK_CELLS if args.quick else DISTILL_CELLS + PRETRAIN_CELLS + TEACHER_CELLS
+    cells = QUICK_CELLS if args.quick else DISTILL_CELLS + PRETRAIN_CELLS + TEACHER_CELLS + MATCHING_CELLS
     cells = [cell for cell in cells if cell[0] in groups]
     splits = DIGITS_SPLITS["quick" if args.quick else "full"]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-quality-"))
@@ -180,7 +191,9 @@ def main() -> int:
                     "--seed", str(seed), "--epochs", str(epochs)]  # fmt: skip
             if command == "distill":
                 default_teacher = [] if "--teacher" in changes else ["--teacher", str(teacher)]
-                argv = [*argv[: len(COMMON)], *default_teacher, "--cache-teacher", *argv[len(COMMON) :]]
+                # The paper's objective is what every cell varies; the matching cells turn the term on.
+                paper = [*default_teacher, "--cache-teacher", "--feature-matching-weight", "0"]
+                argv = [*argv[: len(COMMON)], *paper, *argv[len(COMMON) :]]
                 if not run.exists():
                     share_teacher_caches(pool, run, after=False)
             began = time.perf_counter()
