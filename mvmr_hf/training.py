@@ -24,7 +24,10 @@ Outputs in ``OUTPUT_DIR`` (:mod:`mvmr_hf.run_folder`): ``training_args.json`` (a
 written first; a valid config file), ``metrics.jsonl`` (:mod:`mvmr_hf.metrics`),
 ``checkpoints/step-NNNNNN/``, ``teacher_cache/`` (``--cache-teacher``), ``logs/``
 (``--log-with``) and, at the end, the release folder ``student/``
-(:func:`mvmr_hf.export.export_student`).
+(:func:`mvmr_hf.export.export_student`). A run stopped by a stop signal (:class:`StopRequest`) saves a
+checkpoint, writes the marker ``PREEMPTED`` (step, checkpoint, signal: what a scheduler script reads,
+whatever exit status the launcher reports) and raises PreemptedError; the next start or ``--resume``
+removes the marker.
 
 Example (what ``mvmr-pretrain`` does)::
 
@@ -78,6 +81,7 @@ from mvmr_hf.run_folder import (
     check_outputs,
     flat_arguments,
     flat_defaults,
+    mark_preempted,
     own_output_dir,
     prepare_output_dir,
     resume_point,
@@ -162,13 +166,8 @@ def train(
     heads_rng = torch.random.get_rng_state()  # the feature-matching heads' weights come next in this stream
     # Weights for terms the run does not have are told before any teacher is loaded.
     _check_representation_weights(criterion, _term_names(model_args, teacher))
-    representations = build_representations(model_args, teacher)
-    _check_local_batch(batch_size, criterion, representations, student)
-    matching = build_feature_matching(
-        student, representations, teacher.feature_matching_weight if teacher is not None else 0.0,
-        image_size=data_args.image_size, rng_state=heads_rng,
-    )  # fmt: skip
-    set_seed(training_args.seed, device_specific=True)  # e.g. augmented-pixels: per-process random draws
+    # The data's checks (image column, enough images, a known length for --epochs) come before the teachers
+    # load too; building the loader draws no random number, so the seeding around it is unchanged.
     loader, data_stats = build_dataloader(
         dataset,
         image_size=data_args.image_size,
@@ -187,6 +186,13 @@ def train(
         ignore_signals=training_args.signals(),
     )
     total_steps = _total_steps(training_args, data_stats, batch_size * world)
+    representations = build_representations(model_args, teacher)
+    _check_local_batch(batch_size, criterion, representations, student)
+    matching = build_feature_matching(
+        student, representations, teacher.feature_matching_weight if teacher is not None else 0.0,
+        image_size=data_args.image_size, rng_state=heads_rng,
+    )  # fmt: skip
+    set_seed(training_args.seed, device_specific=True)  # e.g. augmented-pixels: per-process random draws
 
     # From here on the output folder is written, by this run alone: it holds the folder's lock.
     with own_output_dir(accelerator, output_dir):
@@ -275,7 +281,7 @@ def train(
                             meter.log(step, epoch, scheduler.get_last_lr()[0])
                         if step > saved_step:
                             saved_step = checkpoint(step, epoch)
-                        raise stop.preempted(step, output_dir)
+                        raise stop.preempted(accelerator, step, output_dir)
                     if step == total_steps:
                         break
                 else:  # this epoch's data ran out
@@ -555,13 +561,18 @@ def _until_any_process_runs_out(loader: ViewsLoader, accelerator: Accelerator) -
 
 
 def _on_every_process(flag: bool, op: dist.ReduceOp) -> bool:
-    """``flag`` combined over all processes (MIN: all of them, MAX: any of them).
+    """``flag`` combined over all processes (MIN: all of them, MAX: any of them)."""
+    return bool(_reduce_int(int(flag), op))
+
+
+def _reduce_int(number: int, op: dist.ReduceOp) -> int:
+    """``number`` combined over all processes with ``op``.
 
     A tiny all-reduce of a CPU tensor (over gloo), so it never waits for the accelerator.
     """
-    value = torch.tensor([flag], dtype=torch.int32)
+    value = torch.tensor([number], dtype=torch.int32)
     dist.all_reduce(value, op=op, group=None if dist.get_backend() == "gloo" else _cpu_group())
-    return bool(value.item())
+    return int(value.item())
 
 
 @functools.cache
@@ -573,13 +584,15 @@ class StopRequest:
     """Records the stop signals (``--stop-signals``) received while the block runs, instead of dying.
 
     :meth:`agreed` is True on every process once any process received one, so that all of them
-    stop after the same optimizer step. Outside the main thread, where Python cannot handle
+    stop after the same optimizer step; :meth:`preempted` then leaves the run folder's
+    :data:`~mvmr_hf.run_folder.PREEMPTED` marker. Outside the main thread, where Python cannot handle
     signals, nothing is installed and the run keeps the signals' default actions.
     """
 
     def __init__(self, signals: Sequence[signal.Signals]) -> None:
         self.signals = list(signals)
-        self.received: str | None = None
+        self.received: signal.Signals | None = None  # the last stop signal this process received
+        self.signal: str | None = None  # the name of one that a process received, once agreed says so
         self._previous: dict[signal.Signals, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -592,19 +605,25 @@ class StopRequest:
             signal.signal(number, handler)
 
     def _handle(self, number: int, frame: object) -> None:
-        self.received = signal.Signals(number).name
+        self.received = signal.Signals(number)
 
     def agreed(self, accelerator: Accelerator) -> bool:
-        """Whether any process received a stop signal (a tiny all-reduce on the CPU with several)."""
-        if accelerator.num_processes == 1:
-            return self.received is not None
-        return _on_every_process(self.received is not None, dist.ReduceOp.MAX)
+        """Whether any process received a stop signal (a tiny all-reduce on the CPU with several).
 
-    def preempted(self, step: int, output_dir: Path) -> PreemptedError:
-        """The error to raise once the checkpoint of ``step`` is saved in ``output_dir``."""
+        Every process then knows one of the signals received (the highest-numbered), for the marker.
+        """
+        number = self.received.value if self.received is not None else 0
+        if accelerator.num_processes > 1:
+            number = _reduce_int(number, dist.ReduceOp.MAX)
+        self.signal = signal.Signals(number).name if number else None
+        return number != 0
+
+    def preempted(self, accelerator: Accelerator, step: int, output_dir: Path) -> PreemptedError:
+        """Leave the PREEMPTED marker once the checkpoint of ``step`` is saved in ``output_dir`` (call it on
+        every process) and return the error to raise."""
+        mark_preempted(accelerator, output_dir, step=step, signal=self.signal)
         return PreemptedError(
-            f"{self.received or 'a stop signal on another process'} after step {step}: its checkpoint is in "
-            f"{output_dir}; continue with --resume"
+            f"{self.signal} after step {step}: its checkpoint is in {output_dir}; continue with --resume"
         )
 
 

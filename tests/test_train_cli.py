@@ -112,6 +112,20 @@ def test_missing_teacher_is_rejected(digits, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
+        pytest.param(["--image-column", "photo"], "'image', 'label'", id="image-column"),
+        pytest.param(["--batch-size", "4096"], "fewer than 4096 per process", id="too-few-images"),
+    ],
+)
+def test_the_data_is_checked_before_any_teacher_loads(digits, tmp_path, capsys, extra, match):
+    """A teacher that cannot load (a missing folder) is never reached: the data's own error is the line."""
+    argv = [*_tiny(digits, tmp_path / "run"), "--teacher", str(tmp_path / "no-teacher"), *extra]
+    err = _fails_cleanly(distill_main, argv, capsys, tmp_path, match)
+    assert "no-teacher" not in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
         pytest.param(["--feature-matching-weight", "-1"], "--feature-matching-weight is -1.0", id="negative"),
         pytest.param(
             ["--feature-matching-weight", "0.5", "--teacher-output", "tokens"],
