@@ -406,7 +406,7 @@ class Finetuning:
                     if stop.agreed(accelerator):
                         if step > saved_step:
                             saved_step = checkpoint(step)
-                        raise stop.preempted(step, output_dir)
+                        raise stop.preempted(accelerator, step, output_dir)
             if step > saved_step:
                 checkpoint(step)
             return self._test(

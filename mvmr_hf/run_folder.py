@@ -5,6 +5,14 @@ holding another run's checkpoints is refused unless ``--resume`` or ``--overwrit
 do with it; ``--resume`` continues only a run trained with the same settings (those in
 :data:`CHANGEABLE_ON_RESUME` aside); a ``student/`` folder that is not a release is never
 replaced. Only then is the folder written: ``training_args.json`` first.
+
+A run stopped by one of its ``--stop-signals`` saves a checkpoint and then leaves the marker
+:data:`PREEMPTED` (``OUTPUT_DIR/PREEMPTED``, written atomically by the main process): JSON naming the
+``step``, the ``checkpoint`` folder (relative to ``OUTPUT_DIR``) and the ``signal``. It is the record
+a scheduler script reads, since launchers do not keep the run's exit status 75 (``accelerate
+launch`` and torchrun exit 1, or 128 + the signal they were sent): ``examples/slurm/distill.sbatch``
+requeues the job when it is there. A run that starts or resumes removes it once it holds the
+folder's lock, and a run that finishes leaves none.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from accelerate.utils import broadcast_object_list
 
 from mvmr_hf.checkpoint import (
     CHECKPOINTS_DIR,
+    checkpoint_path,
     intact_checkpoint,
     list_checkpoints,
     newest_intact_checkpoint,
@@ -37,16 +46,20 @@ from mvmr_hf.utils import atomic_write_json, is_hub_id, writing
 __all__ = [
     "CHANGEABLE_ON_RESUME",
     "LOGS_DIR",
+    "PREEMPTED",
     "check_output_dir_free",
     "check_outputs",
     "flat_arguments",
     "flat_defaults",
+    "mark_preempted",
     "own_output_dir",
     "prepare_output_dir",
     "resume_point",
 ]
 
 LOGS_DIR = "logs"
+PREEMPTED = "PREEMPTED"
+"""The marker a run stopped by a stop signal leaves in its folder once its checkpoint is saved."""
 # Arguments that may change when a run is resumed: they do not change what is being trained.
 CHANGEABLE_ON_RESUME = frozenset(
     {"resume", "overwrite", "output_dir", "epochs", "max_steps", "num_workers", "checkpoint_every",
@@ -170,7 +183,8 @@ def prepare_output_dir(
     *,
     release_dir: str = RELEASE_DIR,
 ) -> None:
-    """Clear a previous run on --overwrite, drop unfinished checkpoints, write training_args.json.
+    """Clear a previous run on --overwrite, drop unfinished checkpoints and a previous stop's PREEMPTED
+    marker, write training_args.json.
 
     ``release_dir`` names the folder a run releases its model in, which --overwrite deletes.
     """
@@ -180,9 +194,27 @@ def prepare_output_dir(
                 shutil.rmtree(output_dir / name, ignore_errors=True)
             (output_dir / METRICS_FILE).unlink(missing_ok=True)
         output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / PREEMPTED).unlink(missing_ok=True)  # a previous stop's: this run goes on
         remove_partial(output_dir)
         if resume_from is None:
             (output_dir / METRICS_FILE).unlink(missing_ok=True)
         with writing(TRAINING_ARGS, output_dir):
             atomic_write_json(output_dir / TRAINING_ARGS, args)
+    accelerator.wait_for_everyone()
+
+
+def mark_preempted(accelerator: Accelerator, output_dir: Path, *, step: int, signal: str | None) -> None:
+    """Write ``OUTPUT_DIR/PREEMPTED`` for the saved checkpoint of ``step``; call it on every process.
+
+    The main process writes it atomically; no process returns before it is there, so a launcher or a
+    scheduler that ends the job as soon as one process exits still finds it.
+    """
+    if accelerator.is_main_process:
+        marker = {
+            "step": step,
+            "checkpoint": checkpoint_path(output_dir, step).relative_to(output_dir).as_posix(),
+            "signal": signal,
+        }
+        with writing(PREEMPTED, output_dir):
+            atomic_write_json(output_dir / PREEMPTED, marker)
     accelerator.wait_for_everyone()

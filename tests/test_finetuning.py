@@ -27,6 +27,7 @@ from mvmr_hf.errors import PREEMPTED_EXIT, ConfigError
 from mvmr_hf.evaluation import extract_features, load_encoder
 from mvmr_hf.export import export_student
 from mvmr_hf.finetuning import global_batches, labelled_subset
+from mvmr_hf.run_folder import PREEMPTED
 from mvmr_hf.student import build_student
 from mvmr_hf.training import StopRequest
 
@@ -187,9 +188,12 @@ def test_a_stop_signal_saves_a_checkpoint_and_exits_75_and_resume_finishes_the_r
     assert evaluate_main(argv) == PREEMPTED_EXIT
     assert "preempted: SIGTERM after step 3" in capsys.readouterr().err
     assert [path.name for path in (stopped / "checkpoints").iterdir()] == ["step-000003"]
+    marker = {"step": 3, "checkpoint": "checkpoints/step-000003", "signal": "SIGTERM"}
+    assert json.loads((stopped / PREEMPTED).read_text()) == marker
     assert not (stopped / "classifier").exists()
     monkeypatch.setattr(StopRequest, "agreed", agreed)
     assert evaluate_main([*argv, "--resume"]) == 0
+    assert not (stopped / PREEMPTED).exists()
     one, two = (load_file(folder / "classifier" / "model.safetensors") for folder in (straight, stopped))
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
