@@ -127,6 +127,8 @@ MIXED_PRECISION_HELP = (
 )
 DEFAULT_FEATURE_MATCHING_WEIGHT = 0.0
 """``--feature-matching-weight`` when omitted (0: the paper's objective only)."""
+DEFAULT_FEATURE_MATCHING_VIEW = "non-augmented"
+"""``--feature-matching-view`` when omitted."""
 RESUME_HELP = (
     "Continue a run: alone (or 'latest') from the newest complete checkpoint in the output folder, starting "
     "afresh when there is none; or from the given checkpoint folder."
@@ -301,8 +303,15 @@ class TeacherArguments:
     feature_matching_weight: float = _opt(
         DEFAULT_FEATURE_MATCHING_WEIGHT,
         "Weight of a feature-matching term (not in the paper): 1 − cosine between a linear head on the "
-        "student's pooled features of the non-augmented view and each teacher's output, the heads trained "
-        "with the student and not released; 0: the paper's objective only.",
+        "student's pooled features of one view (--feature-matching-view) and each teacher's output of that "
+        "view, the heads trained with the student and not released; 0: the paper's objective only.",
+    )
+    feature_matching_view: Literal["non-augmented", "augmented"] = _opt(
+        DEFAULT_FEATURE_MATCHING_VIEW,
+        "The view the feature-matching term compares: non-augmented (the teachers' outputs of the dCor "
+        "terms, exact in --cache-teacher) or augmented (the teachers also run on the augmented view every "
+        "step, which the cache cannot hold: student and teacher see the same random view, as classic "
+        "feature distillation does).",
     )
 
     def __post_init__(self) -> None:

@@ -8,9 +8,10 @@ non-augmented view on the accelerator under ``no_grad``; the MV-MR loss (eq. 10)
 gathered from all processes unless ``--dcor-scope local``; ``backward``, then Adam with a
 linear warm-up and a cosine decay, once per optimizer step (``accelerator.accumulate``).
 With ``--feature-matching-weight`` (not in the paper), linear heads from the student's pooled
-features of the non-augmented view to each teacher's output add a 1 - cosine term
+features of one view to each teacher's output of that view add a 1 - cosine term
 (:class:`~mvmr_hf.objective.FeatureMatching`); they train with the student, are saved in its
-checkpoints and are not released.
+checkpoints and are not released. With ``--feature-matching-view augmented`` that view is x̃, which
+the teachers then also see every step (no cache holds it).
 ``benchmarks/bench_step.py`` times this loop's phases from outside, with hooks on what it builds;
 ``benchmarks/bench_loop.py`` measures its own rate, from its metrics, against its parts alone.
 
@@ -192,6 +193,9 @@ def train(
         student, representations, teacher.feature_matching_weight if teacher is not None else 0.0,
         image_size=data_args.image_size, rng_state=heads_rng,
     )  # fmt: skip
+    # --feature-matching-view augmented: the matched teachers also run on x̃, uncached, every step
+    matching_on_augmented = matching is not None and teacher.feature_matching_view == "augmented"
+    matched = {name: representations[name] for name in matching.heads} if matching_on_augmented else {}
     set_seed(training_args.seed, device_specific=True)  # e.g. augmented-pixels: per-process random draws
 
     # From here on the output folder is written, by this run alone: it holds the folder's lock.
@@ -255,14 +259,18 @@ def train(
                     with accelerator.accumulate(*trained):
                         out = student(images)
                         z = out.embedding  # Z: the non-augmented view
-                        z_aug = student(augmented).embedding  # Z̃: a separate pass, its own BN statistics
+                        out_aug = student(augmented)  # Z̃: a separate pass, its own BN statistics
                         targets = representation_outputs(
                             accelerator, representations, images, batch["key"], caches
                         )
-                        loss = criterion(z, z_aug, targets, gather=gather)  # eq. 10
+                        loss = criterion(z, out_aug.embedding, targets, gather=gather)  # eq. 10
                         if matching is not None:  # not in the paper: it distils better (README, "Quality")
-                            # the backbone features of the view the teachers saw; per sample, local batch
-                            loss = loss.plus(matching(out.features, targets))
+                            # backbone features against the teachers' outputs of the same view; per sample
+                            if matching_on_augmented:
+                                seen = representation_outputs(accelerator, matched, augmented, batch["key"])
+                                loss = loss.plus(matching(out_aug.features, seen))
+                            else:
+                                loss = loss.plus(matching(out.features, targets))
                         accelerator.backward(loss.total)
                         optimizer.step()
                         scheduler.step()
@@ -642,7 +650,7 @@ def representation_outputs(
     keys: list[str],
     caches: Mapping[str, TeacherCache] | TeacherCache | None = None,
 ) -> dict[str, Tensor]:
-    """Every representation of the non-augmented view, in ``representations``' order.
+    """Every representation of ``images`` (the non-augmented view but for feature matching's), in order.
 
     Each teacher runs under autocast, one after another, or is read from its cache in ``caches``
     (by name) when that holds the batch, and stored in it otherwise; then the hand-crafted

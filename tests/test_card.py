@@ -90,6 +90,10 @@ def test_distilled_card_metadata_and_model_index(tmp_path):
     matching = {**DISTILL_ARGS, "feature_matching_weight": 0.5}
     text = render_card(backbone=BACKBONE, training_args=matching, info=info, projector="8192-8192-8192")
     assert "dCor R, biased estimator; plus feature matching (not in the paper) with weight 0.5" in text
+    assert "r_k(x))]`, where `h` are the backbone features of `x` and" in text
+    on_augmented = {**matching, "feature_matching_view": "augmented"}
+    text = render_card(backbone=BACKBONE, training_args=on_augmented, info=info, projector="8192-8192-8192")
+    assert "r_k(x̃))]`, where `h` are the backbone features of `x̃` (the augmented view" in text
     assert "feature matching" not in render_card(
         backbone=BACKBONE,
         training_args={**DISTILL_ARGS, "feature_matching_weight": 0.0},

@@ -304,6 +304,37 @@ def test_feature_matching_trains_its_heads_and_resumes_them_exactly(digits, teac
     assert not (latest_checkpoint(paper) / "model_1.safetensors").exists()
 
 
+def test_feature_matching_on_the_augmented_view_shows_the_teacher_what_the_student_saw(
+    digits, teacher, tmp_path, monkeypatch
+):
+    """--feature-matching-view augmented: each step the teacher sees x (the dCor term, from the cache
+    after the first epoch) and then exactly the x̃ that the student's second pass saw, never cached; the
+    term is 1 - cosine of the head on the student's features of x̃ to the teacher's output of x̃."""
+    seen: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
+    for name, cls in (("student", Student), ("teacher", Teacher)):
+        forward = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda self, images, _f=forward, _n=name: seen[_n].append(
+            images.detach().clone()) or _f(self, images))  # fmt: skip
+    common = ["--teacher", str(teacher), "--feature-matching-weight", "1", "--feature-matching-view",
+              "augmented", "--no-streaming", "--split", "train[:32]", "--batch-size", "16", "--epochs", "2",
+              "--cache-teacher", "--seed", "5"]  # fmt: skip
+    run = tmp_path / "run"
+    assert distill_main(_tiny(digits, run, *common)) == 0
+    student = seen["student"]
+    teacher_inputs = [images for images in seen["teacher"] if len(images) > 1]  # not the heads' width probe
+    assert len(student) == 8  # 4 steps, x then x̃
+    # epoch 1: x (stored in the cache) then x̃; epoch 2: x̃ alone, x comes from the cache
+    assert len(teacher_inputs) == 6
+    for step, x_aug in enumerate(student[1::2]):
+        assert torch.equal(teacher_inputs[[1, 3, 4, 5][step]], x_aug)
+    for step, x in enumerate(student[0:4:2]):
+        assert torch.equal(teacher_inputs[2 * step], x)
+        assert not torch.equal(x, student[2 * step + 1])
+    metrics = read_metrics(run)
+    assert all(m["loss"] == pytest.approx(sum(m[t] for t in (*TERMS[1:4], "dcor/teacher", "match/teacher")),
+               rel=1e-5) for m in metrics)  # fmt: skip
+
+
 @pytest.mark.gpu
 def test_a_cuda_run_with_the_gpu_defaults_trains_and_releases(digits, teacher, tmp_path, teacher_calls):
     """On CUDA: bf16, channels-last and device views (all on by default there), the teacher cache."""

@@ -324,6 +324,7 @@ def test_help_documents_every_option(capsys):
         "--keep-checkpoints", "--resume", "--overwrite", "--seed", "--log-with", "--log-every",
         "--num-workers", "--cache-teacher", "--push-to-hub", "--trust-remote-code", "--debug", "--config",
         "--channels-last", "--compile", "--augmentations", "--feature-matching-weight",
+        "--feature-matching-view",
     ):  # fmt: skip
         assert option in text, option
     help_of_teacher_output = " ".join(
