@@ -41,6 +41,7 @@ from typing import Any
 import datasets
 import fsspec.asyn
 import numpy as np
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import torch
 from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
@@ -187,19 +188,54 @@ def _count_local_rows(stream: datasets.IterableDataset, path: str, config: str |
     """Record the row count of a local split without reading its data.
 
     A local stream does not know its length, which ``--epochs`` needs: a parquet split's is in its
-    files' footers, an image folder's is its number of image files (one image a row; ``datasets``
-    lists only the files with an image extension, and an image that then fails to decode is
-    skipped and counted as the loader reads it).
+    files' footers, an image folder's is what :func:`_image_folder_rows` counts (an image that then
+    fails to decode is skipped and counted as the loader reads it).
     """
     builder = datasets.load_dataset_builder(path, config)
-    files = builder.config.data_files.get(split, [])
-    if files and all(str(f).endswith(".parquet") for f in files):
+    files = [str(f) for f in builder.config.data_files.get(split, [])]
+    if files and all(f.endswith(".parquet") for f in files):
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     elif files and builder.name == "imagefolder":
-        rows = sum(Path(str(f)).suffix.lower() in IMAGE_EXTENSIONS for f in files)
+        rows = _image_folder_rows(builder, split)
     else:
         return
-    stream.info.splits = datasets.SplitDict({split: datasets.SplitInfo(split, num_examples=rows)})
+    if rows is not None:
+        stream.info.splits = datasets.SplitDict({split: datasets.SplitInfo(split, num_examples=rows)})
+
+
+def _image_folder_rows(builder: datasets.DatasetBuilder, split: str) -> int | None:
+    """The rows ``datasets``' image folder builder makes of ``split``; ``None`` where only reading tells.
+
+    Its rules: a file is an image when its extension, or the one before it (``a.jpg.gz``), is an
+    image extension; where the folder has metadata files, the rows are theirs instead (an image they
+    do not name is no row, a name without its file is one). A wrong length would cut an epoch short
+    or plan steps that never come, so the images inside ``.zip`` archives, filtered metadata and
+    metadata in only some splits give ``None``.
+    """
+    config = builder.config
+    names = config.metadata_filenames or builder.METADATA_FILENAMES
+    files = [Path(str(f)) for f in config.data_files[split]]
+    metadata = [str(f) for f in files if f.name in names]
+    anywhere = any(Path(str(f)).name in names for listed in config.data_files.values() for f in listed)
+    if config.filters is not None or any(f.suffix.lower() == ".zip" for f in files):
+        return None
+    if config.drop_metadata or not anywhere:
+        return sum(
+            f.suffix.lower() in IMAGE_EXTENSIONS or Path(f.stem).suffix.lower() in IMAGE_EXTENSIONS
+            for f in files
+        )
+    # Without metadata of its own, a split's rows depend on the order in which datasets reads the splits.
+    return sum(_metadata_rows(f) for f in metadata) if metadata else None
+
+
+def _metadata_rows(path: str) -> int:
+    """The rows of an image folder's metadata file, read as ``datasets`` reads them (by extension)."""
+    if path.endswith(".jsonl"):
+        with open(path, "rb") as file:
+            return sum(1 for line in file if line.strip())
+    if path.endswith(".csv"):
+        return pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(newlines_in_values=True)).num_rows
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 def _unreachable(name: str) -> str:

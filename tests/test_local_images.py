@@ -16,6 +16,7 @@ import functools
 import hashlib
 import io
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from mvmr_hf.cli.train import distill_main
-from mvmr_hf.data import ViewsDataset, decode_image, load_image_dataset
+from mvmr_hf.data import ViewsDataset, build_dataloader, decode_image, load_image_dataset
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state", "one_torch_thread")
 
@@ -406,3 +407,86 @@ def test_a_folder_of_undecodable_images_fails_in_one_line(teacher, tmp_path, fre
     assert distill_main(_distill(data, tmp_path / "run", teacher)) == 1
     line = _error_line(capsys.readouterr().err)
     assert line.startswith("error: epoch 0 gave no full batch of 8 images"), line
+
+
+# ----------------------------------------------------------------------------- a streamed folder's length
+
+
+def _length_and_rows(folder: Path) -> tuple[int | None, int]:
+    """The length a streamed folder states before it is read, and the rows an epoch reads (kept, skipped)."""
+    loader, stats = build_dataloader(load_image_dataset(str(folder)), image_size=SIZE, batch_size=1)
+    return stats.num_examples, sum(len(batch["key"]) + batch["skipped"] for batch in loader)
+
+
+def _photos(folder: Path, count: int) -> list[str]:
+    """``count`` small distinct JPEGs, ``photo_<i>.jpg``."""
+    astronaut = skdata.astronaut()
+    names = [f"photo_{i}.jpg" for i in range(count)]
+    _write(
+        folder,
+        {n: _encoded(Image.fromarray(astronaut[i * 8 :][:64, :64]), "JPEG") for i, n in enumerate(names)},
+    )
+    return names
+
+
+@pytest.mark.parametrize("metadata", ["metadata.jsonl", "metadata.csv", "metadata.parquet"])
+def test_a_folder_with_metadata_states_one_row_per_metadata_row(metadata, tmp_path, fresh_cache):
+    """datasets makes a folder with a metadata file one row per metadata row: 12 photos, 6 of them named
+    with a caption and a name whose file is missing (a row, skipped and counted) are 7 rows, not 12."""
+    names = _photos(tmp_path / "data", 12)
+    table = datasets.Dataset.from_dict(
+        {"file_name": [*names[:6], "missing.jpg"], "caption": [f"photo {i}" for i in range(7)]}
+    )
+    {".jsonl": table.to_json, ".csv": table.to_csv, ".parquet": table.to_parquet}[Path(metadata).suffix](
+        str(tmp_path / "data" / metadata)
+    )
+    assert _length_and_rows(tmp_path / "data") == (7, 7)
+
+
+def test_a_second_extension_makes_an_image_file_as_datasets_reads_it(tmp_path, fresh_cache):
+    """datasets lists ``a.jpg.bak`` and ``b.jpg.gz`` as images (a row each: the first decodes, the gzip
+    does not and is skipped): the length counts them too."""
+    _photos(tmp_path / "data", 8)
+    photo = (tmp_path / "data" / "photo_0.jpg").read_bytes()
+    _write(tmp_path / "data", {"a.jpg.bak": photo, "b.jpg.gz": zlib.compress(photo)})
+    assert _length_and_rows(tmp_path / "data") == (10, 10)
+
+
+def test_a_folder_with_a_zip_of_images_states_no_length_rather_than_a_wrong_one(tmp_path, fresh_cache):
+    """The images inside a .zip are rows too; counting them means reading the archive, so the length is
+    unknown (--epochs then asks for --max-steps in one line, before the teacher) rather than short."""
+    names = _photos(tmp_path / "data", 10)
+    with zipfile.ZipFile(tmp_path / "data" / "more.zip", "w") as archive:
+        for name in names[:4]:
+            archive.write(tmp_path / "data" / name, f"zipped_{name}")
+    assert _length_and_rows(tmp_path / "data") == (None, 14)
+
+
+def test_epochs_over_a_folder_with_metadata_run_the_steps_they_plan(teacher, tmp_path, fresh_cache, capsys):
+    """24 photos, 16 named by metadata.jsonl, --epochs 2: 2 steps an epoch planned and run, the learning
+    rate's schedule ends at 0 (planned from the 24 files, 6 steps were planned and 4 run)."""
+    names = _photos(tmp_path / "data", 24)
+    datasets.Dataset.from_dict({"file_name": names[:16], "caption": ["a photo"] * 16}).to_json(
+        str(tmp_path / "data" / "metadata.jsonl")
+    )
+    run = tmp_path / "run"
+    argv = tiny_args(tmp_path / "data", run, "--teacher", str(teacher), "--epochs", "2", "--log-every", "1")
+    assert distill_main(argv) == 0
+    assert "skipped 0 images" in capsys.readouterr().err.splitlines()
+    metrics = read_metrics(run)
+    assert [(m["step"], m["epoch"]) for m in metrics] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+    assert metrics[-1]["lr"] == 0.0
+
+
+def test_epochs_over_a_folder_with_a_zip_ask_for_max_steps_before_the_teacher(tmp_path, fresh_cache, capsys):
+    names = _photos(tmp_path / "data", 10)
+    with zipfile.ZipFile(tmp_path / "data" / "more.zip", "w") as archive:
+        for name in names:
+            archive.write(tmp_path / "data" / name, f"zipped_{name}")
+    run = tmp_path / "run"
+    argv = tiny_args(tmp_path / "data", run, "--teacher", str(tmp_path / "no-teacher"), "--epochs", "1")
+    assert distill_main(argv) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "pass --max-steps" in line
+    assert "no-teacher" not in line
+    assert not run.exists()
