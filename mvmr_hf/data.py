@@ -257,9 +257,11 @@ def resolve_image_column(features: Mapping[str, Any] | None, image_column: str |
             the columns.
     """
     if features is None:
+        # Also what a streamed folder of text, CSV or JSON files gives: say so, not only how to cast.
         raise ConfigError(
-            "The dataset does not declare its column types: cast its image column first, e.g. "
-            "dataset.cast_column('image', datasets.Image())."
+            "Found no image column: the dataset does not declare its column types (a streamed folder of "
+            "text, CSV or JSON files does not); pass a folder of images or parquet shards, or cast its image "
+            "column first, e.g. dataset.cast_column('image', datasets.Image())."
         )
     columns = list(features)
     if image_column is not None:

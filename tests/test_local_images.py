@@ -355,7 +355,7 @@ def _empty(root: Path, kind: str) -> Path:
         ("empty", "Found no data in"),
         ("empty-class-folders", "Found no data in"),
         ("empty-splits", "Found no data in"),
-        ("only-notes", "image column"),
+        ("only-notes", "Found no image column"),
     ],
 )
 def test_a_folder_without_images_is_one_line_exit_2_and_nothing_written(
