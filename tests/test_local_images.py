@@ -7,12 +7,15 @@ splits, or as parquet shards, are trained on with ``--epochs 1`` and no ``--max-
 and not: the length of the split must be known before the first row is read. Each decodable image
 is trained on exactly once, each undecodable one is skipped and counted, and the views the student
 sees are compared with the pixels the files were written from (an independent reference: numpy
-and PIL's resizing, not the code under test).
+and PIL's resizing, not the code under test). Folders without images, or with too few, are refused
+in one line before the teacher loads. A streamed folder's length is the number of rows datasets
+makes of it (metadata files, second extensions), or unknown (a .zip inside) rather than wrong.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import io
 import struct
@@ -448,7 +451,7 @@ def test_a_second_extension_makes_an_image_file_as_datasets_reads_it(tmp_path, f
     does not and is skipped): the length counts them too."""
     _photos(tmp_path / "data", 8)
     photo = (tmp_path / "data" / "photo_0.jpg").read_bytes()
-    _write(tmp_path / "data", {"a.jpg.bak": photo, "b.jpg.gz": zlib.compress(photo)})
+    _write(tmp_path / "data", {"a.jpg.bak": photo, "b.jpg.gz": gzip.compress(photo)})
     assert _length_and_rows(tmp_path / "data") == (10, 10)
 
 
@@ -479,6 +482,9 @@ def test_epochs_over_a_folder_with_metadata_run_the_steps_they_plan(teacher, tmp
 
 
 def test_epochs_over_a_folder_with_a_zip_ask_for_max_steps_before_the_teacher(tmp_path, fresh_cache, capsys):
+    """10 photos and a zip of 10 more, --epochs 1: the length is unknown, so one line asks for --max-steps
+    before the (missing) teacher and nothing is written (counted from the 10 files, each epoch was cut
+    to half its images)."""
     names = _photos(tmp_path / "data", 10)
     with zipfile.ZipFile(tmp_path / "data" / "more.zip", "w") as archive:
         for name in names:
@@ -490,3 +496,10 @@ def test_epochs_over_a_folder_with_a_zip_ask_for_max_steps_before_the_teacher(tm
     assert "pass --max-steps" in line
     assert "no-teacher" not in line
     assert not run.exists()
+
+
+def test_a_folder_named_relative_to_the_working_directory_is_counted(tmp_path, fresh_cache, monkeypatch):
+    """``--dataset photos`` (no ./) names the local folder, not a Hub id: its length is counted too."""
+    _photos(tmp_path / "photos", 9)
+    monkeypatch.chdir(tmp_path)
+    assert _length_and_rows(Path("photos")) == (9, 9)
