@@ -82,7 +82,7 @@ from mvmr_hf.data import BadImageError, decode_image, load_image_dataset, read_e
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.export import CONFIG, WEIGHTS, is_release, load_release
 from mvmr_hf.multilabel import MultiHot, average_precisions, mean_average_precision, multi_hot_encoding
-from mvmr_hf.representations.teacher import load_teacher
+from mvmr_hf.representations.teacher import load_teacher, loading_errors
 from mvmr_hf.utils import atomic_write, check_int, is_local_path, sha256_of_files
 
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -725,7 +725,9 @@ def load_encoder(name_or_path: str, *, teacher_output: str = "auto") -> Encoder:
         return _release_encoder(Path(where))
     if kind == "transformers":
         return _teacher_encoder(where, teacher_output)
-    model = timm.create_model(where, pretrained=True, num_classes=0)
+    # timm downloads the name's weights from the Hub: offline, that fails like a Hub id does.
+    with loading_errors(where, what="--model"):
+        model = timm.create_model(where, pretrained=True, num_classes=0)
     data_config = timm.data.resolve_model_data_config(model)
     return timm_encoder(model, data_config, {"timm": where, "version": timm.__version__})
 

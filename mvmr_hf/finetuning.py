@@ -80,6 +80,7 @@ from mvmr_hf.evaluation import (
 from mvmr_hf.export import CARD, CONFIG, TRAINING_ARGS, WEIGHTS, check_release_target, write_timm_config
 from mvmr_hf.metrics import MetricsLogger, truncate_metrics
 from mvmr_hf.multilabel import multi_hot_encoding
+from mvmr_hf.representations.teacher import loading_errors
 from mvmr_hf.run_folder import (
     check_output_dir_free,
     flat_defaults,
@@ -334,10 +335,9 @@ class Finetuning:
             "the classifier could not be written there; move it away or choose another --finetune-dir",
         )
         set_seed(args.finetune_seed)  # the same head on every process
-        try:
+        # A timm name's weights come from the Hub: offline, the message says so and how to go on.
+        with loading_errors(model, what="--model"):
             self.classifier = timm.create_model(source, pretrained=True, num_classes=len(self.names))
-        except (OSError, RuntimeError, ValueError) as error:
-            raise ConfigError(f"cannot build the classifier of --model {model} ({error})") from None
         self.data_config = timm.data.resolve_model_data_config(self.classifier)
         transform = timm.data.create_transform(**self.data_config, is_training=True)
         self.images = _LabelledImages(train, self.image_column, label_column, transform, args.finetune_seed)

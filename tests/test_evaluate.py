@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -476,6 +477,37 @@ def test_evaluate_missing_model_folder_is_one_line(digits, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "is not an existing folder" in err
+
+
+@pytest.mark.parametrize(
+    "protocol_args",
+    [
+        ["--protocol", "linear,knn"],
+        ["--protocol", "finetune", "--label-fraction", "1", "--finetune-batch-size", "8"],
+    ],
+)
+def test_timm_name_offline_is_one_line_exit_2_and_writes_nothing(
+    digits, tmp_path, monkeypatch, capsys, protocol_args
+):
+    """`mvmr-evaluate --model resnet18` without the Hub (issue 20): timm's weights cannot be downloaded,
+    which is one line naming the model and the way out, not timm's traceback; no cache, no run folder."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    monkeypatch.chdir(tmp_path)
+    for split in ("train", "test"):  # prepared beforehand: datasets shows a progress bar the first time
+        load_image_dataset(str(digits), split=split, streaming=False)
+    capsys.readouterr()
+    argv = ["--model", "resnet18", "--dataset", str(digits), "--cache-dir", str(tmp_path / "features")]
+    argv += ["--finetune-dir", str(tmp_path / "finetune"), *protocol_args]
+    assert evaluate_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("error: ")
+    assert "'resnet18'" in err
+    assert "offline" in err
+    assert "local folder" in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
 def test_zero_shot_without_text_tower_or_alignment_says_how_to_fix(digits, releases, capsys):

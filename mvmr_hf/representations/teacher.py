@@ -453,10 +453,10 @@ def load_teacher(
     folder = _local_folder(name_or_path)
     location = str(folder) if folder is not None else name_or_path
     hub = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
-    with _loading_errors(name_or_path):
+    with loading_errors(name_or_path):
         config = AutoConfig.from_pretrained(location, **hub)
     tower_class, tower_config = _tower_class(name_or_path, config, trust_remote_code)
-    with _loading_errors(name_or_path), _quiet_transformers():
+    with loading_errors(name_or_path), _quiet_transformers():
         model, info = tower_class.from_pretrained(
             location, config=tower_config, dtype=dtype, output_loading_info=True, **hub
         )
@@ -521,17 +521,22 @@ def _local_folder(name_or_path: str) -> Path | None:
 
 
 @contextmanager
-def _loading_errors(name: str) -> Iterator[None]:
-    """Turn the errors of ``from_pretrained`` into one-line :class:`ConfigError` messages naming ``name``."""
+def loading_errors(name: str, *, what: str = "teacher") -> Iterator[None]:
+    """Turn the errors of loading ``name`` into one-line :class:`ConfigError` messages naming it.
+
+    Serves every loader that takes a local folder or a Hub id: ``from_pretrained`` here, and timm's
+    pretrained weights of an evaluated ``--model`` (:func:`mvmr_hf.evaluation.load_encoder`), whose
+    download fails with the same Hub errors. ``what`` names the argument in the message.
+    """
     try:
         yield
     except (OSError, ValueError, RuntimeError) as error:
         if isinstance(error, ConfigError):
             raise
-        raise ConfigError(_explain(error, name)) from error
+        raise ConfigError(_explain(error, name, what)) from error
 
 
-def _explain(error: BaseException, name: str) -> str:
+def _explain(error: BaseException, name: str, what: str) -> str:
     """One sentence for a loading error, from the Hub error types anywhere in its cause chain."""
     chain: list[BaseException] = []
     cause: BaseException | None = error
@@ -544,27 +549,27 @@ def _explain(error: BaseException, name: str) -> str:
 
     if found(HFValidationError):
         return (
-            f"teacher {name!r} is neither a local folder nor a valid Hub model id: check the name or the path"
+            f"{what} {name!r} is neither a local folder nor a valid Hub model id: check the name or the path"
         )
     if found(GatedRepoError):
         return (
-            f"teacher {name!r} is a gated Hub model you have no access to: accept its terms on "
+            f"{what} {name!r} is a gated Hub model you have no access to: accept its terms on "
             "huggingface.co and log in (`hf auth login`, or pass token=...), or pass a local folder"
         )
     if found(RevisionNotFoundError):
-        return f"the requested revision of teacher {name!r} does not exist on the Hub: check the revision"
+        return f"the requested revision of {what} {name!r} does not exist on the Hub: check the revision"
     if found(RepositoryNotFoundError):
         return (
-            f"teacher {name!r} is neither a local folder nor a model on the Hub (or it is private): check "
+            f"{what} {name!r} is neither a local folder nor a model on the Hub (or it is private): check "
             "the name, log in with `hf auth login` for private models, or pass a local folder"
         )
     if found(LocalEntryNotFoundError) or found(ConnectionError):
         return (
-            f"could not download teacher {name!r} from the Hugging Face Hub (offline or no network): pass a "
+            f"could not download {what} {name!r} from the Hugging Face Hub (offline or no network): pass a "
             "local folder that holds the model, or connect and log in (`hf auth login`) if it is gated"
         )
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"could not load teacher {name!r}: {first_line}"
+    return f"could not load {what} {name!r}: {first_line}"
 
 
 @contextmanager
