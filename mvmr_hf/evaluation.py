@@ -683,7 +683,9 @@ def _teacher_encoder(name_or_path: str, output: str) -> Encoder:
     )
 
 
-def locate_model(name_or_path: str) -> tuple[Literal["release", "timm", "transformers"], str]:
+def locate_model(
+    name_or_path: str, *, option: str = "--model"
+) -> tuple[Literal["release", "timm", "transformers"], str]:
     """What ``--model`` names and where to load it from: ``(kind, folder or name)``.
 
     * a release folder (``config.json`` in timm format): ``("release", folder)``;
@@ -691,13 +693,14 @@ def locate_model(name_or_path: str) -> tuple[Literal["release", "timm", "transfo
     * a timm model name (``resnet50.a1_in1k``): ``("timm", name)``, timm's pretrained weights;
     * a Hub id with a timm-format ``config.json`` (a pushed release): downloaded, ``("release", folder)``.
 
-    Raises ConfigError for a local path that is no folder and for a name that is none of these.
+    Raises ConfigError for a local path that is no folder and for a name that is none of these; its
+    message names ``option``, the command-line option that gave ``name_or_path``.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return ("release", str(path)) if is_release(path) else ("transformers", name_or_path)
     if is_local_path(name_or_path):
-        raise ConfigError(f"--model {name_or_path} is not an existing folder: check the path.")
+        raise ConfigError(f"{option} {name_or_path} is not an existing folder: check the path.")
     if timm.is_model(name_or_path.split(".")[0]) and "/" not in name_or_path:
         return "timm", name_or_path
     try:
@@ -707,26 +710,26 @@ def locate_model(name_or_path: str) -> tuple[Literal["release", "timm", "transfo
         folder = snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"])
     except (OSError, HTTPError, HFValidationError) as error:
         raise ConfigError(
-            f"--model {name_or_path} is neither a folder, a timm model name nor a reachable Hub model "
+            f"{option} {name_or_path} is neither a folder, a timm model name nor a reachable Hub model "
             f"({type(error).__name__}): check the name, or pass a local folder."
         ) from None
     return "release", folder
 
 
-def load_encoder(name_or_path: str, *, teacher_output: str = "auto") -> Encoder:
-    """The :class:`Encoder` for ``--model`` (see :func:`locate_model`).
+def load_encoder(name_or_path: str, *, teacher_output: str = "auto", option: str = "--model") -> Encoder:
+    """The :class:`Encoder` for ``--model`` (see :func:`locate_model`; errors name ``option``).
 
     A release: its backbone, and its alignment head when fitted; a timm name: timm's pretrained
     weights without classifier; a ``transformers`` model:
     :func:`~mvmr_hf.representations.teacher.load_teacher` with ``teacher_output``.
     """
-    kind, where = locate_model(name_or_path)
+    kind, where = locate_model(name_or_path, option=option)
     if kind == "release":
         return _release_encoder(Path(where))
     if kind == "transformers":
         return _teacher_encoder(where, teacher_output)
     # timm downloads the name's weights from the Hub: offline, that fails like a Hub id does.
-    with loading_errors(where, what="--model"):
+    with loading_errors(where, what=option):
         model = timm.create_model(where, pretrained=True, num_classes=0)
     data_config = timm.data.resolve_model_data_config(model)
     return timm_encoder(model, data_config, {"timm": where, "version": timm.__version__})

@@ -9,7 +9,7 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from conftest import on_two_processes
+from conftest import on_two_processes, snapshot
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
@@ -508,6 +508,34 @@ def test_timm_name_offline_is_one_line_exit_2_and_writes_nothing(
     assert "offline" in err
     assert "local folder" in err
     assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("teacher", "message"),
+    [
+        ("./no/such/teacher", "--teacher ./no/such/teacher is not an existing folder"),
+        ("mvmr-hf-tests/no-such-teacher", "--teacher mvmr-hf-tests/no-such-teacher is neither a folder"),
+    ],
+)
+def test_align_with_a_teacher_that_cannot_load_is_one_line_before_any_feature(
+    digits, releases, tmp_path, monkeypatch, capsys, teacher, message
+):
+    """mvmr-align --teacher missing or offline (issue 20): one line naming --teacher, not --model; the
+    release is untouched and no feature is extracted or cached (the student's were, before the teacher)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    release = Path(shutil.copytree(releases["random"], tmp_path / "student"))
+    before = snapshot(release)
+    load_image_dataset(str(digits), split="train", streaming=False)  # prepared: no progress bar below
+    capsys.readouterr()
+    argv = ["--model", str(release), "--dataset", str(digits), "--teacher", teacher]
+    assert align_main([*argv, "--cache-dir", str(tmp_path / "features"), "--max-images", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"error: {message}")
+    assert snapshot(release) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["student"]
 
 
 def test_zero_shot_without_text_tower_or_alignment_says_how_to_fix(digits, releases, capsys):

@@ -141,8 +141,13 @@ def _align(argv: Sequence[str]) -> None:
         "num_workers": data.num_workers,
         "cache_dir": data.cache_dir or None,
     }
-    student = extract_features(load_encoder(str(folder)), split, **options)
-    target = extract_features(load_encoder(teacher, teacher_output="embedding"), split, **options)
+    # Both models load before any image is read: a teacher that cannot load (offline, a moved folder)
+    # stops the command before the student's features are extracted and cached for nothing.
+    student_encoder = load_encoder(str(folder))
+    teacher_encoder = load_encoder(teacher, teacher_output="embedding", option="--teacher")
+    student = extract_features(student_encoder, split, **options)
+    del student_encoder  # its device memory goes to the teacher's pass
+    target = extract_features(teacher_encoder, split, **options)
     if student.skipped != target.skipped:
         raise ConfigError(
             "the student and the teacher decoded different images: clear --cache-dir and retry."
