@@ -214,6 +214,12 @@ def _create(name: str, *, pretrained: bool, image_size: int | None, drop_path_ra
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except OSError as error:
+        if not pretrained:  # no weights asked for: what failed is the config a hf-hub: / local-dir: names
+            raise ConfigError(
+                f"could not read the timm model that {name!r} names (a local-dir: folder without "
+                "config.json, or a hf-hub: repository that is unknown, private or unreachable offline): "
+                "check the location, or pass a timm model name"
+            ) from error
         raise ConfigError(
             f"could not get the weights of timm model {name!r} (offline, no network or no access): pass "
             "checkpoint_path (--checkpoint-path) with a local .safetensors file, or pretrained=False"

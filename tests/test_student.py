@@ -144,6 +144,25 @@ def test_pretrained_offline_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("location", ["hf-hub:mvmr-hf-tests/no-such-student", "local-dir:{tmp}/missing"])
+def test_a_location_that_cannot_be_read_is_one_line_without_a_weights_hint(
+    location: str, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """`--student hf-hub:...` offline or a missing local-dir: builds no weights (issue 20): the line says the
+    location could not be read, not to pass checkpoint_path or pretrained=False, which the command has not."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    name = location.format(tmp=tmp_path)
+    with pytest.raises(ConfigError) as error:
+        build_student(name, projector="none")
+    message = str(error.value)
+    assert f"could not read the timm model that {name!r} names" in message
+    assert "checkpoint_path" not in message
+    assert "pretrained=False" not in message
+    assert "\n" not in message
+
+
 def _weights(name: str, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     return {k: v.contiguous() for k, v in timm.create_model(name).state_dict().items()}  # with classifier
