@@ -84,7 +84,7 @@ def check_release(folder: str | os.PathLike) -> Path:
     if not is_release(folder) or not (folder / WEIGHTS).is_file():
         raise ConfigError(
             f"{folder} is not a release folder (it needs {CONFIG} in timm format and {WEIGHTS}): "
-            "write one with `mvmr-export RUN_DIR`."
+            "write one with `mvmr-export RUN_OR_CHECKPOINT`."
         )
     return folder
 

@@ -11,17 +11,19 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from dataclasses import fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import ClassVar
 
 import huggingface_hub
 import pytest
+import yaml
 from conftest import read_metrics, snapshot, tiny_args
 
 from mvmr_hf.card import CardInfo
 from mvmr_hf.cli import parse_arguments
 from mvmr_hf.cli import release as release_cli
+from mvmr_hf.cli import train as train_cli
 from mvmr_hf.cli.release import align_main, evaluate_main, export_main, push_main
 from mvmr_hf.cli.train import distill_main, pretrain_main
 from mvmr_hf.config import (
@@ -41,6 +43,7 @@ from mvmr_hf.config import (
     TeacherArguments,
     TrainingArguments,
 )
+from mvmr_hf.errors import ConfigError
 from mvmr_hf.export import export_student
 from mvmr_hf.student import build_student
 
@@ -140,6 +143,85 @@ def test_every_footer_example_uses_the_commands_own_options(command, capsys):
         assert "--max-steps" not in text
 
 
+class _CalledError(Exception):
+    """What a command gave :func:`parse_arguments`, raised instead of parsing and running it."""
+
+    def __init__(self, groups: list[type], options: dict) -> None:
+        super().__init__()
+        self.groups, self.options = groups, options
+
+
+def _parser_of(command: str, monkeypatch) -> tuple[list[type], dict]:
+    """The argument groups and parse options (prog, positionals) the command parses its ``argv`` with."""
+
+    def record(groups, argv, **options):
+        raise _CalledError(list(groups), options)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(release_cli, "parse_arguments", record)
+        patch.setattr(train_cli, "parse_arguments", record)
+        with pytest.raises(_CalledError) as called:
+            COMMANDS[command]([])
+    return called.value.groups, called.value.options
+
+
+def _parsed(groups: list[type], options: dict, argv: list[str]) -> dict:
+    """Every argument's value, as the command's parser reads ``argv``."""
+    values: dict = {}
+    for group in parse_arguments(groups, argv, **options):
+        values.update(asdict(group))
+    return values
+
+
+FOOTER = re.compile(
+    r"keys are the option names with underscores \((?P<key>\w+)(?:; also (?P<positions>[\w, ]+), given by "
+    r"position)?\): pass it first \(`(?P<command>\S+) run\.yaml (?P<flag>--[a-z-]+) [A-Z_]+`\) or with "
+    r"--config; options on the command line override the file\."
+)
+LISTS_SENTENCE = re.compile(
+    r"A comma-list option given several times means all of its lists \(`(--[a-z-]+) A \1 B` is `\1 A,B`\)\."
+)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_footer_says_what_its_command_does(command, tmp_path, monkeypatch, capsys):
+    """Each sentence of each command's --help footer, done: a file of its keys with the typed flag (first,
+    or with --config before or after the flags) and the typed flag winning; the keys given by position;
+    the comma-list sentence exactly where the command has a comma list; --debug raising the error."""
+    footer = " ".join(_help(COMMANDS[command], capsys).split("\n\n")[-1].split())
+    match = FOOTER.search(footer)
+    assert match is not None, footer
+    key, flag = match["key"], match["flag"]
+    assert (match["command"], flag) == (command, "--" + key.replace("_", "-"))
+    groups, options = _parser_of(command, monkeypatch)
+    by_position = match["positions"].split(", ") if match["positions"] else []
+    assert by_position == list(options.get("positionals", ()))
+    every = {item.name: item for group in groups for item in fields(group)}
+    required = {name: f"file-{name}" for name, item in every.items() if item.default is MISSING}
+    assert set(by_position) <= set(required)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**required, key: "file-value"}))
+    from_file = _parsed(groups, options, [str(config)])
+    assert {name: from_file[name] for name in required} == required
+    assert from_file[key] == "file-value"
+    for argv in (
+        [str(config), flag, "typed"],
+        ["--config", str(config), flag, "typed"],
+        [flag, "typed", "--config", str(config)],
+    ):
+        assert _parsed(groups, options, argv) == {**from_file, key: "typed"}, argv
+    lists = {name for name, item in every.items() if item.metadata.get("action") is CommaListAction}
+    sentence = LISTS_SENTENCE.search(footer)
+    assert (sentence is not None) == bool(lists), footer
+    if sentence is not None:
+        assert sentence[1][2:].replace("-", "_") in lists
+    assert footer.endswith("--debug shows full tracebacks of errors.")
+    assert COMMANDS[command](["--no-such-option"]) == 2
+    capsys.readouterr()
+    with pytest.raises(ConfigError):  # the same error, raised with its traceback
+        COMMANDS[command](["--no-such-option", "--debug"])
+
+
 @pytest.mark.parametrize(
     ("command", "usage"),
     [
@@ -175,6 +257,44 @@ def test_every_readme_option_is_one_of_its_commands(capsys):
     for command, argv in commands:
         for option in (word.split("=")[0] for word in argv if word.startswith("--")):
             assert re.search(rf"{option}\b", helps[command]), f"{command} {option}"
+
+
+def test_every_readme_command_line_parses_as_its_command(tmp_path, monkeypatch):
+    """Each README command line, its positional arguments included, is one its command accepts (the
+    option test above only looks up names); a line cut short with ... is left out. Its saved
+    training_args.json is an overwriting run's, which the README's --resume continues."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "kd").mkdir(parents=True)
+    saved = {"output_dir": "runs/kd", "overwrite": True, "resume": None}
+    (tmp_path / "runs" / "kd" / "training_args.json").write_text(json.dumps(saved))
+    parsers = {command: _parser_of(command, monkeypatch) for command in COMMANDS}
+    lines = [(command, argv) for command, argv in _readme_commands() if "..." not in argv]
+    assert len(lines) >= 15
+    for command, argv in lines:
+        values = _parsed(*parsers[command], argv)
+        if "--resume" in argv:
+            assert (values["resume"], values["overwrite"]) == ("latest", False)
+
+
+def test_the_usage_forms_of_the_readme_and_the_code_are_the_usage_lines(capsys):
+    """`mvmr-export RUN_OR_CHECKPOINT`, `mvmr-push FOLDER ORG/NAME`: every such form in the README, the
+    docs and the code's help and messages names exactly the arguments its usage line takes by position."""
+    positions = {}
+    for command, main in COMMANDS.items():
+        usage = " ".join(_help(main, capsys).split("\n\n")[0].split())
+        positions[command] = usage.rsplit("]", 1)[-1].split()
+    sources = [REPO / "README.md", *REPO.glob("docs/*.md"), *REPO.glob("mvmr_hf/**/*.py")]
+    sources += [*REPO.glob("mvmr_hf/templates/*"), *REPO.glob("examples/**/*.py")]
+    forms = [
+        (match[1], match[2].split(), path.name)
+        for path in sources
+        for match in re.finditer(
+            r"\b(mvmr-[a-z]+)((?: [A-Z][A-Z0-9_]*(?:/[A-Z][A-Z0-9_]*)?)+)\b", path.read_text()
+        )
+    ]
+    assert {command for command, _, _ in forms} >= {"mvmr-export", "mvmr-push"}
+    for command, words, where in forms:
+        assert words == positions[command], f"{where}: {command} {' '.join(words)}"
 
 
 def test_the_readme_forms_and_the_old_spellings_reach_the_library(monkeypatch, tmp_path):
