@@ -19,6 +19,7 @@ import huggingface_hub
 import pytest
 import yaml
 from conftest import read_metrics, snapshot, tiny_args
+from huggingface_hub import EvalResult, ModelCard
 
 from mvmr_hf.card import CardInfo
 from mvmr_hf.cli import parse_arguments
@@ -44,7 +45,7 @@ from mvmr_hf.config import (
     TrainingArguments,
 )
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.export import export_student
+from mvmr_hf.export import export_student, update_card
 from mvmr_hf.student import build_student
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -331,8 +332,19 @@ def test_missing_positional_arguments_are_one_line(main, argv, match, capsys, tm
 
 
 def test_one_split_name_for_stl10s_unlabeled_images():
-    sources = [REPO / "README.md", *REPO.glob("examples/*.py"), *REPO.glob("mvmr_hf/cli/*.py")]
-    names = {name for path in sources for name in re.findall(r"--split (unlabel\w*)", path.read_text())}
+    """Every split named unlabel... in the README, the docs, the examples (scripts, SLURM, configs), the
+    library, its card templates, the benchmarks and the Makefile, as a flag (`--split unlabeled`,
+    `--split=...`) or as a value (`split="..."`, `split: ...`), is one name: the README's `unlabeled`."""
+    sources = [REPO / "README.md", REPO / "Makefile", *REPO.glob("docs/**/*.md"), *REPO.glob("examples/**/*")]
+    sources += [
+        *REPO.glob("mvmr_hf/**/*.py"),
+        *REPO.glob("mvmr_hf/templates/*"),
+        *REPO.glob("benchmarks/**/*"),
+    ]
+    texts = [path.read_text(errors="replace") for path in sources if path.is_file()]
+    assert any("--split unlabeled" in text for text in texts)
+    pattern = r"split[\"']?(?:\s*[=:]\s*|\s+)[\"']?(unlabel\w*)"
+    names = {name for text in texts for name in re.findall(pattern, text, flags=re.I)}
     assert names == {"unlabeled"}
 
 
@@ -383,6 +395,43 @@ def test_push_names_the_real_repository_in_the_card(tmp_path, monkeypatch, capsy
     assert json.loads(files["run_info.json"])["repo_id"] == "me/tiny-mvmr"
     assert files["model.safetensors"] == (folder / "model.safetensors").read_bytes()
     assert snapshot(folder) == before, "pushing only reads the release folder"
+
+
+def test_push_to_another_repository_than_the_run_was_exported_for_names_only_that_one(
+    tmp_path, monkeypatch, capsys
+):
+    """A release trained with --push-to-hub old/name, evaluated, then pushed to me/new: the pushed card and
+    run_info.json name me/new alone and keep the evaluation; the folder still names old/name."""
+    student = build_student("test_resnet", projector="8", image_size=32).eval()
+    folder = export_student(
+        student,
+        tmp_path / "student",
+        training_args={"student": "test_resnet"},
+        card_info=CardInfo(step=3, repo_id="old/name"),
+    )
+    result = EvalResult(
+        task_type="image-classification", dataset_type="digits", dataset_name="digits",
+        metric_type="accuracy", metric_value=12.5, metric_name="linear top-1",
+    )  # fmt: skip
+    update_card(folder, [result])
+    assert 'timm.create_model("hf-hub:old/name"' in (folder / "README.md").read_text()
+    before = snapshot(folder)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("mvmr_hf.hub.HfApi", _FakeHub)
+    _FakeHub.commits = []
+    assert push_main([str(folder), "me/new"]) == 0
+    capsys.readouterr()
+    ((repo_id, files),) = _FakeHub.commits
+    card = files["README.md"].decode()
+    assert repo_id == "me/new"
+    assert 'timm.create_model("hf-hub:me/new"' in card
+    assert 'AutoModel.from_pretrained("me/new")' in card
+    assert "old/name" not in card
+    assert json.loads(files["run_info.json"])["repo_id"] == "me/new"
+    (pushed,) = ModelCard(card).data.eval_results
+    assert (pushed.metric_name, pushed.metric_value) == ("linear top-1", 12.5)
+    assert snapshot(folder) == before
 
 
 # ----------------------------------------------------------------------------- repeated comma lists
