@@ -1085,7 +1085,11 @@ class ProtocolResult:
 
 
 def parse_protocols(text: str) -> tuple[str, ...]:
-    """``"linear,knn"`` -> ``("linear", "knn")``; ConfigError naming the valid protocols otherwise."""
+    """``"linear,knn"`` -> ``("linear", "knn")``; ConfigError naming the valid protocols otherwise.
+
+    A protocol listed twice (``--protocol linear --protocol knn,linear``) is refused, as every comma
+    list's repeated entry is: it would run and report once, the list silently shortened.
+    """
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     unknown = [name for name in names if name not in PROTOCOLS]
     if unknown or not names:
@@ -1093,6 +1097,9 @@ def parse_protocols(text: str) -> tuple[str, ...]:
             f"unknown protocol {', '.join(unknown) or repr(text)}: use a comma-separated subset of "
             f"{','.join(PROTOCOLS)}."
         )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"--protocol lists {', '.join(repeated)} twice: name each protocol once")
     return names
 
 

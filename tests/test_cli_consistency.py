@@ -451,17 +451,8 @@ REQUIRED = {"dataset": "d", "output_dir": "o", "model": "m"}
 TWO_TEACHERS = {"teacher_output", "teacher_names"}  # one value per teacher
 
 
-def _groups_with(name: str) -> list[type]:
-    groups = {
-        "protocol": EVALUATE_GROUPS,
-        "stop_signals": EVALUATE_GROUPS,
-    }.get(name, DISTILL_GROUPS)
-    assert any(f.name == name for group in groups for f in fields(group)), name
-    return groups
-
-
-def _value(groups: list[type], argv: list[str], name: str) -> str:
-    parsed = parse_arguments(groups, argv, prog="t")
+def _value(groups: list[type], argv: list[str], name: str, options: dict | None = None) -> str:
+    parsed = parse_arguments(groups, argv, **(options or {"prog": "t"}))
     (value,) = [getattr(group, name) for group in parsed if hasattr(group, name)]
     return value
 
@@ -473,25 +464,32 @@ def test_every_comma_list_option_is_in_this_table():
     assert lists == set(LIST_VALUES)
 
 
-@pytest.mark.parametrize("name", LIST_VALUES)
-def test_a_repeated_list_option_means_all_of_its_lists(name, tmp_path):
-    groups = _groups_with(name)
-    required = [f"--{key}={value}" for key, value in REQUIRED.items() if any(
-        f.name == key for group in groups for f in fields(group))]  # fmt: skip
-    required += ["--teacher=org/a,org/b"] if name in TWO_TEACHERS else []
-    first, second = LIST_VALUES[name]
-    flag, spelling = f"--{name.replace('_', '-')}", f"--{name}"
-    joined = _value(groups, [*required, flag, f"{first},{second}"], name)
-    assert joined == f"{first},{second}"
-    assert type(joined) is str
-    assert _value(groups, [*required, flag, first, spelling, second], name) == joined
-    config = tmp_path / "run.yaml"
-    config.write_text(f"{name}: {second},{first}\n")
-    assert _value(groups, [str(config), *required], name) == _value(
-        groups, [*required, flag, f"{second},{first}"], name
-    )
-    # The command line replaces the file's list rather than extending it.
-    assert _value(groups, [str(config), *required, flag, first, flag, second], name) == joined
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_repeated_list_option_means_all_of_its_lists(command, tmp_path, monkeypatch):
+    """Every comma list of every command, through the parser the command calls (pretraining's
+    --handcrafted and --stop-signals are fields of their own, not distillation's)."""
+    groups, options = _parser_of(command, monkeypatch)
+    every = {item.name: item for group in groups for item in fields(group)}
+    required = [
+        f"--{name}={REQUIRED.get(name, name)}" for name, item in every.items() if item.default is MISSING
+    ]
+    lists = [name for name, item in every.items() if item.metadata.get("action") is CommaListAction]
+    assert bool(lists) == (command in ("mvmr-distill", "mvmr-pretrain", "mvmr-evaluate"))
+    for name in lists:
+        argv = [*required, *(["--teacher=org/a,org/b"] if name in TWO_TEACHERS else [])]
+        first, second = LIST_VALUES[name]
+        flag, spelling = f"--{name.replace('_', '-')}", f"--{name}"
+        joined = _value(groups, [*argv, flag, f"{first},{second}"], name, options)
+        assert joined == f"{first},{second}"
+        assert type(joined) is str
+        assert _value(groups, [*argv, flag, first, spelling, second], name, options) == joined, name
+        config = tmp_path / "run.yaml"
+        config.write_text(f"{name}: {second},{first}\n")
+        assert _value(groups, [str(config), *argv], name, options) == _value(
+            groups, [*argv, flag, f"{second},{first}"], name, options
+        )
+        # The command line replaces the file's list rather than extending it.
+        assert _value(groups, [str(config), *argv, flag, first, flag, second], name, options) == joined
 
 
 @pytest.mark.parametrize(
@@ -506,3 +504,11 @@ def test_a_list_that_names_one_entry_twice_is_refused(digits, tmp_path, capsys, 
     argv = tiny_args(digits, tmp_path / "run", "--max-steps", "1", *extra)
     assert match in _one_line_error(pretrain_main, argv, capsys, tmp_path)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_protocol_listed_twice_is_refused_before_the_model_loads(tmp_path, capsys):
+    """`--protocol linear --protocol knn,linear` would run linear once and report one row for two."""
+    argv = ["--model", str(tmp_path / "missing"), "--dataset", str(tmp_path / "none")]
+    argv += ["--protocol", "linear", "--protocol", "knn,linear", "--cache-dir", str(tmp_path / "cache")]
+    err = _one_line_error(evaluate_main, argv, capsys, tmp_path)
+    assert "--protocol lists linear twice" in err
