@@ -105,6 +105,29 @@ def parse_augmentations(augmentations: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(name for name in AUGMENTATIONS if name in names)
 
 
+DEFAULT_CROP_SCALE = (0.08, 1.0)
+"""Area range of x̃'s random resized crop, as a fraction of the image (paper, section 7)."""
+
+
+def parse_crop_scale(crop_scale: str | Iterable[float]) -> tuple[float, float]:
+    """``"0.5,1"`` (or ``(0.5, 1)``) -> ``(0.5, 1.0)``: the area range of x̃'s random resized crop.
+
+    Raises:
+        ConfigError: not two numbers with ``0 < MIN <= MAX <= 1``.
+    """
+    items = crop_scale.split(",") if isinstance(crop_scale, str) else list(crop_scale)
+    try:
+        pair = tuple(float(item) for item in items)
+    except (TypeError, ValueError):
+        pair = ()
+    if len(pair) != 2 or not 0 < pair[0] <= pair[1] <= 1:
+        raise ConfigError(
+            "--crop-scale takes MIN,MAX, the crop's area as a fraction of the image with 0 < MIN <= MAX "
+            f"<= 1 (paper: 0.08,1), got {crop_scale!r}."
+        )
+    return pair[0], pair[1]
+
+
 def check_image_batch(images01: Tensor, where: str) -> None:
     """Raise :class:`ConfigError` unless ``images01`` is a float ``(B, 3, H, W)`` tensor."""
     if not isinstance(images01, Tensor):

@@ -25,7 +25,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mvmr_hf.augment import AUGMENTATIONS, parse_augmentations
+from mvmr_hf.augment import AUGMENTATIONS, parse_augmentations, parse_crop_scale
 from mvmr_hf.dcor import check_estimator
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.utils import check_int, check_number
@@ -417,10 +417,16 @@ class DataArguments:
         "view keeps the non-augmented view's framing; empty: no augmentation. The augmented-pixels "
         "representation keeps all five.",
     )
+    crop_scale: str = _opt(  # one MIN,MAX pair, not a list: given twice, the last one counts
+        "0.08,1",
+        "Area range of the augmented view's random resized crop as a fraction of the image, MIN,MAX (paper, "
+        "section 7: 0.08,1); a larger MIN keeps more of each image (README, 'Quality').",
+    )
 
     def __post_init__(self) -> None:
         # The steps in the order they run, so that "flip,crop" and "crop,flip" are one setting for --resume.
         self.augmentations = ",".join(parse_augmentations(self.augmentations))
+        self.crop_scale = ",".join(f"{bound:g}" for bound in parse_crop_scale(self.crop_scale))
         _check_ints(self, ("image_size",), 1)
         _check_ints(self, ("shuffle_buffer", "num_workers"), 0)
         if self.view_source_size is not None:

@@ -50,7 +50,14 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from mvmr_hf.augment import AUGMENTATIONS, CENTER_CROP_FRACTION, ViewAugment, ViewParams, center_view
+from mvmr_hf.augment import (
+    AUGMENTATIONS,
+    CENTER_CROP_FRACTION,
+    DEFAULT_CROP_SCALE,
+    ViewAugment,
+    ViewParams,
+    center_view,
+)
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.utils import check_int, is_local_path
 
@@ -495,6 +502,7 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         seed: int = 0,
         source_size: int | None = None,
         augmentations: str | Sequence[str] = AUGMENTATIONS,
+        crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
         decode_on_device: bool = False,
     ) -> None:
         super().__init__()
@@ -508,7 +516,7 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
-        self.augment = ViewAugment(image_size, augmentations=augmentations)
+        self.augment = ViewAugment(image_size, augmentations=augmentations, scale=crop_scale)
         self.source_size = source_size
         self.decode_on_device = decode_on_device
         self.epoch = 0
@@ -968,6 +976,7 @@ def build_dataloader(
     device_views: bool = False,
     source_size: int | None = None,
     augmentations: str | Sequence[str] = AUGMENTATIONS,
+    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
     decode_on_device: bool = False,
     ignore_signals: Sequence[int] = (),
 ) -> tuple[ViewsLoader, DataStats]:
@@ -1004,6 +1013,8 @@ def build_dataloader(
             string (:func:`~mvmr_hf.augment.parse_augmentations`). The random parameters are those
             of the full augmentation, switched-off steps neutralised, in both the workers' and the
             device views.
+        crop_scale: the area range of x̃'s random resized crop, as a fraction of the image
+            (default the paper's 0.08-1).
         decode_on_device: the workers only read each JPEG's header and draw its view's parameters;
             ``loader.dataset.views_on(batch, device)`` decodes the batch's JPEGs on the device
             (nvJPEG on CUDA) and makes both views there (:func:`jpeg_size` says which images PIL
@@ -1053,6 +1064,7 @@ def build_dataloader(
         seed=seed,
         source_size=(source_size or default_source_size(image_size)) if device_views else None,
         augmentations=augmentations,
+        crop_scale=crop_scale,
         decode_on_device=decode_on_device,
     )
     loader = ViewsLoader(

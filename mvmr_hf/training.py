@@ -63,7 +63,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from mvmr_hf.augment import CENTER_CROP_FRACTION
+from mvmr_hf.augment import CENTER_CROP_FRACTION, parse_crop_scale
 from mvmr_hf.card import CardInfo
 from mvmr_hf.checkpoint import CHECKPOINTS_DIR, load_checkpoint, save_checkpoint
 from mvmr_hf.config import DataArguments, LossArguments, ModelArguments, TeacherArguments, TrainingArguments
@@ -184,6 +184,7 @@ def train(
         source_size=data_args.view_source_size,
         decode_on_device=data_args.decode_on_device,
         augmentations=data_args.augmentations,
+        crop_scale=parse_crop_scale(data_args.crop_scale),
         ignore_signals=training_args.signals(),
     )
     total_steps = _total_steps(training_args, data_stats, batch_size * world)

@@ -398,6 +398,20 @@ def _one_batch(loader, epoch: int) -> dict:
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")
 
 
+def test_crop_scale_bounds_the_area_of_every_crop(tmp_path):
+    """--crop-scale 0.5,1 reaches the views: every crop keeps at least half of its image's area, where
+    the paper's 0.08-1 gives smaller ones; the boxes are in the source's pixels (64 px squares)."""
+    photos = [np.asarray(Image.fromarray(getattr(skdata, n)()).resize((64, 64))) for n in PHOTOS]
+    areas = {}
+    for scale in ((0.08, 1.0), (0.5, 1.0)):
+        loader = _photo_loader(tmp_path / "photos", photos, 32, device_views=True, source_size=64,
+                               crop_scale=scale)  # fmt: skip
+        boxes = np.concatenate([_one_batch(loader, epoch)["view_params"]["crop_boxes"] for epoch in range(8)])
+        areas[scale] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / 64**2
+    assert areas[(0.5, 1.0)].min() >= 0.5 - 0.05  # torchvision's rule rounds the sides to whole pixels
+    assert areas[(0.08, 1.0)].min() < 0.3
+
+
 def test_device_views_equal_worker_views_when_the_source_is_the_image(tmp_path):
     """Square photos of the source's side: the device makes exactly the workers' views."""
     photos = [np.asarray(Image.fromarray(getattr(skdata, n)()).resize((64, 64))) for n in PHOTOS]

@@ -88,6 +88,8 @@ BAD_PRETRAIN_INPUT = [
         ["--augmentations", "crop,zoom"], "crop, flip, color, grayscale, blur", id="unknown-augmentation"
     ),
     pytest.param(["--augmentations", "flip,crop,flip"], "flip twice", id="repeated-augmentation"),
+    pytest.param(["--crop-scale", "0.5"], "--crop-scale takes MIN,MAX", id="crop-scale-one-number"),
+    pytest.param(["--crop-scale", "0,1"], "0 < MIN <= MAX <= 1", id="crop-scale-zero"),
     pytest.param(
         ["--decode-on-device"], "a CUDA GPU, but this run's device is cpu", id="decode-without-cuda"
     ),
@@ -324,7 +326,7 @@ def test_help_documents_every_option(capsys):
         "--keep-checkpoints", "--resume", "--overwrite", "--seed", "--log-with", "--log-every",
         "--num-workers", "--cache-teacher", "--push-to-hub", "--trust-remote-code", "--debug", "--config",
         "--channels-last", "--compile", "--augmentations", "--feature-matching-weight",
-        "--feature-matching-view",
+        "--feature-matching-view", "--crop-scale",
     ):  # fmt: skip
         assert option in text, option
     help_of_teacher_output = " ".join(
