@@ -372,6 +372,17 @@ class _FakeHub:
         return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
 
 
+def _push(monkeypatch, folder: Path, repo_id: str) -> tuple[str, dict[str, bytes]]:
+    """``mvmr-push FOLDER REPO_ID`` against a fake Hub: the one commit's repository and files."""
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("mvmr_hf.hub.HfApi", _FakeHub)
+    _FakeHub.commits = []
+    assert push_main([str(folder), repo_id]) == 0
+    ((pushed_to, files),) = _FakeHub.commits
+    return pushed_to, files
+
+
 def test_push_names_the_real_repository_in_the_card(tmp_path, monkeypatch, capsys):
     student = build_student("test_resnet", projector="8", image_size=32).eval()
     folder = export_student(
@@ -379,13 +390,8 @@ def test_push_names_the_real_repository_in_the_card(tmp_path, monkeypatch, capsy
     )
     assert "hf-hub:ORG/" in (folder / "README.md").read_text()  # trained without --push-to-hub
     before = snapshot(folder)
-    monkeypatch.setenv("HF_TOKEN", "hf_test")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr("mvmr_hf.hub.HfApi", _FakeHub)
-    _FakeHub.commits = []
-    assert push_main([str(folder), "me/tiny-mvmr"]) == 0
+    repo_id, files = _push(monkeypatch, folder, "me/tiny-mvmr")
     assert capsys.readouterr().out.strip() == "https://huggingface.co/me/tiny-mvmr/commit/0"
-    ((repo_id, files),) = _FakeHub.commits
     assert repo_id == "me/tiny-mvmr"
     assert set(files) == {path.name for path in folder.iterdir()}
     card = files["README.md"].decode()
@@ -397,9 +403,7 @@ def test_push_names_the_real_repository_in_the_card(tmp_path, monkeypatch, capsy
     assert snapshot(folder) == before, "pushing only reads the release folder"
 
 
-def test_push_to_another_repository_than_the_run_was_exported_for_names_only_that_one(
-    tmp_path, monkeypatch, capsys
-):
+def test_push_to_another_repository_than_the_run_was_exported_for_names_only_that_one(tmp_path, monkeypatch):
     """A release trained with --push-to-hub old/name, evaluated, then pushed to me/new: the pushed card and
     run_info.json name me/new alone and keep the evaluation; the folder still names old/name."""
     student = build_student("test_resnet", projector="8", image_size=32).eval()
@@ -416,13 +420,7 @@ def test_push_to_another_repository_than_the_run_was_exported_for_names_only_tha
     update_card(folder, [result])
     assert 'timm.create_model("hf-hub:old/name"' in (folder / "README.md").read_text()
     before = snapshot(folder)
-    monkeypatch.setenv("HF_TOKEN", "hf_test")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr("mvmr_hf.hub.HfApi", _FakeHub)
-    _FakeHub.commits = []
-    assert push_main([str(folder), "me/new"]) == 0
-    capsys.readouterr()
-    ((repo_id, files),) = _FakeHub.commits
+    repo_id, files = _push(monkeypatch, folder, "me/new")
     card = files["README.md"].decode()
     assert repo_id == "me/new"
     assert 'timm.create_model("hf-hub:me/new"' in card
