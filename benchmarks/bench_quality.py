@@ -52,6 +52,7 @@ from common import (
     DIGITS_SPLITS,
     Column,
     linear_and_knn,
+    paper_objective,
     parser,
     report,
     reset_accelerate,
@@ -192,7 +193,7 @@ def main() -> int:
             if command == "distill":
                 default_teacher = [] if "--teacher" in changes else ["--teacher", str(teacher)]
                 # The paper's objective is what every cell varies; the matching cells turn the term on.
-                paper = [*default_teacher, "--cache-teacher", "--feature-matching-weight", "0"]
+                paper = [*default_teacher, "--cache-teacher", *paper_objective(changes)]
                 argv = [*argv[: len(COMMON)], *paper, *argv[len(COMMON) :]]
                 if not run.exists():
                     share_teacher_caches(pool, run, after=False)

@@ -52,7 +52,16 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import Column, parser, report, reset_accelerate, resolve_device, seed_row, share_teacher_caches
+from common import (
+    Column,
+    paper_objective,
+    parser,
+    report,
+    reset_accelerate,
+    resolve_device,
+    seed_row,
+    share_teacher_caches,
+)
 from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
@@ -84,6 +93,10 @@ COMMON = ["--student", STUDENT, "--image-size", str(IMAGE_SIZE), "--batch-size",
           "--num-workers", "0", "--checkpoint-every", "100000", "--log-every", "1000",
           "--projector", PROJECTOR, "--cache-teacher"]  # fmt: skip
 NO_L1_L2 = ["--invariance-weight", "0", "--variance-weight", "0", "--view-weight", "0"]
+MILD = ["--augmentations", "crop,flip"]  # the augmented view without colour, grayscale and blur
+ON_AUGMENTED = ["--feature-matching-view", "augmented"]  # the teacher sees x̃ too, as the baseline's does
+HALF_CROPS = ["--crop-scale", "0.5,1"]  # the baseline's crops
+NO_DCOR = ["--representation-weights", "teacher=0"]
 BASELINE = "classic feature distillation (linear head, 1 - cosine)"
 # (cell, flags against the paper's objective: λ = μ = α = β = 1, no feature matching; None: the baseline)
 CELLS: list[tuple[str, list[str] | None]] = [
@@ -92,6 +105,36 @@ CELLS: list[tuple[str, list[str] | None]] = [
     ("teacher dCor term only (λ = μ = α = 0)", [*NO_L1_L2, "--feature-matching-weight", "0"]),
     ("paper objective + feature matching 1", ["--feature-matching-weight", "1"]),
     ("teacher dCor + feature matching 1 (λ = μ = α = 0)", [*NO_L1_L2, "--feature-matching-weight", "1"]),
+    (
+        "teacher dCor + feature matching 1, crops and flips only",
+        [*NO_L1_L2, "--feature-matching-weight", "1", *MILD],
+    ),
+    ("paper objective + feature matching 1, crops and flips only", ["--feature-matching-weight", "1", *MILD]),
+    ("teacher dCor + feature matching 4 (λ = μ = α = 0)", [*NO_L1_L2, "--feature-matching-weight", "4"]),
+    (
+        "teacher dCor + feature matching 1 on the augmented view, crops and flips only",
+        [*NO_L1_L2, "--feature-matching-weight", "1", *ON_AUGMENTED, *MILD],
+    ),
+    (
+        "paper objective + feature matching 1 on the augmented view",
+        ["--feature-matching-weight", "1", *ON_AUGMENTED],
+    ),
+    (
+        "paper objective + feature matching 1 on the augmented view, crops and flips only",
+        ["--feature-matching-weight", "1", *ON_AUGMENTED, *MILD],
+    ),
+    (
+        "teacher dCor + feature matching 1 on the augmented view, crops of 0.5-1 and flips",
+        [*NO_L1_L2, "--feature-matching-weight", "1", *ON_AUGMENTED, *MILD, *HALF_CROPS],
+    ),
+    (
+        "teacher dCor + feature matching 1, crops of 0.5-1 and flips",
+        [*NO_L1_L2, "--feature-matching-weight", "1", *MILD, *HALF_CROPS],
+    ),
+    (
+        "feature matching 1 alone on the augmented view, crops of 0.5-1 and flips (β = 0)",
+        [*NO_L1_L2, *NO_DCOR, "--feature-matching-weight", "1", *ON_AUGMENTED, *MILD, *HALF_CROPS],
+    ),
 ]
 METRICS = ("linear", "few", "knn")
 
@@ -263,9 +306,9 @@ def _distill(setting: Setting, teacher: Path, changes: list[str], run: Path, see
     pool.mkdir(exist_ok=True)
     share_teacher_caches(pool, run, after=False)
     reset_accelerate()
-    argv = [*COMMON, "--teacher", str(teacher), *changes, "--dataset", str(setting.data), "--split", "train",
-            "--no-streaming", "--output-dir", str(run), "--seed", str(seed),
-            "--epochs", str(setting.epochs)]  # fmt: skip
+    argv = [*COMMON, "--teacher", str(teacher), *paper_objective(changes), *changes, "--dataset",
+            str(setting.data), "--split", "train", "--no-streaming", "--output-dir", str(run), "--seed",
+            str(seed), "--epochs", str(setting.epochs)]  # fmt: skip
     if distill_main(argv):
         raise SystemExit(f"error: the run {run} failed")
     share_teacher_caches(pool, run, after=True)

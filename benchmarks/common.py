@@ -456,6 +456,22 @@ def linear_and_knn(
 # ----------------------------------------------------------------------------- quality runs
 
 
+# The paper's distillation objective (eq. 10 with λ = μ = α = β = 1, its section 7 augmentation, no
+# feature matching), which the quality benchmarks' cells change: pinned, so that a cell keeps its meaning
+# whatever mvmr-distill's defaults are.
+PAPER_OBJECTIVE = {
+    "--invariance-weight": "1", "--variance-weight": "1", "--view-weight": "1",
+    "--feature-matching-weight": "0", "--feature-matching-view": "non-augmented",
+    "--augmentations": "crop,flip,color,grayscale,blur", "--crop-scale": "0.08,1",
+}  # fmt: skip
+
+
+def paper_objective(changes: Sequence[str]) -> list[str]:
+    """The flags of :data:`PAPER_OBJECTIVE` that ``changes`` do not set, to put before them (a comma
+    list such as --augmentations given twice would join its two lists)."""
+    return [part for flag, value in PAPER_OBJECTIVE.items() if flag not in changes for part in (flag, value)]
+
+
 def reset_accelerate() -> None:
     """Accelerate keeps process-wide singletons; each in-process run starts from a clean state."""
     from accelerate.state import AcceleratorState, GradientState
