@@ -78,15 +78,27 @@ def flat_arguments(*groups: Any) -> dict[str, Any]:
     return flat
 
 
+# What a run did before each of these options existed, which its training_args.json therefore lacks;
+# not their defaults, which have changed since (distillation's, README "Quality").
+BEFORE_THE_OPTION = {
+    "feature_matching_weight": 0.0,
+    "feature_matching_view": "non-augmented",
+    "crop_scale": "0.08,1",
+}
+
+
 def flat_defaults(*groups: Any) -> dict[str, Any]:
-    """Each argument's default, where it has one, under its name in :func:`flat_arguments`."""
-    return {
+    """What a saved ``training_args.json`` that lacks an argument ran with, under its name in
+    :func:`flat_arguments`: the value from before the option existed (:data:`BEFORE_THE_OPTION`),
+    else its default, where it has one."""
+    defaults = {
         item.name: item.default
         for group in groups
         if group is not None
         for item in fields(group)
         if item.default is not MISSING
     }
+    return {**defaults, **{key: value for key, value in BEFORE_THE_OPTION.items() if key in defaults}}
 
 
 def resume_point(
@@ -98,7 +110,7 @@ def resume_point(
     """The checkpoint to resume from (None: a fresh start), after checking the output folder.
 
     ``defaults`` (:func:`flat_defaults`) stand for the arguments that the run's saved
-    ``training_args.json`` lacks: it was written before they existed, so it ran with their defaults.
+    ``training_args.json`` lacks: it was written before they existed, so it ran without them.
     """
     if training_args.resume is None:
         if list_checkpoints(output_dir) and not training_args.overwrite:

@@ -173,23 +173,29 @@ def test_resuming_with_other_settings_is_rejected(digits, tmp_path, capsys):
         assert setting not in err
 
 
-def test_a_run_saved_before_an_option_existed_resumes_with_its_default(digits, teacher, tmp_path, capsys):
-    """A training_args.json from before --feature-matching-weight lacks it: that run had its default."""
+def test_a_run_saved_before_an_option_existed_resumes_as_it_ran(digits, teacher, tmp_path, capsys):
+    """A training_args.json from before --feature-matching-weight, --feature-matching-view and --crop-scale
+    lacks them: that run had no feature matching and the paper's crops, whatever the defaults are now."""
     run = tmp_path / "run"
+    before = ["--feature-matching-weight", "0", "--feature-matching-view", "non-augmented", "--crop-scale",
+              "0.08,1"]  # fmt: skip
     argv = [*tiny_args(digits, run, "--max-steps", "1", "--teacher", str(teacher)), "--checkpoint-every", "1"]
-    assert distill_main(argv) == 0
+    assert distill_main([*argv, *before]) == 0
     saved = json.loads((run / "training_args.json").read_text())
-    del saved["feature_matching_weight"]
+    for key in ("feature_matching_weight", "feature_matching_view", "crop_scale"):
+        del saved[key]
     (run / "training_args.json").write_text(json.dumps(saved))
     capsys.readouterr()
 
     longer = [*argv, "--max-steps", "2", "--resume"]
-    err = _fails_cleanly(
-        distill_main, [*longer, "--feature-matching-weight", "1"], capsys, tmp_path, "other settings"
-    )
-    assert "feature_matching_weight: 0.0 -> 1.0" in err
-    reset_accelerate()
-    assert distill_main(longer) == 0
+    for changed, line in (
+        (["--feature-matching-weight", "1"], "feature_matching_weight: 0.0 -> 1.0"),
+        (["--crop-scale", "0.5,1"], "crop_scale: '0.08,1' -> '0.5,1'"),
+    ):
+        err = _fails_cleanly(distill_main, [*longer, *before, *changed], capsys, tmp_path, "other settings")
+        assert line in err
+        reset_accelerate()
+    assert distill_main([*longer, *before]) == 0
     assert [m["step"] for m in read_metrics(run)] == [1, 2]
 
 
