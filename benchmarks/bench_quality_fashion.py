@@ -28,6 +28,7 @@ range), and the wall time of one training run on this machine.
 
     python benchmarks/bench_quality_fashion.py                 # the whole table, about 80 min on 2 cores
     python benchmarks/bench_quality_fashion.py --teachers lite0 --work-dir /tmp/fq   # keep and reuse runs
+    python benchmarks/bench_quality_fashion.py --work-dir /tmp/fq --finished-only     # the table of those
 
 Runs are kept in ``--work-dir`` when given: a second call reuses every finished cell, so the table
 can be built in parts. Not part of CI (too long, and its data set is a system package).
@@ -357,7 +358,13 @@ def main() -> int:
     arguments.add_argument("--cells", default=None, help="indices into CELLS, comma-separated (default: all)")
     arguments.add_argument("--fashion-mnist", type=Path, default=DEFAULT_SOURCE, help="its IDX files' folder")
     arguments.add_argument("--work-dir", type=Path, default=None, help="keep runs here (default: a temp dir)")
+    arguments.add_argument("--finished-only", action="store_true",
+                           help="train nothing: the table of the runs finished in --work-dir, each cell with "
+                           "the seeds it has")  # fmt: skip
     args = arguments.parse_args()
+    if args.finished_only and not args.work_dir:
+        print("error: --finished-only reads the runs of --work-dir: pass it", file=sys.stderr)
+        return 2
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-quality-fashion-"))
     try:
         device = resolve_device(args.device)
@@ -386,10 +393,16 @@ def main() -> int:
                 work / "runs" / f"{variant}-{cell}-{seed}".replace(" ", "_").replace("/", "_")
                 for seed in seeds
             ]
-            scores = [
-                cell_scores(setting, teacher, changes, run, seed)
-                for run, seed in zip(runs, seeds, strict=True)
-            ]
+            if args.finished_only:
+                finished = [run / "scores.json" for run in runs if (run / "scores.json").is_file()]
+                scores = [json.loads(saved.read_text()) for saved in finished]
+                if not scores:
+                    continue
+            else:
+                scores = [
+                    cell_scores(setting, teacher, changes, run, seed)
+                    for run, seed in zip(runs, seeds, strict=True)
+                ]
             seconds = statistics.fmean(s["seconds"] for s in scores)
             rows.append(seed_row(variant, cell, scores, seconds, METRICS) | {"teacher": variant})
             measured = ", ".join(f"{metric} {rows[-1][metric]:.2f}" for metric in METRICS)
