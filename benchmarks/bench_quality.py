@@ -24,8 +24,8 @@ Cells (each against the candidate defaults, one change at a time):
   (two dCor terms, no adaptor), and Lite0 together with a teacher that knows nothing (the same
   architecture, randomly initialised): what a useless teacher does to the mix;
 - feature matching (``--feature-matching-weight``, not in the paper) on one mildly augmented view seen
-  by teacher and student, with the teacher's dCor term and alone, against the paper's objective
-  (``--groups matching``).
+  by teacher and student, with the teacher's dCor term (distillation's defaults), against the paper's
+  objective (``--groups matching``).
 
 Rows also give the two references: the same student randomly initialised (the floor) and the
 teacher itself (the ceiling). Numbers are means over seeds with the spread (max - min) / 2.
@@ -106,8 +106,6 @@ MATCHING_CELLS = [
     ("matching", "paper objective, no feature matching", "distill", []),
     ("matching", "teacher dCor + feature matching on one mild view (λ = μ = α = 0)", "distill",
      ONE_MILD_VIEW),
-    ("matching", "feature matching alone on one mild view (λ = μ = α = β = 0)", "distill",
-     [*ONE_MILD_VIEW, "--representation-weights", "teacher=0"]),
 ]  # fmt: skip
 # {lite0}, {lite2} and {random} are the teachers' folders.
 TEACHER_CELLS = [

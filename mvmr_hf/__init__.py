@@ -53,6 +53,7 @@ _LAZY = {
     "TeacherSpec": "mvmr_hf.config",
     "DataArguments": "mvmr_hf.config",
     "DistillDataArguments": "mvmr_hf.config",
+    "DistillLossArguments": "mvmr_hf.config",
     "DistillTrainingArguments": "mvmr_hf.config",
     "LossArguments": "mvmr_hf.config",
     "TrainingArguments": "mvmr_hf.config",

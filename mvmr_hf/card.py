@@ -18,7 +18,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from mvmr_hf.augment import AUGMENTATIONS, parse_augmentations
+from mvmr_hf.augment import AUGMENTATIONS, DEFAULT_CROP_SCALE, parse_augmentations, parse_crop_scale
 from mvmr_hf.config import parse_weights, teacher_specs
 from mvmr_hf.utils import is_hub_id, is_local_path
 
@@ -191,15 +191,23 @@ def _teachers(training_args: Mapping[str, Any], info: CardInfo) -> list[str]:
 def _augmentations(training_args: Mapping[str, Any]) -> str:
     """The steps that made the augmented view x̃ (paper, section 7; a subset is its Table 7 ablation).
 
-    Runs saved before ``--augmentations`` existed (no such key) used all five.
+    Runs saved before ``--augmentations`` existed (no such key) used all five, before ``--crop-scale``
+    the paper's crops.
     """
     saved = training_args.get("augmentations")
     kept = AUGMENTATIONS if saved is None else parse_augmentations(saved)
-    if kept == AUGMENTATIONS:
-        return f"{', '.join(f'`{name}`' for name in kept)} (the paper's augmentation, section 7)"
     if not kept:
         return "none: x̃ had the framing of the non-augmented view x, without any random step"
-    return f"{', '.join(f'`{name}`' for name in kept)} only (the paper's Table 7 ablation)"
+    low, high = parse_crop_scale(training_args.get("crop_scale") or DEFAULT_CROP_SCALE)
+    crops = (
+        ""
+        if "crop" not in kept or (low, high) == DEFAULT_CROP_SCALE
+        else (f", crops of {low:g}-{high:g} of the image's area (the paper's: 0.08-1)")
+    )
+    steps = ", ".join(f"`{name}`" for name in kept)
+    if kept == AUGMENTATIONS:
+        return f"{steps} (the paper's augmentation, section 7){crops}"
+    return f"{steps} only (the paper's Table 7 ablation){crops}"
 
 
 def _representations(training_args: Mapping[str, Any], info: CardInfo) -> str:

@@ -204,8 +204,14 @@ def test_hub_id_or_none(name, expected):
             {"augmentations": ""},
             "none: x̃ had the framing of the non-augmented view x, without any random step",
         ),
+        (
+            {"augmentations": "crop,flip", "crop_scale": "0.5,1"},
+            ": `crop`, `flip` only (the paper's Table 7 ablation), crops of 0.5-1 of the image's area (the "
+            "paper's: 0.08-1)",
+        ),
+        ({"augmentations": "flip", "crop_scale": "0.5,1"}, ": `flip` only (the paper's Table 7 ablation)"),
     ],
-    ids=["saved-before-the-option", "all-five", "without-blur", "none"],
+    ids=["saved-before-the-option", "all-five", "without-blur", "none", "milder-crops", "no-crop"],
 )
 def test_card_says_which_steps_made_the_augmented_view(tmp_path, saved, expected):
     text = render_card(

@@ -26,22 +26,17 @@ from mvmr_hf.cli import parse_arguments
 from mvmr_hf.cli import release as release_cli
 from mvmr_hf.cli import train as train_cli
 from mvmr_hf.cli.release import align_main, evaluate_main, export_main, push_main
-from mvmr_hf.cli.train import distill_main, pretrain_main
+from mvmr_hf.cli.train import DISTILL_GROUPS, distill_main, pretrain_main
 from mvmr_hf.config import (
     AlignArguments,
     CommaListAction,
     DataArguments,
-    DistillDataArguments,
-    DistillTrainingArguments,
     EvalDataArguments,
     EvaluateArguments,
     ExportArguments,
     FinetuneArguments,
-    LossArguments,
-    ModelArguments,
     PretrainModelArguments,
     PushArguments,
-    TeacherArguments,
     TrainingArguments,
 )
 from mvmr_hf.errors import ConfigError
@@ -51,13 +46,6 @@ from mvmr_hf.student import build_student
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 REPO = Path(__file__).resolve().parents[1]
-DISTILL_GROUPS = [
-    ModelArguments,
-    TeacherArguments,
-    DistillDataArguments,
-    LossArguments,
-    DistillTrainingArguments,
-]
 EVALUATE_GROUPS = [EvaluateArguments, EvalDataArguments, FinetuneArguments]
 COMMANDS = {
     "mvmr-distill": distill_main,

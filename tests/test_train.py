@@ -21,6 +21,7 @@ from conftest import fake_checkpoint, read_metrics, reset_accelerate, tiny_args
 from safetensors.torch import load_file
 from transformers import get_cosine_schedule_with_warmup
 
+from mvmr_hf import training
 from mvmr_hf.checkpoint import (
     TRAINER_STATE,
     checkpoint_path,
@@ -137,20 +138,36 @@ def test_pretrain_end_to_end(digits, tmp_path, capsys):
 
 @pytest.fixture
 def teacher_calls(monkeypatch) -> list[int]:
-    """The batch size of every teacher forward, in order."""
+    """The batch size of every teacher forward during training, in order (not the feature-matching
+    heads' width probe before it)."""
     calls: list[int] = []
-    forward = Teacher.forward
-    monkeypatch.setattr(
-        Teacher, "forward", lambda self, images: calls.append(len(images)) or forward(self, images)
-    )
+    probing = []
+    forward, build_heads = Teacher.forward, training.build_feature_matching
+
+    def recording(self, images):
+        if not probing:
+            calls.append(len(images))
+        return forward(self, images)
+
+    def building(*args, **kwargs):
+        probing.append(True)
+        try:
+            return build_heads(*args, **kwargs)
+        finally:
+            probing.clear()
+
+    monkeypatch.setattr(Teacher, "forward", recording)
+    monkeypatch.setattr(training, "build_feature_matching", building)
     return calls
 
 
 def test_distill_teacher_cache_gives_the_same_losses(digits, teacher, tmp_path, teacher_calls):
     calls = teacher_calls
     # 32 images, 2 batches per epoch, 2 epochs: the second epoch must read the teacher from the cache.
+    # Feature matching on x, so that the teacher sees only x (on x̃ it runs every step, uncached:
+    # test_feature_matching_on_the_augmented_view_shows_the_teacher_what_the_student_saw).
     common = ["--teacher", str(teacher), "--no-streaming", "--split", "train[:32]", "--batch-size", "16",
-              "--epochs", "2", "--seed", "3"]  # fmt: skip
+              "--epochs", "2", "--seed", "3", "--feature-matching-view", "non-augmented"]  # fmt: skip
     assert distill_main(_tiny(digits, tmp_path / "plain", *common)) == 0
     assert calls == [16] * 4
     calls.clear()
@@ -162,7 +179,7 @@ def test_distill_teacher_cache_gives_the_same_losses(digits, teacher, tmp_path, 
     assert [m["step"] for m in plain] == [1, 2, 3, 4]
     assert [m["epoch"] for m in plain] == [0, 0, 1, 1]
     for a, b in zip(plain, cached, strict=True):
-        for name in ("loss", "invariance", "variance", "dcor/views", "dcor/teacher"):
+        for name in ("loss", "invariance", "variance", "dcor/views", "dcor/teacher", "match/teacher"):
             assert a[name] == b[name], name  # bit for bit: the cache stores the teacher's exact outputs
     (folder,) = (tmp_path / "cached" / "teacher_cache").iterdir()
     assert len(TeacherCache(folder)) == 32
@@ -174,7 +191,7 @@ def test_teacher_cache_runs_the_teacher_only_on_images_it_lacks(digits, teacher,
     calls = teacher_calls
     # 40 images in batches of 16: each epoch uses 32 and drops 8, so epoch 2 meets a few unseen images.
     common = ["--teacher", str(teacher), "--no-streaming", "--split", "train[:40]", "--batch-size", "16",
-              "--epochs", "2", "--seed", "3"]  # fmt: skip
+              "--epochs", "2", "--seed", "3", "--feature-matching-view", "non-augmented"]  # fmt: skip
     assert distill_main(_tiny(digits, tmp_path / "plain", *common)) == 0
     calls.clear()
     reset_accelerate()
@@ -296,10 +313,13 @@ def test_feature_matching_trains_its_heads_and_resumes_them_exactly(digits, teac
         for name in ("loss", *terms):
             assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-7), (a["step"], name)
 
-    # Weight 0 (the default): the paper's objective only, and no heads.
+    # Weight 0: no term and no heads.
     reset_accelerate()
     paper = tmp_path / "paper"
-    assert distill_main(_tiny(digits, paper, *common[:2], "--max-steps", "2")) == 0
+    assert (
+        distill_main(_tiny(digits, paper, *common[:2], "--max-steps", "2", "--feature-matching-weight", "0"))
+        == 0
+    )
     assert "match/teacher" not in read_metrics(paper)[0]
     assert not (latest_checkpoint(paper) / "model_1.safetensors").exists()
 
@@ -347,8 +367,10 @@ def test_a_cuda_run_with_the_gpu_defaults_trains_and_releases(digits, teacher, t
     metrics = read_metrics(run)
     assert all(math.isfinite(m[name]) for m in metrics for name in ("loss", "dcor/teacher", "dcor/lsd"))
     steps_per_epoch = len(metrics) // 2
-    assert teacher_calls[:steps_per_epoch] == [8] * steps_per_epoch
-    assert sum(teacher_calls[steps_per_epoch:]) < 8 * steps_per_epoch / 4  # epoch 2: mostly the cache
+    # Each step the teacher sees x (stored in the cache in epoch 1) and x̃ (feature matching's view, never
+    # cached): epoch 2 runs it on x̃ and on the few images of x the cache lacks.
+    assert teacher_calls[: 2 * steps_per_epoch] == [8] * (2 * steps_per_epoch)
+    assert sum(teacher_calls[2 * steps_per_epoch :]) < 8 * steps_per_epoch * (1 + 1 / 4)
     _assert_trains_alike(run, run, rel=0)  # the release holds the checkpoint's weights, loads with timm
 
 

@@ -19,6 +19,7 @@ from mvmr_hf.cli import parse_arguments, run_cli
 from mvmr_hf.config import (
     DataArguments,
     DistillDataArguments,
+    DistillLossArguments,
     DistillTrainingArguments,
     LossArguments,
     ModelArguments,
@@ -32,9 +33,13 @@ from mvmr_hf.utils import deprecated_alias
 __all__ = ["distill_main", "pretrain_main"]
 
 
+DISTILL_GROUPS = [ModelArguments, TeacherArguments, DistillDataArguments, DistillLossArguments,
+                  DistillTrainingArguments]  # fmt: skip
+
+
 def _distill(argv: Sequence[str]) -> None:
     model, teacher, data, loss, training = parse_arguments(
-        [ModelArguments, TeacherArguments, DistillDataArguments, LossArguments, DistillTrainingArguments],
+        DISTILL_GROUPS,
         argv,
         prog="mvmr-distill",
         description=distill_main.__doc__,
