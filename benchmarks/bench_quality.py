@@ -41,6 +41,7 @@ smoke test and ``make bench``: its numbers show the script runs, not what the ob
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -206,7 +207,11 @@ def main() -> int:
             if status:
                 print(f"error: the run {run} failed with status {status}", file=sys.stderr)
                 return status
-            seconds += time.perf_counter() - began
+            # The training's time, kept with the run: a later call only resumes the finished run.
+            timing = run / "seconds.json"
+            if not timing.is_file():
+                timing.write_text(json.dumps({"seconds": time.perf_counter() - began}))
+            seconds += json.loads(timing.read_text())["seconds"]
             if command == "distill":
                 share_teacher_caches(pool, run, after=True)
             scores.append(linear_and_knn(str(run / "student"), data, features, device, splits))
@@ -229,9 +234,11 @@ def main() -> int:
               "student": STUDENT, "projector": PROJECTOR, "epochs": epochs, "seeds": seeds,
               "command": " ".join(COMMON), "threads": torch.get_num_threads()}  # fmt: skip
     notes = [
-        "Each cell changes the flags shown against the candidate defaults (invariance mean, dCor R, biased, "
-        f"λ = μ = α = β = 1, projector {PROJECTOR}); the paper's own 8192-8192-8192 projector is too slow "
-        "to train here over every cell.",
+        "Each distillation cell changes its flags against the paper's objective (invariance mean, dCor R, "
+        f"biased, λ = μ = α = β = 1, all five augmentations, crops of 0.08-1, no feature matching; projector "
+        f"{PROJECTOR}); the paper's own 8192-8192-8192 projector is too slow to train here over every cell.",
+        "s / run: the training's wall time, kept in the run's seconds.json by the call that trained it; "
+        "cells trained while other jobs shared the 2 cores are slower than alone.",
         "The spread is half the range over seeds: a difference smaller than the spreads is noise.",
     ]
     if not args.work_dir:
