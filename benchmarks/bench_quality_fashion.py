@@ -26,7 +26,7 @@ fed the same mildly augmented view (random resized crop of scale 0.5-1 and horiz
 data, epochs, batch, optimizer and schedule. Numbers are means over seeds with the spread (half the
 range), and the wall time of one training run on this machine.
 
-    python benchmarks/bench_quality_fashion.py                 # the whole table, about 80 min on 2 cores
+    python benchmarks/bench_quality_fashion.py --cells 0,1,11   # reference, paper, defaults: ~2 h on 2 cores
     python benchmarks/bench_quality_fashion.py --teachers lite0 --work-dir /tmp/fq   # keep and reuse runs
     python benchmarks/bench_quality_fashion.py --work-dir /tmp/fq --finished-only     # the table of those
 
@@ -421,7 +421,10 @@ def main() -> int:
         "Every dCor cell has the paper's terms at weight 1 unless its flags say otherwise, the projector "
         f"{PROJECTOR} (the paper's 8192-8192-8192 is too slow to train here over every cell) and the exact "
         "teacher cache; feature matching is the --feature-matching-weight term (a linear head on the "
-        "student's pooled features of the non-augmented view, 1 - cosine to the teacher's output).",
+        "student's pooled features, 1 - cosine to the teacher's output of the same view: the non-augmented "
+        "one, or with --feature-matching-view augmented x̃, which the teacher then sees too).",
+        "s / run: one training run's wall time; most runs shared the 2 cores with other jobs (tests, CI), "
+        "so times compare only roughly.",
         "The spread is half the range over seeds: a difference smaller than the spreads is noise.",
     ]
     if not args.work_dir:

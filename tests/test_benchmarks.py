@@ -262,3 +262,12 @@ def test_quality_on_fashion_mnist_without_its_files_is_one_line_and_exit_2(tmp_p
     assert result.stderr.strip().count("\n") == 0
     assert "apt-get install dataset-fashion-mnist" in result.stderr
     assert not output.exists()
+
+
+def test_quality_on_fashion_mnist_table_only_needs_its_runs_folder(tmp_path):
+    """--finished-only reads the runs of --work-dir: without it, one line and exit 2, nothing written."""
+    output = tmp_path / "result.json"
+    result = _run("bench_quality_fashion.py", output, "--finished-only")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == "error: --finished-only reads the runs of --work-dir: pass it"
+    assert not output.exists()
