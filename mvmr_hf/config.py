@@ -306,7 +306,7 @@ class TeacherArguments:
         DEFAULT_FEATURE_MATCHING_WEIGHT,
         "Weight of a feature-matching term (not in the paper): 1 − cosine between a linear head on the "
         "student's pooled features of one view (--feature-matching-view) and each teacher's output of that "
-        "view, the heads trained with the student and not released; 0: the paper's objective only.",
+        "view, the heads trained with the student and not released; 0: no feature matching.",
     )
     feature_matching_view: Literal["non-augmented", "augmented"] = _opt(
         DEFAULT_FEATURE_MATCHING_VIEW,
