@@ -56,6 +56,7 @@ from common import (
     resolve_device,
     save_clip_tower,
     synchronize,
+    teacher_arguments,
     train_run,
     write_photo_parquet,
 )
@@ -66,7 +67,6 @@ from mvmr_hf.config import (
     DataArguments,
     ModelArguments,
     PretrainModelArguments,
-    TeacherArguments,
     TrainingArguments,
 )
 from mvmr_hf.metrics import METRICS_FILE
@@ -170,7 +170,7 @@ def _loop(
         decode_on_device=decode,
     )
     model = ModelArguments if teacher is not None else PretrainModelArguments
-    teacher_args = None if teacher is None else TeacherArguments(teacher=str(teacher), cache_teacher=cache)
+    teacher_args = teacher_arguments(teacher, cache)
     clock = _WaitClock()
     built = training.build_dataloader
 

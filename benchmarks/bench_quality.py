@@ -100,7 +100,7 @@ DISTILL_CELLS = [
 ]  # fmt: skip
 # The feature-matching term (not in the paper) on digits, in the settings bench_quality_fashion.py measured
 # best: on the augmented view, which the teacher then sees too, made of crops of 0.5-1 and flips.
-ONE_MILD_VIEW = ["--feature-matching-weight", "1", "--feature-matching-view", "augmented",
+ONE_MILD_VIEW = ["--feature-matching-weight", "1", "--teacher-view", "augmented",
                  "--augmentations", "crop,flip", "--crop-scale", "0.5,1", "--invariance-weight", "0",
                  "--variance-weight", "0", "--view-weight", "0"]  # fmt: skip
 MATCHING_CELLS = [
@@ -197,7 +197,7 @@ def main() -> int:
             if command == "distill":
                 default_teacher = [] if "--teacher" in changes else ["--teacher", str(teacher)]
                 # The paper's objective is what every cell varies; the matching cells turn the term on.
-                paper = [*default_teacher, "--cache-teacher", *paper_objective(changes)]
+                paper = [*default_teacher, *paper_objective(changes)]
                 argv = [*argv[: len(COMMON)], *paper, *argv[len(COMMON) :]]
                 if not run.exists():
                     share_teacher_caches(pool, run, after=False)

@@ -55,6 +55,7 @@ from common import (
     resolve_device,
     save_clip_tower,
     synchronize,
+    teacher_arguments,
     train_run,
     write_photo_parquet,
 )
@@ -65,7 +66,6 @@ from mvmr_hf.config import (
     DataArguments,
     ModelArguments,
     PretrainModelArguments,
-    TeacherArguments,
     TrainingArguments,
 )
 from mvmr_hf.metrics import MetricsLogger
@@ -185,27 +185,29 @@ def instrument(clock: _Clock) -> Iterator[None]:
     """Within, :func:`mvmr_hf.train` marks its step's phases on ``clock``; what it computes is unchanged.
 
     The builders ``train`` calls are wrapped so that what they build carries hooks: the loader
-    (:class:`_TimedLoader`), the student (forward hooks), the hand-crafted representations
-    (forward pre-hooks), the loss (forward hooks and identity views of z and z̃ with a gradient
-    hook), Adam (a step pre-hook) and the metrics meter (its ``add``). Autograd runs the nodes of a
-    graph newest first; the views are newer than every node of the student and older than every
-    node of the loss, so their hook fires exactly between the loss's backward and the student's.
+    (:class:`_TimedLoader`), the student and the representations (forward pre-hooks: the student's
+    first pass of a step ends the transfer, the first representation ends the student's passes), the
+    loss (forward hooks and identity views of z and z̃ with a gradient hook), Adam (a step pre-hook)
+    and the metrics meter (its ``add``). Autograd runs the nodes of a graph newest first; the views
+    are newer than every node of the student and older than every node of the loss, so their hook
+    fires exactly between the loss's backward and the student's.
     """
-    state = {"student_calls": 0, "teacher_done": False}
+    state = {"student_ran": False, "student_done": False, "teacher_done": False}
     built = {name: getattr(training, name) for name in BUILDERS}  # train's own builders
 
     def student_pre(module: torch.nn.Module, inputs: tuple) -> None:
-        state["student_calls"] += 1
-        if state["student_calls"] == 1:
-            state["teacher_done"] = False
+        if not state["student_ran"]:  # the step's first pass: its batch is on the device
+            state.update(student_ran=True, student_done=False, teacher_done=False)
             clock.mark("transfer")
 
-    def student_post(module: torch.nn.Module, inputs: tuple, output: Any) -> None:
-        if state["student_calls"] == 2:
-            state["student_calls"] = 0
+    def end_student() -> None:
+        # x̃ alone, or x then x̃ when a term reads Z: the phase ends where the teachers' begins
+        if state["student_ran"] and not state["student_done"]:
+            state["student_done"] = True
             clock.mark("student_forward")
 
     def end_teacher() -> None:
+        end_student()
         if not state["teacher_done"]:
             state["teacher_done"] = True
             clock.mark("teacher")
@@ -213,22 +215,23 @@ def instrument(clock: _Clock) -> Iterator[None]:
     def loss_pre(module: torch.nn.Module, inputs: tuple) -> tuple:
         end_teacher()
         clock.mark("representations")
+        state["student_ran"] = False
         z, z_aug, *rest = inputs
-        z, z_aug = z.view_as(z), z_aug.view_as(z_aug)
-        torch.autograd.graph.register_multi_grad_hook((z, z_aug), lambda grads: clock.mark("loss_backward"))
-        return (z, z_aug, *rest)
+        # z is None when no term reads it (λ = μ = α = 0): the student ran once, on x̃
+        embeddings = [e.view_as(e) for e in (z, z_aug) if e is not None]
+        torch.autograd.graph.register_multi_grad_hook(embeddings, lambda grads: clock.mark("loss_backward"))
+        return (None, *embeddings, *rest) if z is None else (*embeddings, *rest)
 
     def build_student(*args: Any, **kwargs: Any) -> torch.nn.Module:
         student = built["build_student"](*args, **kwargs)
         student.register_forward_pre_hook(student_pre)
-        student.register_forward_hook(student_post)
         return student
 
     def build_representations(*args: Any, **kwargs: Any) -> dict[str, torch.nn.Module]:
         representations = built["build_representations"](*args, **kwargs)
         for representation in representations.values():
-            if not isinstance(representation, Teacher):
-                representation.register_forward_pre_hook(lambda module, inputs: end_teacher())
+            end = end_student if isinstance(representation, Teacher) else end_teacher
+            representation.register_forward_pre_hook(lambda module, inputs, end=end: end())
         return representations
 
     def loss(*args: Any, **kwargs: Any) -> MVMRLoss:
@@ -316,7 +319,7 @@ def _run(setup: Setup, device: torch.device, folder: Path, *, teacher: Path | No
         shuffle_buffer=1000,
         num_workers=setup.workers,
     )
-    teacher_args = None if teacher is None else TeacherArguments(teacher=str(teacher), cache_teacher=cache)
+    teacher_args = teacher_arguments(teacher, cache)
     with instrument(clock):
         train_run(device, model(student=setup.student, projector=setup.projector), data_args, training_args,
                   teacher_args)  # fmt: skip

@@ -252,6 +252,17 @@ def train_run(
             GradientState._reset_state()
 
 
+def teacher_arguments(teacher: Path | None, cache: bool) -> Any:
+    """The teacher options of a timed run: the defaults, or with ``cache`` the teachers on the
+    non-augmented view, which the exact cache holds (``--cache-teacher`` needs it); None without one."""
+    from mvmr_hf.config import TeacherArguments
+
+    if teacher is None:
+        return None
+    view = "non-augmented" if cache else TeacherArguments.teacher_view
+    return TeacherArguments(teacher=str(teacher), cache_teacher=cache, teacher_view=view)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued work on ``device`` (a no-op on CPU)."""
     if device.type == "cuda":
@@ -456,20 +467,23 @@ def linear_and_knn(
 # ----------------------------------------------------------------------------- quality runs
 
 
-# The paper's distillation objective (eq. 10 with λ = μ = α = β = 1, its section 7 augmentation, no
-# feature matching), which the quality benchmarks' cells change: pinned, so that a cell keeps its meaning
-# whatever mvmr-distill's defaults are.
+# The paper's distillation objective (eq. 10 with λ = μ = α = β = 1, the teachers on the non-augmented
+# view, its section 7 augmentation, no feature matching), which the quality benchmarks' cells change:
+# pinned, so that a cell keeps its meaning whatever mvmr-distill's defaults are.
 PAPER_OBJECTIVE = {
     "--invariance-weight": "1", "--variance-weight": "1", "--view-weight": "1",
-    "--feature-matching-weight": "0", "--feature-matching-view": "non-augmented",
+    "--feature-matching-weight": "0", "--teacher-view": "non-augmented",
     "--augmentations": "crop,flip,color,grayscale,blur", "--crop-scale": "0.08,1",
 }  # fmt: skip
 
 
 def paper_objective(changes: Sequence[str]) -> list[str]:
     """The flags of :data:`PAPER_OBJECTIVE` that ``changes`` do not set, to put before them (a comma
-    list such as --augmentations given twice would join its two lists)."""
-    return [part for flag, value in PAPER_OBJECTIVE.items() if flag not in changes for part in (flag, value)]
+    list such as --augmentations given twice would join its two lists), and ``--cache-teacher`` where
+    the teachers see the non-augmented view, which the cache holds exactly."""
+    kept = [part for flag, value in PAPER_OBJECTIVE.items() if flag not in changes for part in (flag, value)]
+    on_augmented = "--teacher-view" in changes and changes[changes.index("--teacher-view") + 1] == "augmented"
+    return kept if on_augmented else [*kept, "--cache-teacher"]
 
 
 def reset_accelerate() -> None:

@@ -51,7 +51,7 @@ def main(output: Path) -> int:
         "--dataset", str(data), "--teacher", str(teacher), "--student", STUDENT,
         "--image-size", str(IMAGE_SIZE), "--projector", PROJECTOR, "--batch-size", "64",
         "--epochs", str(EPOCHS), "--learning-rate", "1e-3", "--warmup", "0.1", "--num-workers", "0",
-        "--checkpoint-every", "100", "--cache-teacher", "--output-dir", str(run), "--overwrite",
+        "--checkpoint-every", "100", "--output-dir", str(run), "--overwrite",
     ])  # fmt: skip
     if status:
         return status

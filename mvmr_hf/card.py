@@ -159,16 +159,20 @@ def _objective_form(training_args: Mapping[str, Any]) -> str:
     invariance = "mean over all elements" if reduction == "mean" else "sum over dimensions (eq. 4 as printed)"
     estimator = "bias-corrected" if unbiased else "biased"
     form = f"invariance {invariance}; dCor {'R²' if squared else 'R'}, {estimator} estimator"
+    # runs saved before --teacher-view: the teachers saw the non-augmented view
+    view = "x̃" if training_args.get("teacher_view") == "augmented" else "x"
+    if view == "x̃":
+        form += (
+            "; the teachers saw the augmented view (not in the paper): each teacher's dCor term is "
+            "`1 − dCor(z̃, r_k(x̃))`"
+        )
     matching = training_args.get("feature_matching_weight") or 0  # runs saved before it existed: none
     if matching > 0:
-        # runs saved before --feature-matching-view matched the non-augmented view
-        view = "x̃" if training_args.get("feature_matching_view") == "augmented" else "x"
-        where = " (the augmented view, which the teachers saw too)" if view == "x̃" else ""
         form += (
             f"; plus feature matching (not in the paper) with weight {matching:g}: "
-            f"`Σ_k [1 − cos(W_k·h + b_k, r_k({view}))]`, where `h` are the backbone features of "
-            f"`{view}`{where} and the linear heads `W_k`, `b_k` were trained with the student (not part of "
-            "this release)"
+            f"`Σ_k [1 − cos(W_k·h + b_k, r_k({view}))]` over the teachers, where `h` are the backbone "
+            f"features of `{view}` and the linear heads `W_k`, `b_k` were trained with the student (not part "
+            "of this release)"
         )
     return form
 

@@ -128,9 +128,10 @@ MIXED_PRECISION_HELP = (
 DEFAULT_FEATURE_MATCHING_WEIGHT = 1.0
 """``--feature-matching-weight`` when omitted: on, since on Fashion-MNIST with two ImageNet teachers
 the paper's dCor terms alone lose to classic feature distillation (README, "Quality")."""
-DEFAULT_FEATURE_MATCHING_VIEW = "augmented"
-"""``--feature-matching-view`` when omitted: teacher and student see one random view, as in classic
-feature distillation (README, "Quality")."""
+DEFAULT_TEACHER_VIEW = "augmented"
+"""``--teacher-view`` when omitted: every teacher term compares student and teacher on one random view,
+as classic feature distillation does, and the student runs once a step when λ = μ = α = 0 (README,
+"Quality")."""
 RESUME_HELP = (
     "Continue a run: alone (or 'latest') from the newest complete checkpoint in the output folder, starting "
     "afresh when there is none; or from the given checkpoint folder."
@@ -297,7 +298,7 @@ class TeacherArguments:
     cache_teacher: bool = _opt(
         False,
         "Store the teachers' outputs in OUTPUT_DIR/teacher_cache during the first epoch and read them "
-        "afterwards; exact, since the teachers only see the non-augmented view.",
+        "afterwards; exact, since with --teacher-view non-augmented the teachers only see that fixed view.",
     )
     trust_remote_code: bool = _opt(
         False, "Let a Hub teacher run its own code; only for repositories you trust."
@@ -305,20 +306,28 @@ class TeacherArguments:
     feature_matching_weight: float = _opt(
         DEFAULT_FEATURE_MATCHING_WEIGHT,
         "Weight of a feature-matching term (not in the paper): 1 − cosine between a linear head on the "
-        "student's pooled features of one view (--feature-matching-view) and each teacher's output of that "
-        "view, the heads trained with the student and not released; 0: no feature matching.",
+        "student's pooled features of the view the teachers see (--teacher-view) and each teacher's output, "
+        "the heads trained with the student and not released; 0: no feature matching.",
     )
-    feature_matching_view: Literal["non-augmented", "augmented"] = _opt(
-        DEFAULT_FEATURE_MATCHING_VIEW,
-        "The view the feature-matching term compares: non-augmented (the teachers' outputs of the dCor "
-        "terms, exact in --cache-teacher) or augmented (the teachers also run on the augmented view every "
-        "step, which the cache cannot hold: student and teacher see the same random view, as classic "
-        "feature distillation does).",
+    teacher_view: Literal["non-augmented", "augmented"] = _opt(
+        DEFAULT_TEACHER_VIEW,
+        "The view the teachers see. non-augmented: the paper's eq. 10, the dCor term pairs the student's "
+        "embedding of the augmented view with the teachers' outputs of the non-augmented one (which "
+        "--cache-teacher holds). augmented: the teachers run on the augmented view every step and each "
+        "teacher term compares student and teacher on that same random view, as classic feature "
+        "distillation does; with the invariance, variance and view weights at 0 the student then runs once "
+        "a step instead of twice.",
     )
 
     def __post_init__(self) -> None:
         specs = self.teachers()  # every mistake in the teacher options is told before anything is loaded
         check_number("--feature-matching-weight", self.feature_matching_weight, allow_zero=True)
+        if self.cache_teacher and self.teacher_view == "augmented":
+            raise ConfigError(
+                "--cache-teacher stores the teachers' outputs of the non-augmented view, but with "
+                "--teacher-view augmented (the default) they only see the augmented one, new every step: "
+                "add --teacher-view non-augmented, or drop --cache-teacher"
+            )
         tokens = [spec.name for spec in specs if spec.output == "tokens"]
         if self.feature_matching_weight > 0 and tokens:
             raise ConfigError(

@@ -120,6 +120,8 @@ class MVMRLoss(nn.Module):
             process's own batch, as the paper's original code did.
 
     Shapes: ``z`` and ``z_aug`` are (B, D); each representation is (B, ...) of any shape.
+    ``z`` may be ``None`` when λ = μ = α = 0 (:attr:`needs_non_augmented`): only the
+    representations' terms (eq. 9) remain, so the caller need not embed the non-augmented view.
     Call with a ``gather`` mapping ``{name: False}`` to keep a very wide representation on
     the local batch in the global scope (its term then pairs it with the local ``z_aug``).
     """
@@ -165,47 +167,54 @@ class MVMRLoss(nn.Module):
         """Smallest (global) batch the chosen estimator is defined for."""
         return min_batch_size(unbiased=self.unbiased)
 
+    @property
+    def needs_non_augmented(self) -> bool:
+        """Whether any term reads Z, the non-augmented view's embedding (λ, μ or α is not 0)."""
+        return any((self.invariance_weight, self.variance_weight, self.view_weight))
+
     def weight(self, name: str) -> float:
         """β for the representation called ``name``."""
         return self.representation_weights.get(name, self.default_representation_weight)
 
     def forward(
         self,
-        z: Tensor,
+        z: Tensor | None,
         z_aug: Tensor,
         representations: Mapping[str, Tensor] | None = None,
         gather: Mapping[str, bool] | None = None,
     ) -> LossOutput:
-        if z.dim() != 2 or z.shape != z_aug.shape:
-            raise ValueError(
-                f"z and z_aug must be (B, D) embeddings of the same shape, got {tuple(z.shape)} and "
-                f"{tuple(z_aug.shape)}"
-            )
+        if z is None and self.needs_non_augmented:
+            raise ValueError("z is None but λ, μ or α is not 0: embed the non-augmented view too")
+        if z_aug.dim() != 2 or (z is not None and z.shape != z_aug.shape):
+            shapes = f"{tuple(z_aug.shape)}" if z is None else f"{tuple(z.shape)} and {tuple(z_aug.shape)}"
+            raise ValueError(f"z and z_aug must be (B, D) embeddings of the same shape, got {shapes}")
         representations = dict(representations or {})
         for name, rep in representations.items():
-            if rep.shape[0] != z.shape[0]:
+            if rep.shape[0] != z_aug.shape[0]:
                 raise ValueError(
                     f"representation {name!r} holds {rep.shape[0]} samples but the embeddings hold "
-                    f"{z.shape[0]}: compute it on the same batch"
+                    f"{z_aug.shape[0]}: compute it on the same batch"
                 )
         gather = dict(gather or {})
         is_global = self.scope == "global"
         local_z_aug = z_aug
         if is_global:
-            z, z_aug = gather_with_grad(z), gather_with_grad(z_aug)
-
-        terms = {
-            "invariance": self.invariance_weight * invariance(z, z_aug, reduction=self.invariance_reduction),
-            "variance": self.variance_weight
-            * (
-                variance_hinge(z, gamma=self.gamma, eps=self.eps)
-                + variance_hinge(z_aug, gamma=self.gamma, eps=self.eps)
-            ),
-        }
+            z_aug = gather_with_grad(z_aug)
         # The augmented embedding's distance matrix is computed once and reused by every dCor term.
         centred_aug = centered_distances(z_aug, unbiased=self.unbiased)
-        values = {"dcor/views": self._dcor(centred_aug, z)}
-        terms["dcor/views"] = self.view_weight * (1.0 - values["dcor/views"])
+        terms, values = {}, {}
+        if z is not None:
+            if is_global:
+                z = gather_with_grad(z)
+            terms["invariance"] = self.invariance_weight * invariance(
+                z, z_aug, reduction=self.invariance_reduction
+            )
+            terms["variance"] = self.variance_weight * (
+                variance_hinge(z, gamma=self.gamma, eps=self.eps)
+                + variance_hinge(z_aug, gamma=self.gamma, eps=self.eps)
+            )
+            values["dcor/views"] = self._dcor(centred_aug, z)
+            terms["dcor/views"] = self.view_weight * (1.0 - values["dcor/views"])
         # Representations kept on the local batch pair with the local augmented embedding.
         centred_local_aug = None if is_global else centred_aug
         for name, rep in representations.items():
@@ -217,7 +226,8 @@ class MVMRLoss(nn.Module):
                     centred_local_aug = centered_distances(local_z_aug, unbiased=self.unbiased)
                 values[key] = self._dcor(centred_local_aug, rep.detach())
             terms[key] = self.weight(name) * (1.0 - values[key])
-        total = torch.stack(list(terms.values())).sum()
+        # no term at all (z None and no representation): zero, for a term added after (feature matching)
+        total = torch.stack(list(terms.values())).sum() if terms else z_aug.sum() * 0.0
         return LossOutput(total=total, terms=terms, dcor=values)
 
     def _dcor(self, centred_aug: CenteredDistances, other: Tensor) -> Tensor:

@@ -82,7 +82,7 @@ def flat_arguments(*groups: Any) -> dict[str, Any]:
 # not their defaults, which have changed since (distillation's, README "Quality").
 BEFORE_THE_OPTION = {
     "feature_matching_weight": 0.0,
-    "feature_matching_view": "non-augmented",
+    "teacher_view": "non-augmented",
     "crop_scale": "0.08,1",
 }
 

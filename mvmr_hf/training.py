@@ -2,16 +2,17 @@
 
 :func:`train` checks everything, builds everything, then runs the loop, whose step reads like
 Accelerate's examples (paper, sections 4-5): the student embeds the non-augmented view (Z) and
-the augmented view (Z̃) in two forward passes, so that batch-norm statistics stay per view;
+the augmented view (Z̃) in two forward passes, so that batch-norm statistics stay per view (Z only
+when a term reads it: λ, μ or α not 0, or feature matching on the non-augmented view);
 every representation - the teachers, one after another, the hand-crafted descriptors - sees the
-non-augmented view on the accelerator under ``no_grad``; the MV-MR loss (eq. 10) compares them, on the batch
+non-augmented view on the accelerator under ``no_grad`` (the teachers the augmented one with
+``--teacher-view augmented``, distillation's default); the MV-MR loss (eq. 10) compares them, on the batch
 gathered from all processes unless ``--dcor-scope local``; ``backward``, then Adam with a
 linear warm-up and a cosine decay, once per optimizer step (``accelerator.accumulate``).
 With ``--feature-matching-weight`` (not in the paper), linear heads from the student's pooled
-features of one view to each teacher's output of that view add a 1 - cosine term
+features of the view the teachers see to each teacher's output add a 1 - cosine term
 (:class:`~mvmr_hf.objective.FeatureMatching`); they train with the student, are saved in its
-checkpoints and are not released. With ``--feature-matching-view augmented`` that view is x̃, which
-the teachers then also see every step (no cache holds it).
+checkpoints and are not released.
 ``benchmarks/bench_step.py`` times this loop's phases from outside, with hooks on what it builds;
 ``benchmarks/bench_loop.py`` measures its own rate, from its metrics, against its parts alone.
 
@@ -194,9 +195,10 @@ def train(
         student, representations, teacher.feature_matching_weight if teacher is not None else 0.0,
         image_size=data_args.image_size, rng_state=heads_rng,
     )  # fmt: skip
-    # --feature-matching-view augmented: the matched teachers also run on x̃, uncached, every step
-    matching_on_augmented = matching is not None and teacher.feature_matching_view == "augmented"
-    matched = {name: representations[name] for name in matching.heads} if matching_on_augmented else {}
+    # --teacher-view augmented: the teachers see x̃, uncached, every step; hand-crafted descriptors keep x
+    teachers_see_augmented = teacher is not None and teacher.teacher_view == "augmented"
+    # Z only when a term reads it: one student pass a step, not two, for distillation's defaults
+    embeds_x = criterion.needs_non_augmented or (matching is not None and not teachers_see_augmented)
     set_seed(training_args.seed, device_specific=True)  # e.g. augmented-pixels: per-process random draws
 
     # From here on the output folder is written, by this run alone: it holds the folder's lock.
@@ -258,20 +260,18 @@ def train(
                     # views, both decoded there with --decode-on-device)
                     images, augmented = loader.dataset.views_on(batch, device)
                     with accelerator.accumulate(*trained):
-                        out = student(images)
-                        z = out.embedding  # Z: the non-augmented view
+                        out = student(images) if embeds_x else None  # Z: the non-augmented view
                         out_aug = student(augmented)  # Z̃: a separate pass, its own BN statistics
                         targets = representation_outputs(
-                            accelerator, representations, images, batch["key"], caches
-                        )
+                            accelerator, representations, images, batch["key"], caches,
+                            teacher_images=augmented if teachers_see_augmented else images,
+                        )  # fmt: skip
+                        z = None if out is None else out.embedding
                         loss = criterion(z, out_aug.embedding, targets, gather=gather)  # eq. 10
                         if matching is not None:  # not in the paper: it distils better (README, "Quality")
-                            # backbone features against the teachers' outputs of the same view; per sample
-                            if matching_on_augmented:
-                                seen = representation_outputs(accelerator, matched, augmented, batch["key"])
-                                loss = loss.plus(matching(out_aug.features, seen))
-                            else:
-                                loss = loss.plus(matching(out.features, targets))
+                            # backbone features of the view the teachers saw against their outputs
+                            seen = out_aug if teachers_see_augmented else out
+                            loss = loss.plus(matching(seen.features, targets))
                         accelerator.backward(loss.total)
                         optimizer.step()
                         scheduler.step()
@@ -650,8 +650,10 @@ def representation_outputs(
     images: Tensor,
     keys: list[str],
     caches: Mapping[str, TeacherCache] | TeacherCache | None = None,
+    teacher_images: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Every representation of ``images`` (the non-augmented view but for feature matching's), in order.
+    """Every representation of ``images`` (the non-augmented view), in order; the teachers see
+    ``teacher_images`` instead when given (``--teacher-view augmented``: the augmented view).
 
     Each teacher runs under autocast, one after another, or is read from its cache in ``caches``
     (by name) when that holds the batch, and stored in it otherwise; then the hand-crafted
@@ -660,8 +662,9 @@ def representation_outputs(
     if isinstance(caches, TeacherCache):
         caches = {"teacher": caches}
     caches = caches or {}
+    seen = images if teacher_images is None else teacher_images
     return {
-        name: _teacher_output(accelerator, representation, images, keys, caches.get(name))
+        name: _teacher_output(accelerator, representation, seen, keys, caches.get(name))
         if isinstance(representation, Teacher)
         else representation(images)
         for name, representation in representations.items()

@@ -90,10 +90,12 @@ def test_distilled_card_metadata_and_model_index(tmp_path):
     matching = {**DISTILL_ARGS, "feature_matching_weight": 0.5}
     text = render_card(backbone=BACKBONE, training_args=matching, info=info, projector="8192-8192-8192")
     assert "dCor R, biased estimator; plus feature matching (not in the paper) with weight 0.5" in text
-    assert "r_k(x))]`, where `h` are the backbone features of `x` and" in text
-    on_augmented = {**matching, "feature_matching_view": "augmented"}
+    assert "r_k(x))]` over the teachers, where `h` are the backbone features of `x` and" in text
+    assert "the teachers saw the augmented view" not in text  # a run saved before --teacher-view
+    on_augmented = {**matching, "teacher_view": "augmented"}
     text = render_card(backbone=BACKBONE, training_args=on_augmented, info=info, projector="8192-8192-8192")
-    assert "r_k(x̃))]`, where `h` are the backbone features of `x̃` (the augmented view" in text
+    assert "each teacher's dCor term is `1 − dCor(z̃, r_k(x̃))`" in text
+    assert "r_k(x̃))]` over the teachers, where `h` are the backbone features of `x̃` and" in text
     assert "feature matching" not in render_card(
         backbone=BACKBONE,
         training_args={**DISTILL_ARGS, "feature_matching_weight": 0.0},

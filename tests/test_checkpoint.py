@@ -223,8 +223,8 @@ def test_a_teacher_cache_that_cannot_be_written_stops_the_run_and_leaves_no_part
 ):
     run = tmp_path / "run"
     monkeypatch.setattr(teacher_cache, "save_file", _no_space)
-    argv = tiny_args(digits, run, "--teacher", str(teacher), "--cache-teacher", "--split", "train[:64]",
-                     "--no-streaming", "--epochs", "2")  # fmt: skip
+    argv = tiny_args(digits, run, "--teacher", str(teacher), "--cache-teacher", "--teacher-view",
+                     "non-augmented", "--split", "train[:64]", "--no-streaming", "--epochs", "2")  # fmt: skip
     assert distill_main(argv) == 1
     assert "could not write the teacher cache in" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not [p for p in (run / CACHE_DIR).rglob("*") if p.name.startswith("shard-")]

@@ -82,6 +82,25 @@ def test_total_and_terms_match_hand_computation(squared, unbiased, reduction):
     assert out.dcor["dcor/hog"].item() == pytest.approx(1 - expected["dcor/hog"], abs=1e-9)
 
 
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_without_the_non_augmented_embedding_only_the_representation_terms_remain(scope):
+    """λ = μ = α = 0: z may be None (the loop then skips the student's pass on x); the terms are eq. 9's."""
+    _, z_aug = _batch()
+    teacher = torch.randn(12, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    loss_fn = MVMRLoss(
+        invariance_weight=0.0, variance_weight=0.0, view_weight=0.0, representation_weights={"teacher": 2.0},
+        scope=scope,
+    )  # fmt: skip
+    assert not loss_fn.needs_non_augmented
+    out = loss_fn(None, z_aug, {"teacher": teacher})
+    expected = 2.0 * (1 - dcor_reference.distance_correlation(z_aug.numpy(), teacher.numpy()))
+    assert set(out.terms) == {"dcor/teacher"}
+    assert out.total.item() == pytest.approx(expected, abs=1e-9)
+    assert MVMRLoss(view_weight=0.0).needs_non_augmented
+    with pytest.raises(ValueError, match="λ, μ or α is not 0"):
+        MVMRLoss(invariance_weight=0.0, variance_weight=0.0)(None, z_aug, {"teacher": teacher})
+
+
 def test_gradients_flow_to_embeddings_only():
     z, z_aug = _batch()
     z.requires_grad_(True)

@@ -180,7 +180,8 @@ def test_a_two_teacher_run_names_its_terms_caches_each_teacher_and_lists_them_on
 ):
     run = tmp_path / "run"
     argv = _two(digits, teacher, timm_teacher, run, "--split", "train[:64]", "--no-streaming",
-                "--epochs", "2", "--cache-teacher", "--representation-weights", "cnn=0.5")  # fmt: skip
+                "--epochs", "2", "--cache-teacher", "--teacher-view", "non-augmented",
+                "--representation-weights", "cnn=0.5")  # fmt: skip
     assert distill_main(argv) == 0
     metrics = read_metrics(run)
     assert {"dcor/clip", "dcor/cnn"} <= set(metrics[0])
@@ -209,7 +210,7 @@ def test_a_two_teacher_run_names_its_terms_caches_each_teacher_and_lists_them_on
     before = _shards(run / CACHE_DIR)
     argv = tiny_args(digits, more, "--teacher", f"{teacher},{timm_teacher},{third}", "--teacher-names",
                      "clip,cnn,vit", "--split", "train[:64]", "--no-streaming", "--epochs", "1",
-                     "--cache-teacher")  # fmt: skip
+                     "--cache-teacher", "--teacher-view", "non-augmented")  # fmt: skip
     assert distill_main(argv) == 0
     assert _shards(run / CACHE_DIR) == before  # the two kept caches are read, not rewritten
     assert len(list((more / CACHE_DIR).iterdir())) == 3
@@ -229,7 +230,8 @@ def test_two_teachers_with_the_cache_resume_exactly_after_a_kill(digits, teacher
     """kill -9 in the second epoch (the caches written and being read), then --resume: the losses and
     weights of an uninterrupted run."""
     common = ["--split", "train[:64]", "--no-streaming", "--epochs", "3", "--checkpoint-every", "4",
-              "--keep-checkpoints", "10", "--cache-teacher", "--seed", "5"]  # fmt: skip
+              "--keep-checkpoints", "10", "--cache-teacher", "--teacher-view", "non-augmented",
+              "--seed", "5"]  # fmt: skip
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert _subprocess(_two(digits, teacher, timm_teacher, whole, *common)).wait(timeout=600) == 0
     process = _subprocess(_two(digits, teacher, timm_teacher, killed, *common))
@@ -289,7 +291,7 @@ def test_bfloat16_teachers_stay_close_to_float32_and_cache_apart(digits, teacher
 
     run = tmp_path / "run"
     argv = _two(digits, teacher, timm_teacher, run, "--teacher-dtype", "bfloat16", "--max-steps", "2",
-                "--cache-teacher")  # fmt: skip
+                "--cache-teacher", "--teacher-view", "non-augmented")  # fmt: skip
     assert distill_main(argv) == 0
     fingerprints = [json.loads((c / "fingerprint.json").read_text()) for c in (run / CACHE_DIR).iterdir()]
     assert [f["teacher"]["dtype"] for f in fingerprints] == ["bfloat16", "bfloat16"]

@@ -164,10 +164,10 @@ def teacher_calls(monkeypatch) -> list[int]:
 def test_distill_teacher_cache_gives_the_same_losses(digits, teacher, tmp_path, teacher_calls):
     calls = teacher_calls
     # 32 images, 2 batches per epoch, 2 epochs: the second epoch must read the teacher from the cache.
-    # Feature matching on x, so that the teacher sees only x (on x̃ it runs every step, uncached:
-    # test_feature_matching_on_the_augmented_view_shows_the_teacher_what_the_student_saw).
+    # The teacher on x, which the cache holds (on x̃, distillation's default, it runs every step:
+    # test_the_teacher_on_the_augmented_view_sees_what_the_student_saw).
     common = ["--teacher", str(teacher), "--no-streaming", "--split", "train[:32]", "--batch-size", "16",
-              "--epochs", "2", "--seed", "3", "--feature-matching-view", "non-augmented"]  # fmt: skip
+              "--epochs", "2", "--seed", "3", "--teacher-view", "non-augmented"]  # fmt: skip
     assert distill_main(_tiny(digits, tmp_path / "plain", *common)) == 0
     assert calls == [16] * 4
     calls.clear()
@@ -191,7 +191,7 @@ def test_teacher_cache_runs_the_teacher_only_on_images_it_lacks(digits, teacher,
     calls = teacher_calls
     # 40 images in batches of 16: each epoch uses 32 and drops 8, so epoch 2 meets a few unseen images.
     common = ["--teacher", str(teacher), "--no-streaming", "--split", "train[:40]", "--batch-size", "16",
-              "--epochs", "2", "--seed", "3", "--feature-matching-view", "non-augmented"]  # fmt: skip
+              "--epochs", "2", "--seed", "3", "--teacher-view", "non-augmented"]  # fmt: skip
     assert distill_main(_tiny(digits, tmp_path / "plain", *common)) == 0
     calls.clear()
     reset_accelerate()
@@ -279,7 +279,7 @@ def test_feature_matching_trains_its_heads_and_resumes_them_exactly(digits, teac
     assert distill_main(_tiny(digits, whole, *common)) == 0
 
     metrics = read_metrics(whole)
-    terms = ["invariance", "variance", "dcor/views", "dcor/teacher", "match/teacher"]
+    terms = ["dcor/teacher", "match/teacher"]  # distillation's defaults: λ = μ = α = 0, so no term on Z
     for m in metrics:
         assert m["loss"] == pytest.approx(sum(m[t] for t in terms), rel=1e-5)
     match = [m["match/teacher"] for m in metrics]
@@ -324,35 +324,38 @@ def test_feature_matching_trains_its_heads_and_resumes_them_exactly(digits, teac
     assert not (latest_checkpoint(paper) / "model_1.safetensors").exists()
 
 
-def test_feature_matching_on_the_augmented_view_shows_the_teacher_what_the_student_saw(
-    digits, teacher, tmp_path, monkeypatch
-):
-    """--feature-matching-view augmented: each step the teacher sees x (the dCor term, from the cache
-    after the first epoch) and then exactly the x̃ that the student's second pass saw, never cached; the
-    term is 1 - cosine of the head on the student's features of x̃ to the teacher's output of x̃."""
+def test_the_teacher_on_the_augmented_view_sees_what_the_student_saw(digits, teacher, tmp_path, monkeypatch):
+    """--teacher-view augmented (distillation's default): each step the teacher sees exactly the x̃ of
+    the student's pass; with λ = μ = α = 0 (the default) the student runs once a step, on x̃ alone, and
+    the loss is the teacher's dCor term plus feature matching; a term on Z brings back the pass on x."""
     seen: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
     for name, cls in (("student", Student), ("teacher", Teacher)):
         forward = cls.forward
         monkeypatch.setattr(cls, "forward", lambda self, images, _f=forward, _n=name: seen[_n].append(
             images.detach().clone()) or _f(self, images))  # fmt: skip
-    common = ["--teacher", str(teacher), "--feature-matching-weight", "1", "--feature-matching-view",
-              "augmented", "--no-streaming", "--split", "train[:32]", "--batch-size", "16", "--epochs", "2",
-              "--cache-teacher", "--seed", "5"]  # fmt: skip
+    common = ["--teacher", str(teacher), "--no-streaming", "--split", "train[:32]", "--batch-size", "16",
+              "--epochs", "2", "--seed", "5"]  # fmt: skip
     run = tmp_path / "run"
     assert distill_main(_tiny(digits, run, *common)) == 0
-    student = seen["student"]
+    assert len(seen["student"]) == 4  # 4 steps, x̃ alone
     teacher_inputs = [images for images in seen["teacher"] if len(images) > 1]  # not the heads' width probe
-    assert len(student) == 8  # 4 steps, x then x̃
-    # epoch 1: x (stored in the cache) then x̃; epoch 2: x̃ alone, x comes from the cache
-    assert len(teacher_inputs) == 6
-    for step, x_aug in enumerate(student[1::2]):
-        assert torch.equal(teacher_inputs[[1, 3, 4, 5][step]], x_aug)
-    for step, x in enumerate(student[0:4:2]):
-        assert torch.equal(teacher_inputs[2 * step], x)
-        assert not torch.equal(x, student[2 * step + 1])
+    assert len(teacher_inputs) == 4
+    for x_aug, seen_by_teacher in zip(seen["student"], teacher_inputs, strict=True):
+        assert torch.equal(seen_by_teacher, x_aug)
     metrics = read_metrics(run)
-    assert all(m["loss"] == pytest.approx(sum(m[t] for t in (*TERMS[1:4], "dcor/teacher", "match/teacher")),
-               rel=1e-5) for m in metrics)  # fmt: skip
+    assert all("invariance" not in m and "dcor/views" not in m for m in metrics)
+    assert all(m["loss"] == pytest.approx(m["dcor/teacher"] + m["match/teacher"], rel=1e-5) for m in metrics)
+
+    for images in seen.values():
+        images.clear()
+    reset_accelerate()
+    assert distill_main(_tiny(digits, tmp_path / "with-z", *common, "--invariance-weight", "1")) == 0
+    student = seen["student"]
+    teacher_inputs = [images for images in seen["teacher"] if len(images) > 1]
+    assert len(student) == 8  # x then x̃ each step
+    for step, seen_by_teacher in enumerate(teacher_inputs):
+        assert torch.equal(seen_by_teacher, student[2 * step + 1])
+        assert not torch.equal(seen_by_teacher, student[2 * step])
 
 
 @pytest.mark.gpu
@@ -360,17 +363,16 @@ def test_a_cuda_run_with_the_gpu_defaults_trains_and_releases(digits, teacher, t
     """On CUDA: bf16, channels-last and device views (all on by default there), the teacher cache."""
     run = tmp_path / "run"
     argv = _tiny(digits, run, "--teacher", str(teacher), "--handcrafted", "lsd", "--epochs", "2",
-                 "--cache-teacher", "--seed", "4")  # fmt: skip
+                 "--cache-teacher", "--teacher-view", "non-augmented", "--seed", "4")  # fmt: skip
     assert distill_main(argv) == 0
     (fingerprint,) = (run / "teacher_cache").glob("*/fingerprint.json")
     assert json.loads(fingerprint.read_text())["mixed_precision"] == "bf16"  # what the teacher ran under
     metrics = read_metrics(run)
     assert all(math.isfinite(m[name]) for m in metrics for name in ("loss", "dcor/teacher", "dcor/lsd"))
     steps_per_epoch = len(metrics) // 2
-    # Each step the teacher sees x (stored in the cache in epoch 1) and x̃ (feature matching's view, never
-    # cached): epoch 2 runs it on x̃ and on the few images of x the cache lacks.
-    assert teacher_calls[: 2 * steps_per_epoch] == [8] * (2 * steps_per_epoch)
-    assert sum(teacher_calls[2 * steps_per_epoch :]) < 8 * steps_per_epoch * (1 + 1 / 4)
+    # The teacher sees x, stored in the cache in epoch 1: epoch 2 runs it only on the few images it lacks.
+    assert teacher_calls[:steps_per_epoch] == [8] * steps_per_epoch
+    assert sum(teacher_calls[steps_per_epoch:]) < 8 * steps_per_epoch / 4
     _assert_trains_alike(run, run, rel=0)  # the release holds the checkpoint's weights, loads with timm
 
 

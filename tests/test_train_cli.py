@@ -130,9 +130,14 @@ def test_the_data_is_checked_before_any_teacher_loads(digits, tmp_path, capsys, 
             "needs a pooled teacher output but teacher gives tokens",
             id="tokens",
         ),
+        pytest.param(
+            ["--cache-teacher"],
+            "add --teacher-view non-augmented, or drop --cache-teacher",
+            id="cache-of-a-view-the-teacher-never-sees",
+        ),
     ],
 )
-def test_bad_feature_matching_is_one_line_exit_2_and_writes_nothing(
+def test_bad_teacher_terms_are_one_line_exit_2_and_writes_nothing(
     digits, teacher, tmp_path, capsys, extra, match
 ):
     argv = [*_tiny(digits, tmp_path / "run"), "--teacher", str(teacher), *extra]
@@ -170,15 +175,15 @@ def test_resuming_with_other_settings_is_rejected(digits, tmp_path, capsys):
 
 
 def test_a_run_saved_before_an_option_existed_resumes_as_it_ran(digits, teacher, tmp_path, capsys):
-    """A training_args.json from before --feature-matching-weight, --feature-matching-view and --crop-scale
+    """A training_args.json from before --feature-matching-weight, --teacher-view and --crop-scale
     lacks them: that run had no feature matching and the paper's crops, whatever the defaults are now."""
     run = tmp_path / "run"
-    before = ["--feature-matching-weight", "0", "--feature-matching-view", "non-augmented", "--crop-scale",
+    before = ["--feature-matching-weight", "0", "--teacher-view", "non-augmented", "--crop-scale",
               "0.08,1"]  # fmt: skip
     argv = [*tiny_args(digits, run, "--max-steps", "1", "--teacher", str(teacher)), "--checkpoint-every", "1"]
     assert distill_main([*argv, *before]) == 0
     saved = json.loads((run / "training_args.json").read_text())
-    for key in ("feature_matching_weight", "feature_matching_view", "crop_scale"):
+    for key in ("feature_matching_weight", "teacher_view", "crop_scale"):
         del saved[key]
     (run / "training_args.json").write_text(json.dumps(saved))
     capsys.readouterr()
@@ -290,7 +295,7 @@ def test_distill_without_flags_is_the_papers_schedule_with_the_measured_objectiv
     # What bench_quality_fashion.py measured best (README, "Quality"): the teacher's dCor term with feature
     # matching on one mildly augmented view; pretraining keeps the paper's L1 and L2 and its augmentation.
     assert (loss.invariance_weight, loss.variance_weight, loss.view_weight) == (0.0, 0.0, 0.0)
-    assert (teacher.feature_matching_weight, teacher.feature_matching_view) == (1.0, "augmented")
+    assert (teacher.feature_matching_weight, teacher.teacher_view) == (1.0, "augmented")
     assert (data.augmentations, data.crop_scale) == ("crop,flip", "0.5,1")
     _, data, loss, _ = parse_arguments(PRETRAIN_GROUPS, ["--dataset", "d", "--output-dir", "o"], prog="t")
     assert (loss.invariance_weight, loss.variance_weight, loss.view_weight) == (1.0, 1.0, 1.0)
@@ -335,7 +340,7 @@ def test_help_documents_every_option(capsys):
         "--keep-checkpoints", "--resume", "--overwrite", "--seed", "--log-with", "--log-every",
         "--num-workers", "--cache-teacher", "--push-to-hub", "--trust-remote-code", "--debug", "--config",
         "--channels-last", "--compile", "--augmentations", "--feature-matching-weight",
-        "--feature-matching-view", "--crop-scale",
+        "--teacher-view", "--crop-scale",
     ):  # fmt: skip
         assert option in text, option
     help_of_teacher_output = " ".join(
