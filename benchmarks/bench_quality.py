@@ -105,8 +105,8 @@ ONE_MILD_VIEW = ["--feature-matching-weight", "1", "--teacher-view", "augmented"
                  "--variance-weight", "0", "--view-weight", "0"]  # fmt: skip
 MATCHING_CELLS = [
     ("matching", "paper objective, no feature matching", "distill", []),
-    ("matching", "teacher dCor + feature matching on one mild view (λ = μ = α = 0)", "distill",
-     ONE_MILD_VIEW),
+    ("matching", "teacher dCor + feature matching, teacher and student on one mild view (λ = μ = α = 0)",
+     "distill", ONE_MILD_VIEW),
 ]  # fmt: skip
 # {lite0}, {lite2} and {random} are the teachers' folders.
 TEACHER_CELLS = [
