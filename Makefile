@@ -29,11 +29,15 @@ test: $(STAMP)
 # Every declared floor is a tested version: each direct requirement of pyproject.toml pinned to its
 # floor (.ci/floor_constraints.py; torch and torchvision are the machine's, their floors being the GPU
 # node's that gpu-check runs on), then the fast tests. About 4 minutes on 2 cores; make test ends with it.
+# torch, torchvision and their CUDA libraries are linked in from $(VENV), not installed a second time:
+# 6 GB more ran a CI runner's disk full.
 FLOORS_VENV ?= .venv-floors
 FLOOR_TESTS ?= tests/test_public_api.py tests/test_release.py tests/test_teacher.py tests/test_train.py \
 	tests/test_data.py tests/test_checkpoint.py tests/test_efficientnet_lite.py
 floors: $(STAMP)
+	rm -rf $(FLOORS_VENV)
 	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(PY) .ci/floor_constraints.py --share-machine-packages $(FLOORS_VENV)
 	$(PY) .ci/floor_constraints.py dev > $(FLOORS_VENV)/constraints.txt
 	$(FLOORS_VENV)/bin/python -m pip install --quiet -c $(FLOORS_VENV)/constraints.txt -e ".[dev]"
 	$(FLOORS_VENV)/bin/python -m pytest -q -m "not slow and not gpu" -p no:cacheprovider $(FLOOR_TESTS)
