@@ -11,6 +11,7 @@ the token never appears in that message.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, get_token, is_offline_mode
@@ -20,8 +21,10 @@ from mvmr_hf.errors import ConfigError
 from mvmr_hf.export import check_release, published_files, read_run_info
 
 
-def _retry_hint(folder: Path, repo_id: str) -> str:
-    return f"then retry with `mvmr-push {folder} {repo_id}`"
+def _retry_hint(folder: Path, repo_id: str, private: bool, revision: str | None) -> str:
+    """The command that repeats this push: a hint that dropped ``--private`` would publish the model."""
+    options = (" --private" if private else "") + (f" --revision {shlex.quote(revision)}" if revision else "")
+    return f"then retry with `mvmr-push {shlex.quote(str(folder))} {shlex.quote(repo_id)}{options}`"
 
 
 def default_commit_message(folder: Path) -> str:
@@ -58,13 +61,13 @@ def push_to_hub(
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
         for name, content in published_files(folder, repo_id).items()
     ]
+    retry = _retry_hint(folder, repo_id, private, revision)
     if is_offline_mode():
-        raise ConfigError(f"cannot push: HF_HUB_OFFLINE is set; unset it, {_retry_hint(folder, repo_id)}.")
+        raise ConfigError(f"cannot push: HF_HUB_OFFLINE is set; unset it, {retry}.")
     token = token or get_token()
     if not token:
         raise ConfigError(
-            f"cannot push: no Hugging Face token; run `hf auth login` or set HF_TOKEN, "
-            f"{_retry_hint(folder, repo_id)}."
+            f"cannot push: no Hugging Face token; run `hf auth login` or set HF_TOKEN, {retry}."
         )
     api = HfApi(token=token, library_name="mvmr_hf")
     try:
@@ -81,6 +84,6 @@ def push_to_hub(
         reason = str(error).splitlines()[0].replace(token, "***") if str(error) else type(error).__name__
         raise ConfigError(
             f"could not push {folder} to {repo_id} ({reason}); check the network and the token's "
-            f"write access, {_retry_hint(folder, repo_id)}."
+            f"write access, {retry}."
         ) from None
     return commit.commit_url

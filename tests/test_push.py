@@ -58,6 +58,8 @@ def test_push_without_a_token_says_how_to_log_in(release, capsys, monkeypatch, t
     before = _state(release)
     err = _push_fails([str(release), "me/tiny", "--private"], capsys)
     assert "hf auth login" in err
+    # Following the hint must not publish what was meant to be private.
+    assert f"retry with `mvmr-push {release} me/tiny --private`" in err
     assert _state(release) == before
 
 
@@ -68,7 +70,7 @@ def test_unreachable_hub_fails_in_one_line_without_the_token(release, capsys, mo
     with pytest.raises(ConfigError, match="could not push") as error:
         push_to_hub(release, "me/tiny", token=SECRET, revision="step-12")
     assert SECRET not in str(error.value)
-    assert "retry" in str(error.value)
+    assert f"retry with `mvmr-push {release} me/tiny --revision step-12`" in str(error.value)
     assert _state(release) == before
 
 
