@@ -1029,7 +1029,7 @@ def text_embeddings(
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
         model = AutoModel.from_pretrained(model_name_or_path).eval().to(device)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a folder with no tokenizer transformers can build
         raise ConfigError(
             f"cannot load the text tower and tokenizer of {model_name_or_path} ({type(error).__name__}): "
             "zero-shot needs a CLIP-style model with its tokenizer."

@@ -538,6 +538,24 @@ def test_align_with_a_teacher_that_cannot_load_is_one_line_before_any_feature(
     assert sorted(path.name for path in tmp_path.iterdir()) == ["student"]
 
 
+@pytest.mark.parametrize("kind", ["timm", "vit"])
+def test_align_to_an_image_only_teacher_is_one_line(digits, releases, tmp_path, capsys, kind):
+    """An image-only teacher (a timm folder such as EfficientNet-Lite, a ViT) has no text tower for
+    zero-shot to classify with: mvmr-align refuses it in one line instead of fitting a head that
+    zero-shot then fails on; the release is untouched."""
+    teacher = save_tiny_teacher(kind, tmp_path / "teacher")
+    release = Path(shutil.copytree(releases["random"], tmp_path / "student"))
+    before = snapshot(release)
+    capsys.readouterr()
+    argv = ["--model", str(release), "--dataset", str(digits), "--teacher", str(teacher), "--cache-dir", ""]
+    assert align_main([*argv, "--max-images", "64"]) == 2
+    err = capsys.readouterr().err  # before it, only transformers' progress bar of the teacher's weights
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: --teacher {teacher} gives no image-text embedding")
+    assert snapshot(release) == before
+
+
 def test_zero_shot_without_text_tower_or_alignment_says_how_to_fix(digits, releases, capsys):
     argv = ["--model", str(releases["random"]), "--dataset", str(digits), "--protocol", "zero-shot"]
     assert evaluate_main(argv) == 2

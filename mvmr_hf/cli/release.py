@@ -144,7 +144,14 @@ def _align(argv: Sequence[str]) -> None:
     # Both models load before any image is read: a teacher that cannot load (offline, a moved folder)
     # stops the command before the student's features are extracted and cached for nothing.
     student_encoder = load_encoder(str(folder))
-    teacher_encoder = load_encoder(teacher, teacher_output="embedding", option="--teacher")
+    # "auto" resolves to the image-text embedding wherever the teacher has one; anything else (a ViT, a
+    # timm folder such as EfficientNet-Lite's) has no text tower for zero-shot to classify with.
+    teacher_encoder = load_encoder(teacher, option="--teacher")
+    if teacher_encoder.text_model is None:
+        raise ConfigError(
+            f"--teacher {teacher} gives no image-text embedding (only CLIP- and SigLIP-style models do): "
+            "zero-shot classifies through that model's text tower; pass one with --teacher."
+        )
     student = extract_features(student_encoder, split, **options)
     del student_encoder  # its device memory goes to the teacher's pass
     target = extract_features(teacher_encoder, split, **options)
