@@ -55,6 +55,7 @@ __all__ = [
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
+RUN_INFO = "run_info.json"  # the run's facts, in each checkpoint and in the release
 _NAME = re.compile(r"step-(\d{6,})")
 
 
@@ -181,10 +182,13 @@ def save_checkpoint(
     epoch: int,
     loader_state: dict[str, Any],
     keep: int,
+    run_info: dict[str, Any] | None = None,
 ) -> Path:
     """Save the full training state after optimizer step ``step``; call it on every process.
 
     ``loader_state`` is this process's ``ViewsLoader.state_dict()`` (JSON-serialisable).
+    ``run_info`` (the main process's) is the run's facts up to this step (``card.CardInfo`` as a
+    dict), kept as ``run_info.json`` so that a release exported from the checkpoint reports them.
     Keeps the newest ``keep`` complete checkpoints. Returns the checkpoint folder.
     """
     final = checkpoint_path(output_dir, step)
@@ -197,6 +201,8 @@ def save_checkpoint(
         atomic_write_json(partial / f"dataloader_rank{accelerator.process_index}.json", loader_state)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            if run_info is not None:
+                atomic_write_json(partial / RUN_INFO, run_info)
             state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes}
             atomic_write_json(partial / TRAINER_STATE, {**state, "files": _manifest(partial)})
             replace_folder(partial, final)

@@ -644,6 +644,9 @@ class ExportArguments:
         metavar="RUN_OR_CHECKPOINT",
     )
     output_dir: str | None = _opt(None, "Release folder to write; default RUN/student.")
+    overwrite: bool = _opt(
+        False, "Replace a release already in that folder, with its evaluation results and alignment head."
+    )
 
 
 @dataclass

@@ -44,7 +44,7 @@ from torch import nn
 from mvmr_hf.align import AlignmentFit, load_alignment, save_alignment
 from mvmr_hf.augment import CENTER_CROP_FRACTION
 from mvmr_hf.card import BackboneInfo, CardInfo, merge_results, read_results, render_card
-from mvmr_hf.checkpoint import intact_checkpoint, newest_intact_checkpoint, read_trainer_state
+from mvmr_hf.checkpoint import RUN_INFO, intact_checkpoint, newest_intact_checkpoint, read_trainer_state
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.lock import hold_folder
 from mvmr_hf.student import Student, build_student
@@ -55,7 +55,6 @@ WEIGHTS = "model.safetensors"
 PROJECTOR_WEIGHTS = "projector.safetensors"
 PROJECTOR_CONFIG = "projector.json"
 TRAINING_ARGS = "training_args.json"
-RUN_INFO = "run_info.json"
 CARD = "README.md"
 RELEASE_DIR = "student"
 # Source-checkpoint metadata that no longer describes trained weights.
@@ -332,18 +331,28 @@ def _find_checkpoint(path: Path) -> tuple[Path, Path]:
     return run, intact_checkpoint(path)
 
 
-def export_run(checkpoint_or_run: str | os.PathLike, folder: str | os.PathLike | None = None) -> Path:
+def export_run(
+    checkpoint_or_run: str | os.PathLike, folder: str | os.PathLike | None = None, *, overwrite: bool = False
+) -> Path:
     """Export a training checkpoint as a release folder; return the folder.
 
     ``checkpoint_or_run`` is a run's output directory (its latest complete checkpoint is used)
     or one of its ``checkpoints/step-NNNNNN`` folders. The student is rebuilt from the run's
-    ``training_args.json`` and loaded from the checkpoint's ``model.safetensors``. ``folder``
-    defaults to ``RUN/student``.
+    ``training_args.json`` and loaded from the checkpoint's ``model.safetensors``; the card reports
+    the run's facts the checkpoint kept (hardware, time, command, teachers). ``folder`` defaults to
+    ``RUN/student``; a release already there is replaced only with ``overwrite``, since what was
+    added to it after training (the card's evaluation results, an alignment head) goes with it.
     """
     path = Path(checkpoint_or_run)
     if not path.is_dir():
         raise ConfigError(f"{path} does not exist: pass a run's output directory or one of its checkpoints.")
     run, checkpoint = _find_checkpoint(path)
+    target = Path(folder) if folder is not None else run / RELEASE_DIR
+    if is_release(target) and not overwrite:
+        raise ConfigError(
+            f"{target} already holds a release: pass --overwrite to replace it (its card's evaluation "
+            "results and any alignment head go with it), or --output-dir for another folder."
+        )
     with hold_folder(run):  # never while the run trains: it writes its own release and rotates checkpoints
         step = read_trainer_state(checkpoint)["step"]
         args = json.loads((run / TRAINING_ARGS).read_text())
@@ -354,8 +363,11 @@ def export_run(checkpoint_or_run: str | os.PathLike, folder: str | os.PathLike |
                 f"checkpoint {checkpoint} does not match the student of {run / TRAINING_ARGS} "
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}): pass the checkpoint of this run."
             )
+        # Checkpoints written before they kept the run's facts give the step alone.
         info = CardInfo(step=step, repo_id=args.get("push_to_hub"))
-        return export_student(student.eval(), folder or run / RELEASE_DIR, training_args=args, card_info=info)
+        if (checkpoint / RUN_INFO).is_file():
+            info = read_run_info(checkpoint)
+        return export_student(student.eval(), target, training_args=args, card_info=info)
 
 
 def load_release(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:

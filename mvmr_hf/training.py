@@ -49,7 +49,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -233,13 +233,26 @@ def train(
         meter = MetricsLogger(accelerator, output_dir, images_per_step=images_per_step, step=step)
         saved_step, started = step, time.perf_counter()
         resumed_epoch = epoch if resume_from is not None else None
+        teachers = _teacher_facts(representations, criterion, data_args.image_size, device)
+
+        def run_facts(step: int) -> CardInfo:
+            """What the card reports of the run so far; each checkpoint keeps them for mvmr-export."""
+            return CardInfo(
+                step=step,
+                hardware=_hardware(accelerator),
+                training_seconds=time.perf_counter() - started,
+                command=shlex.join(sys.argv),
+                repo_id=training_args.push_to_hub,
+                teachers=teachers,
+            )
 
         def checkpoint(step: int, epoch: int) -> int:
             meter.raise_if_not_finite()  # never save a checkpoint after a non-finite loss
             state = loader.state_dict()  # this process's position in its data stream
             with writing(f"the checkpoint of step {step}", output_dir / CHECKPOINTS_DIR):
                 save_checkpoint(accelerator, output_dir, step=step, epoch=epoch, loader_state=state,
-                                keep=training_args.keep_checkpoints)  # fmt: skip
+                                keep=training_args.keep_checkpoints,
+                                run_info=asdict(run_facts(step)))  # fmt: skip
             return step
 
         student.train()
@@ -313,17 +326,8 @@ def train(
         release = output_dir / RELEASE_DIR
         if accelerator.is_main_process:
             print(f"skipped {meter.skipped} images", file=sys.stderr)  # undecodable or degenerate
-            info = CardInfo(
-                step=step,
-                hardware=_hardware(accelerator),
-                training_seconds=time.perf_counter() - started,
-                command=shlex.join(sys.argv),
-                repo_id=training_args.push_to_hub,
-                teachers=_teacher_facts(representations, criterion, data_args.image_size, device),
-            )
-            export_student(
-                accelerator.unwrap_model(student).eval(), release, training_args=args, card_info=info
-            )
+            final = accelerator.unwrap_model(student).eval()
+            export_student(final, release, training_args=args, card_info=run_facts(step))
         accelerator.wait_for_everyone()
         accelerator.end_training()
         if training_args.push_to_hub and accelerator.is_main_process:

@@ -206,11 +206,33 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line_and_los
         torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-6, msg=key)
 
 
+def test_a_re_export_reports_the_run_as_its_training_did_and_replaces_a_release_only_when_told(
+    finished_run, tmp_path, capsys
+):
+    """mvmr-export on a finished run: the release in RUN/student (which evaluation results or an
+    alignment head may have joined) stays unless --overwrite; the re-exported card keeps the run's
+    hardware, command and teachers from the checkpoint, and the time up to that checkpoint."""
+    run = _copy(finished_run, tmp_path)
+    before = snapshot(run / "student")
+    assert export_main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"{run / 'student'} already holds a release: pass --overwrite" in err
+    assert snapshot(run / "student") == before
+
+    trained = json.loads((run / "student" / "run_info.json").read_text())
+    assert export_main([str(run), "--overwrite"]) == 0
+    exported = json.loads((run / "student" / "run_info.json").read_text())
+    for fact in ("step", "hardware", "command", "teachers", "repo_id"):
+        assert exported[fact] == trained[fact], fact
+    assert 0 < exported["training_seconds"] <= trained["training_seconds"]
+
+
 def test_a_release_that_cannot_be_written_keeps_the_previous_one(finished_run, tmp_path, capsys, monkeypatch):
     run = _copy(finished_run, tmp_path)
     before, files = snapshot(run / "student"), sorted(p.name for p in run.iterdir())
     monkeypatch.setattr(export, "save_file", _no_space)
-    assert export_main([str(run)]) == 1
+    assert export_main([str(run), "--overwrite"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert f"could not write the release in {run / 'student'}" in err

@@ -214,7 +214,7 @@ def test_every_footer_says_what_its_command_does(command, tmp_path, monkeypatch,
 @pytest.mark.parametrize(
     ("command", "usage"),
     [
-        ("mvmr-export", "mvmr-export [-h] [--output-dir OUTPUT_DIR] RUN_OR_CHECKPOINT"),
+        ("mvmr-export", "[--output-dir OUTPUT_DIR] [--overwrite [OVERWRITE]] RUN_OR_CHECKPOINT"),
         ("mvmr-push", "[--commit-message COMMIT_MESSAGE] FOLDER ORG/NAME"),
     ],
 )
@@ -291,7 +291,7 @@ def test_the_readme_forms_and_the_old_spellings_reach_the_library(monkeypatch, t
     monkeypatch.setattr(
         release_cli, "push_to_hub", lambda folder, repo, **kw: calls.append((folder, repo, kw))
     )
-    monkeypatch.setattr(release_cli, "export_run", lambda run, folder: calls.append((run, folder)))
+    monkeypatch.setattr(release_cli, "export_run", lambda run, folder, **kw: calls.append((run, folder, kw)))
     (push,) = [argv for command, argv in _readme_commands() if command == "mvmr-push"]
     assert push_main(push) == 0
     assert push_main(["--folder", "runs/kd/student", "--repo_id", "ORG/NAME", "--private"]) == 0
@@ -303,7 +303,7 @@ def test_the_readme_forms_and_the_old_spellings_reach_the_library(monkeypatch, t
     config.write_text("checkpoint: runs/kd\n")
     for argv in (["runs/kd"], ["--checkpoint", "runs/kd"], [str(config)], ["--config", str(config)]):
         assert export_main(argv) == 0
-    assert calls == [("runs/kd", None)] * 4
+    assert calls == [("runs/kd", None, {"overwrite": False})] * 4
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,7 @@ def _export(argv: Sequence[str]) -> None:
         description=export_main.__doc__,
         positionals=["checkpoint"],
     )
-    print(export_run(args.checkpoint, args.output_dir))
+    print(export_run(args.checkpoint, args.output_dir, overwrite=args.overwrite))
 
 
 def _evaluate(argv: Sequence[str]) -> None:
