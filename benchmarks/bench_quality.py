@@ -6,10 +6,10 @@ linear probe and kNN on frozen backbone features, over several seeds. Nothing is
 the benchmark only chooses flags.
 
 Material, all offline: scikit-learn's 1,797 handwritten digits (train 1,437 / test 360, written
-as a local parquet data set at 32 px); Google's EfficientNet-Lite0 ImageNet-1k weights as the
+as a local parquet data set at 16 px); Google's EfficientNet-Lite0 ImageNet-1k weights as the
 teacher (``mvmr_hf.efficientnet_lite``, a transformers ``TimmWrapperModel`` seen through its own
 processor: 256 px bicubic resize, 224 px crop, mean = std = 0.5); a resnet18 student from scratch
-at 32 px. The teacher's outputs are cached exactly (``--cache-teacher``): the first run fills the
+at 16 px. The teacher's outputs are cached exactly (``--cache-teacher``): the first run fills the
 cache, later runs start from a hard-linked copy of it, which gives the same losses as running the
 teacher (the cache's own tests prove it) at a fraction of the time.
 
@@ -24,8 +24,8 @@ Cells (each against the candidate defaults, one change at a time):
   (two dCor terms, no adaptor), and Lite0 together with a teacher that knows nothing (the same
   architecture, randomly initialised): what a useless teacher does to the mix;
 - feature matching (``--feature-matching-weight``, not in the paper) on one mildly augmented view seen
-  by teacher and student, with the teacher's dCor term (distillation's defaults), against the paper's
-  objective (``--groups matching``).
+  by teacher and student, with the teacher's dCor term (distillation's defaults) and alone (β = 0),
+  against the paper's objective (``--groups matching``).
 
 Rows also give the two references: the same student randomly initialised (the floor) and the
 teacher itself (the ceiling). Numbers are means over seeds with the spread (max - min) / 2.
@@ -107,6 +107,8 @@ MATCHING_CELLS = [
     ("matching", "paper objective, no feature matching", "distill", []),
     ("matching", "teacher dCor + feature matching, teacher and student on one mild view (λ = μ = α = 0)",
      "distill", ONE_MILD_VIEW),
+    ("matching", "feature matching alone on that view (β = 0)", "distill",
+     [*ONE_MILD_VIEW, "--representation-weights", "teacher=0"]),
 ]  # fmt: skip
 # {lite0}, {lite2} and {random} are the teachers' folders.
 TEACHER_CELLS = [
@@ -229,7 +231,7 @@ def main() -> int:
         ("seeds", "seeds", "d"),
         ("seconds_per_run", "s / run", ".0f"),
     ]
-    config = {"dataset": "scikit-learn digits at 32 px (train 1437 / test 360)",
+    config = {"dataset": "scikit-learn digits at 16 px (train 1437 / test 360)",
               "teacher": "EfficientNet-Lite0 ImageNet-1k (timm tf_efficientnet_lite0), pooled 1280-d output",
               "student": STUDENT, "projector": PROJECTOR, "epochs": epochs, "seeds": seeds,
               "command": " ".join(COMMON), "threads": torch.get_num_threads()}  # fmt: skip
