@@ -109,6 +109,8 @@ MATCHING_CELLS = [
      "distill", ONE_MILD_VIEW),
     ("matching", "feature matching alone on that view (β = 0)", "distill",
      [*ONE_MILD_VIEW, "--representation-weights", "teacher=0"]),
+    ("matching", "teacher dCor + feature matching 4 on that view", "distill",
+     [*ONE_MILD_VIEW, "--feature-matching-weight", "4"]),
 ]  # fmt: skip
 # {lite0}, {lite2} and {random} are the teachers' folders.
 TEACHER_CELLS = [

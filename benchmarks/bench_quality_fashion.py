@@ -124,6 +124,10 @@ CELLS: list[tuple[str, list[str] | None]] = [
         "feature matching 1 alone, teachers on the augmented view, crops of 0.5-1 and flips (β = 0)",
         [*NO_L1_L2, *NO_DCOR, "--feature-matching-weight", "1", *ON_AUGMENTED, *MILD, *HALF_CROPS],
     ),
+    (  # the weights' balance: feature matching (1 - cos, up to 2) four times the dCor term (up to 1)
+        "teacher dCor + feature matching 4, teachers on the augmented view, crops of 0.5-1 and flips",
+        [*NO_L1_L2, "--feature-matching-weight", "4", *ON_AUGMENTED, *MILD, *HALF_CROPS],
+    ),
 ]
 METRICS = ("linear", "few", "knn")
 
