@@ -98,6 +98,7 @@ MILD = ["--augmentations", "crop,flip"]  # the augmented view without colour, gr
 ON_AUGMENTED = ["--teacher-view", "augmented"]  # the teachers see x̃, as the baseline's does
 HALF_CROPS = ["--crop-scale", "0.5,1"]  # the baseline's crops
 NO_DCOR = ["--representation-weights", "teacher=0"]
+NO_PROJECTOR = ["--projector", "none"]  # the teacher's dCor term on the probed features themselves
 BASELINE = "classic feature distillation (linear head, 1 - cosine)"
 # (cell, flags against the paper's objective: λ = μ = α = β = 1, no feature matching; None: the baseline)
 CELLS: list[tuple[str, list[str] | None]] = [
@@ -127,6 +128,14 @@ CELLS: list[tuple[str, list[str] | None]] = [
     (  # the weights' balance: feature matching (1 - cos, up to 2) four times the dCor term (up to 1)
         "teacher dCor + feature matching 4, teachers on the augmented view, crops of 0.5-1 and flips",
         [*NO_L1_L2, "--feature-matching-weight", "4", *ON_AUGMENTED, *MILD, *HALF_CROPS],
+    ),
+    (  # dCor on the features that are probed and released, as feature matching is: no projector between
+        "teacher dCor + feature matching 1 on the augmented view, crops of 0.5-1 and flips, no projector",
+        [*NO_L1_L2, "--feature-matching-weight", "1", *ON_AUGMENTED, *MILD, *HALF_CROPS, *NO_PROJECTOR],
+    ),
+    (
+        "teacher dCor + feature matching 4 on the augmented view, crops of 0.5-1 and flips, no projector",
+        [*NO_L1_L2, "--feature-matching-weight", "4", *ON_AUGMENTED, *MILD, *HALF_CROPS, *NO_PROJECTOR],
     ),
 ]
 METRICS = ("linear", "few", "knn")
