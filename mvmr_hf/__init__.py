@@ -40,6 +40,7 @@ _LAZY = {
     # data
     "load_image_dataset": "mvmr_hf.data",
     "build_dataloader": "mvmr_hf.data",
+    "default_num_workers": "mvmr_hf.data",
     "write_digits": "mvmr_hf.sample_data",
     "write_digit_pairs": "mvmr_hf.sample_data",
     "save_tiny_teacher": "mvmr_hf.tiny_models",

@@ -399,7 +399,11 @@ class DataArguments:
     streaming: bool = _opt(True, "Stream the data set instead of downloading and converting it first.")
     image_size: int = _opt(224, "Side of the square training views, in pixels.")
     shuffle_buffer: int = _opt(10_000, "Streaming shuffle buffer per process (0: keep the stored order).")
-    num_workers: int = _opt(4, "Data-loading worker processes per training process.")
+    num_workers: int | None = _opt(
+        None,
+        "Data-loading worker processes per training process (default: this machine's CPU cores shared among "
+        "its processes, at least 1: mvmr_hf.data.default_num_workers).",
+    )
     device_views: bool | None = _opt(
         None,
         "Make the augmented view on the accelerator, batched, with the same per-image random parameters: "
@@ -439,7 +443,9 @@ class DataArguments:
         self.augmentations = ",".join(parse_augmentations(self.augmentations))
         self.crop_scale = ",".join(f"{bound:g}" for bound in parse_crop_scale(self.crop_scale))
         _check_ints(self, ("image_size",), 1)
-        _check_ints(self, ("shuffle_buffer", "num_workers"), 0)
+        _check_ints(self, ("shuffle_buffer",), 0)
+        if self.num_workers is not None:
+            _check_ints(self, ("num_workers",), 0)
         if self.view_source_size is not None:
             _check_ints(self, ("view_source_size",), self.image_size)
 

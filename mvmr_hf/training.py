@@ -68,7 +68,7 @@ from mvmr_hf.augment import CENTER_CROP_FRACTION, parse_crop_scale
 from mvmr_hf.card import CardInfo
 from mvmr_hf.checkpoint import CHECKPOINTS_DIR, load_checkpoint, save_checkpoint
 from mvmr_hf.config import DataArguments, LossArguments, ModelArguments, TeacherArguments, TrainingArguments
-from mvmr_hf.data import DataStats, ViewsLoader, build_dataloader, load_image_dataset
+from mvmr_hf.data import DataStats, ViewsLoader, build_dataloader, default_num_workers, load_image_dataset
 from mvmr_hf.dcor import check_batch_size
 from mvmr_hf.errors import ConfigError, PreemptedError, TrainingError
 from mvmr_hf.export import RELEASE_DIR, export_student
@@ -178,7 +178,7 @@ def train(
         world_size=world,
         shuffle_buffer=data_args.shuffle_buffer,
         seed=training_args.seed,
-        num_workers=data_args.num_workers,
+        num_workers=default_num_workers() if data_args.num_workers is None else data_args.num_workers,
         image_column=data_args.image_column,
         pin_memory=device.type == "cuda",
         device_views=device_views,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import warnings
 from pathlib import Path
 
 import datasets
@@ -28,6 +29,7 @@ from mvmr_hf.data import (
     build_dataloader,
     decode_image,
     decode_on,
+    default_num_workers,
     default_source_size,
     image_key,
     jpeg_size,
@@ -830,3 +832,20 @@ def test_decoding_on_cuda_matches_pil(tmp_path):
         difference = (image.cpu().int() - decode_image(encoded).int()).abs()
         assert difference.float().mean() <= 1.0
         assert difference.max() <= 16
+
+
+def test_the_default_workers_are_what_pytorch_accepts_shared_among_the_processes(monkeypatch):
+    """default_num_workers against PyTorch's own count of the usable cores: one worker per core is never
+    more than it suggests (no oversubscription warning), and the local processes share the cores."""
+    dataset = torch.utils.data.TensorDataset(torch.zeros(4))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    single = default_num_workers()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.utils.data.DataLoader(dataset, num_workers=single).check_worker_number_rationality()
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert default_num_workers() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # as accelerate launch and torchrun set it
+    assert default_num_workers() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert default_num_workers() == 1

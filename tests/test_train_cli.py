@@ -283,6 +283,27 @@ def test_the_chosen_augmentations_reach_the_loader_and_the_card(digits, tmp_path
     assert "**Augmented view `x̃`**: `crop`, `flip` only (the paper's Table 7 ablation)" in card
 
 
+def test_without_num_workers_each_process_gets_its_share_of_the_cores(digits, tmp_path, monkeypatch):
+    """No --num-workers: the loader gets the cores this process may use shared among the machine's
+    processes (2 of 6 with 3 processes), and training_args.json keeps the choice automatic, so a resume on
+    another machine takes that machine's share."""
+    workers = []
+    build_dataloader = training.build_dataloader
+
+    def recording(*args, **kwargs):
+        workers.append(kwargs["num_workers"])
+        return build_dataloader(*args, **kwargs)
+
+    monkeypatch.setattr(training, "build_dataloader", recording)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(6)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    argv = _tiny(digits, tmp_path / "run")
+    del argv[argv.index("--num-workers") : argv.index("--num-workers") + 2]
+    assert pretrain_main(argv) == 0
+    assert workers == [2]
+    assert json.loads((tmp_path / "run" / "training_args.json").read_text())["num_workers"] is None
+
+
 def test_distill_without_flags_is_the_papers_schedule_with_the_measured_objective():
     model, teacher, data, loss, training = parse_arguments(DISTILL_GROUPS, [], prog="t")
     assert (model.student, model.projector, model.handcrafted) == ("resnet50", "8192-8192-8192", "")
