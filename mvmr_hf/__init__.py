@@ -55,6 +55,7 @@ _LAZY = {
     "DataArguments": "mvmr_hf.config",
     "DistillDataArguments": "mvmr_hf.config",
     "DistillLossArguments": "mvmr_hf.config",
+    "DistillModelArguments": "mvmr_hf.config",
     "DistillTrainingArguments": "mvmr_hf.config",
     "LossArguments": "mvmr_hf.config",
     "TrainingArguments": "mvmr_hf.config",

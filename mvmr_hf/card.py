@@ -249,6 +249,15 @@ def _base_model(teachers: Sequence[str]) -> str | list[str] | None:
     return hub_ids[0] if len(hub_ids) == 1 else hub_ids or None
 
 
+def _projector_line(spec: str) -> str:
+    if spec == "none":
+        return "none: `z` and `z̃` are the backbone features themselves, the features this release gives."
+    return (
+        f"`{spec}`, kept in `projector.safetensors` (described by `projector.json`) so that training can "
+        "continue; downstream use takes the backbone features, not the projector output."
+    )
+
+
 def render_card(
     *,
     backbone: BackboneInfo,
@@ -313,7 +322,7 @@ def render_card(
         dataset=f"`{training_args.get('dataset', 'unknown')}`",
         schedule=_schedule(training_args, info),
         hardware=f"{hardware}, {_duration(info.training_seconds)}",
-        projector=projector,
+        projector=_projector_line(projector),
         alignment=_alignment_line(alignment),
         repo_id=repo_id,
         zero_shot_route=" (for this student, through the alignment head)" if teacher else "",

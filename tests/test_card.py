@@ -104,6 +104,11 @@ def test_distilled_card_metadata_and_model_index(tmp_path):
     )
     assert "| linear | tanganke/stl10 | test | all | linear top-1 | 95.6 |" in body
     assert "23.5 M parameters" in body
+    assert "- **Projector**: `8192-8192-8192`, kept in `projector.safetensors`" in text
+    # distillation's default: the dCor terms compare the released features, with no projector to keep
+    without = render_card(backbone=BACKBONE, training_args=on_augmented, info=info, projector="none")
+    assert "- **Projector**: none: `z` and `z̃` are the backbone features themselves" in without
+    assert "projector.safetensors" not in without
 
 
 def test_pretraining_card_has_no_teacher_and_local_paths_are_not_linked(tmp_path):

@@ -20,9 +20,9 @@ from mvmr_hf.config import (
     DataArguments,
     DistillDataArguments,
     DistillLossArguments,
+    DistillModelArguments,
     DistillTrainingArguments,
     LossArguments,
-    ModelArguments,
     PretrainModelArguments,
     TeacherArguments,
     TrainingArguments,
@@ -33,7 +33,7 @@ from mvmr_hf.utils import deprecated_alias
 __all__ = ["distill_main", "pretrain_main"]
 
 
-DISTILL_GROUPS = [ModelArguments, TeacherArguments, DistillDataArguments, DistillLossArguments,
+DISTILL_GROUPS = [DistillModelArguments, TeacherArguments, DistillDataArguments, DistillLossArguments,
                   DistillTrainingArguments]  # fmt: skip
 
 
