@@ -14,6 +14,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 import yaml
 from conftest import read_metrics, reset_accelerate, snapshot, tiny_args
 
@@ -28,6 +29,7 @@ from mvmr_hf.config import (
     PretrainModelArguments,
     TrainingArguments,
 )
+from mvmr_hf.export import load_student
 from mvmr_hf.representations.teacher import OUTPUT_KINDS
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -302,6 +304,21 @@ def test_without_num_workers_each_process_gets_its_share_of_the_cores(digits, tm
     assert pretrain_main(argv) == 0
     assert workers == [2]
     assert json.loads((tmp_path / "run" / "training_args.json").read_text())["num_workers"] is None
+
+
+def test_distillation_by_default_has_no_projector_and_its_release_trains_on(digits, teacher, tmp_path):
+    """Distillation's default, no projector: the teacher terms see the backbone's pooled features (the
+    student's embedding is its features), and the release, backbone alone, loads back to train on."""
+    run = tmp_path / "run"
+    argv = tiny_args(digits, run, "--max-steps", "1", "--teacher", str(teacher))
+    del argv[argv.index("--projector") : argv.index("--projector") + 2]
+    assert distill_main(argv) == 0
+    assert json.loads((run / "training_args.json").read_text())["projector"] == "none"
+    student = load_student(run / "student").eval()
+    with torch.no_grad():
+        output = student(torch.rand(2, 3, 32, 32))
+    assert torch.equal(output.embedding, output.features)
+    assert "- **Projector**: none" in (run / "student" / "README.md").read_text()
 
 
 def test_distill_without_flags_is_the_papers_schedule_with_the_measured_objective():
