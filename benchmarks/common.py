@@ -45,6 +45,7 @@ from PIL import Image
 
 from mvmr_hf.augment import center_view
 from mvmr_hf.errors import ConfigError
+from mvmr_hf.utils import usable_cpus
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LIBRARIES = (
@@ -123,7 +124,7 @@ def machine(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
         "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cpus": usable_cpus(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "load_average_1_5_15_min": [round(load, 2) for load in os.getloadavg()],
@@ -196,7 +197,7 @@ def write_photo_parquet(
     """
     datasets.disable_progress_bars()
     encode = functools.partial(_encoded_photo, longer_side=longer_side, seed=seed)
-    with concurrent.futures.ProcessPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=usable_cpus()) as pool:
         encoded = list(pool.map(encode, range(count), chunksize=64))
     table = datasets.Dataset.from_dict(
         {"image": encoded}, features=datasets.Features({"image": datasets.Image()})

@@ -60,7 +60,7 @@ from mvmr_hf.augment import (
     center_view,
 )
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.utils import check_int, is_local_path
+from mvmr_hf.utils import check_int, is_local_path, usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -971,8 +971,7 @@ def default_num_workers() -> int:
     12 (``benchmarks/results/loop-cuda*.json``), and more workers than cores only oversubscribe
     them (PyTorch warns).
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return max(1, usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def build_dataloader(

@@ -159,6 +159,11 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one, else all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def check_int(name: str, value: object, minimum: int = 1) -> int:
     """``value`` when it is an integer (not a bool) of at least ``minimum``; ConfigError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
