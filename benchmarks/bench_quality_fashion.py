@@ -97,6 +97,7 @@ NO_L1_L2 = ["--invariance-weight", "0", "--variance-weight", "0", "--view-weight
 MILD = ["--augmentations", "crop,flip"]  # the augmented view without colour, grayscale and blur
 ON_AUGMENTED = ["--teacher-view", "augmented"]  # the teachers see x̃, as the baseline's does
 HALF_CROPS = ["--crop-scale", "0.5,1"]  # the baseline's crops
+MILDER_CROPS = ["--crop-scale", "0.8,1"]
 NO_DCOR = ["--representation-weights", "teacher=0"]
 NO_PROJECTOR = ["--projector", "none"]  # the teacher's dCor term on the probed features themselves
 BASELINE = "classic feature distillation (linear head, 1 - cosine)"
@@ -136,6 +137,14 @@ CELLS: list[tuple[str, list[str] | None]] = [
     (
         "teacher dCor + feature matching 2 on the augmented view, crops of 0.5-1 and flips, no projector",
         [*NO_L1_L2, "--feature-matching-weight", "2", *ON_AUGMENTED, *MILD, *HALF_CROPS, *NO_PROJECTOR],
+    ),
+    (
+        "teacher dCor + feature matching 4 on the augmented view, crops of 0.5-1 and flips, no projector",
+        [*NO_L1_L2, "--feature-matching-weight", "4", *ON_AUGMENTED, *MILD, *HALF_CROPS, *NO_PROJECTOR],
+    ),
+    (  # 4 epochs show each image 4 times: milder crops than the baseline's may serve a short run better
+        "teacher dCor + feature matching 1 on the augmented view, crops of 0.8-1 and flips, no projector",
+        [*NO_L1_L2, "--feature-matching-weight", "1", *ON_AUGMENTED, *MILD, *MILDER_CROPS, *NO_PROJECTOR],
     ),
 ]
 METRICS = ("linear", "few", "knn")
