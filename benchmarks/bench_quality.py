@@ -114,6 +114,8 @@ MATCHING_CELLS = [
     # dCor on the features that are probed and released, as feature matching is: no projector between
     ("matching", "teacher dCor + feature matching on that view, no projector", "distill",
      [*ONE_MILD_VIEW, "--projector", "none"]),
+    ("matching", "teacher dCor + feature matching 4 on that view, no projector", "distill",
+     [*ONE_MILD_VIEW, "--feature-matching-weight", "4", "--projector", "none"]),
 ]  # fmt: skip
 # {lite0}, {lite2} and {random} are the teachers' folders.
 TEACHER_CELLS = [
