@@ -1,4 +1,4 @@
-"""Time and peak memory of ``mvmr_hf.dcor.distance_correlation`` against its floor and a cdist version.
+"""Time and peak memory of ``mvmr_hf.loss.dcor.distance_correlation`` against its floor and a cdist version.
 
 For each batch size B and width D, ``x`` (B, D) plays the student embedding (it requires
 gradients) and ``y`` (B, D) a representation (it does not), as in the loss. Measured:
@@ -41,7 +41,7 @@ from common import (
 from torch import Tensor
 
 from mvmr_hf.cli import run_cli
-from mvmr_hf.dcor import distance_correlation
+from mvmr_hf.loss.dcor import distance_correlation
 
 BATCHES = (64, 256, 512, 1024)
 WIDTHS = (512, 8192, 150528, 762048)  # an embedding, the projector, 224 px pixels, 224 px ScatNet

@@ -40,12 +40,12 @@ import torch
 from common import DIGITS_SPLITS, linear_and_knn, parser, report, resolve_device
 
 from mvmr_hf.cli import run_cli
-from mvmr_hf.efficientnet_lite import save_efficientnet_lite
+from mvmr_hf.data.sample_data import write_digits
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.export import export_student
-from mvmr_hf.metrics import METRICS_FILE
-from mvmr_hf.sample_data import write_digits
-from mvmr_hf.student import build_student
+from mvmr_hf.models.efficientnet_lite import save_efficientnet_lite
+from mvmr_hf.models.student import build_student
+from mvmr_hf.release.export import export_student
+from mvmr_hf.training.metrics import METRICS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32

@@ -61,7 +61,6 @@ from common import (
     write_photo_parquet,
 )
 
-from mvmr_hf import training
 from mvmr_hf.cli import run_cli
 from mvmr_hf.config import (
     DataArguments,
@@ -69,10 +68,11 @@ from mvmr_hf.config import (
     PretrainModelArguments,
     TrainingArguments,
 )
-from mvmr_hf.metrics import METRICS_FILE
-from mvmr_hf.representations.teacher import load_teacher
-from mvmr_hf.student import build_student
-from mvmr_hf.training import build_optimizer
+from mvmr_hf.models.representations.teacher import load_teacher
+from mvmr_hf.models.student import build_student
+from mvmr_hf.training import loop as training
+from mvmr_hf.training.loop import build_optimizer
+from mvmr_hf.training.metrics import METRICS_FILE
 
 LOOP_TARGET, NO_CACHE_TARGET, CACHE_TARGET, PRETRAIN_TARGET, DATA_WAIT_TARGET = 0.85, 1700, 2200, 0.8, 0.02
 

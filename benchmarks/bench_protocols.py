@@ -11,7 +11,7 @@ each class: ``mvmr_hf.labelled_subset``) and
 
 Multi-label transfer (the protocol of the paper's Table 3) on digit pairs (``write_digit_pairs``: two
 real digits side by side per image, labelled with the digits shown; 1,000 training / 300 test
-pairs): the mAP of the ``multilabel`` protocol's probe (``mvmr_hf.evaluation.multilabel_probe``),
+pairs): the mAP of the ``multilabel`` protocol's probe (``mvmr_hf.evaluation.protocols.multilabel_probe``),
 with scikit-learn's ``OneVsRestClassifier(LogisticRegression)`` at the weight decay it chose, on
 the same features, as the reference.
 
@@ -50,8 +50,8 @@ def _efficientnet_release(folder: Path, size: int) -> Path:
     """EfficientNet-Lite0 (ImageNet-1k) without its classifier, as a release recording ``size`` px inputs."""
     from safetensors.torch import save_file
 
-    from mvmr_hf.efficientnet_lite import save_efficientnet_lite
-    from mvmr_hf.export import CONFIG, WEIGHTS, write_timm_config
+    from mvmr_hf.models.efficientnet_lite import save_efficientnet_lite
+    from mvmr_hf.release.export import CONFIG, WEIGHTS, write_timm_config
 
     source = save_efficientnet_lite(folder.with_name(folder.name + "-source"))
     model = timm.create_model(f"local-dir:{source}", pretrained=True, num_classes=0).eval()
@@ -63,8 +63,8 @@ def _efficientnet_release(folder: Path, size: int) -> Path:
 
 
 def _random_release(folder: Path) -> Path:
-    from mvmr_hf.export import export_student
-    from mvmr_hf.student import build_student
+    from mvmr_hf.models.student import build_student
+    from mvmr_hf.release.export import export_student
 
     torch.manual_seed(0)
     student = build_student("test_resnet", projector="16", image_size=IMAGE_SIZE).eval()
@@ -73,8 +73,8 @@ def _random_release(folder: Path) -> Path:
 
 def _probe_on_subset(model: Path, digits: Path, rows: list[int], device: torch.device) -> float:
     """Linear-probe top-1 of ``model``'s frozen features fitted on the training ``rows`` only."""
-    from mvmr_hf.data import load_image_dataset
-    from mvmr_hf.evaluation import extract_features, linear_probe, load_encoder
+    from mvmr_hf.data.loading import load_image_dataset
+    from mvmr_hf.evaluation.protocols import extract_features, linear_probe, load_encoder
 
     encoder = load_encoder(str(model))
     train, test = (
@@ -90,7 +90,7 @@ def _probe_on_subset(model: Path, digits: Path, rows: list[int], device: torch.d
 
 def _finetune(model: Path, digits: Path, folder: Path, learning_rate: float, epochs: int) -> dict[str, Any]:
     from mvmr_hf.config import FinetuneArguments
-    from mvmr_hf.finetuning import finetune
+    from mvmr_hf.evaluation.finetuning import finetune
 
     arguments = FinetuneArguments(
         label_fraction=FRACTION, finetune_epochs=epochs, finetune_batch_size=BATCH,
@@ -113,9 +113,9 @@ def _multilabel(model: Path, pairs: Path, cache: Path, device: torch.device) -> 
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.preprocessing import StandardScaler
 
-    from mvmr_hf.data import load_image_dataset
-    from mvmr_hf.evaluation import extract_features, load_encoder, multilabel_probe
-    from mvmr_hf.multilabel import multi_hot_encoding
+    from mvmr_hf.data.loading import load_image_dataset
+    from mvmr_hf.evaluation.multilabel import multi_hot_encoding
+    from mvmr_hf.evaluation.protocols import extract_features, load_encoder, multilabel_probe
 
     encoder = load_encoder(str(model))
     splits = [load_image_dataset(str(pairs), split=split, streaming=False) for split in ("train", "test")]
@@ -139,7 +139,7 @@ def main(argv: list[str]) -> None:
     device = resolve_device(args.device)
     epochs = QUICK_EPOCHS if args.quick else EPOCHS
     train_pairs, test_pairs = QUICK_PAIRS if args.quick else PAIRS
-    from mvmr_hf.sample_data import write_digit_pairs, write_digits
+    from mvmr_hf.data.sample_data import write_digit_pairs, write_digits
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-protocols-") as tmp:

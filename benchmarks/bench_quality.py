@@ -7,7 +7,7 @@ the benchmark only chooses flags.
 
 Material, all offline: scikit-learn's 1,797 handwritten digits (train 1,437 / test 360, written
 as a local parquet data set at 16 px); Google's EfficientNet-Lite0 ImageNet-1k weights as the
-teacher (``mvmr_hf.efficientnet_lite``, a transformers ``TimmWrapperModel`` seen through its own
+teacher (``mvmr_hf.models.efficientnet_lite``, a transformers ``TimmWrapperModel`` seen through its own
 processor: 256 px bicubic resize, 224 px crop, mean = std = 0.5); a resnet18 student from scratch
 at 16 px. The teacher's outputs are cached exactly (``--cache-teacher``): the first run fills the
 cache, later runs start from a hard-linked copy of it, which gives the same losses as running the
@@ -66,11 +66,11 @@ from safetensors.torch import save_file
 
 from mvmr_hf.cli.train import distill_main, pretrain_main
 from mvmr_hf.config import PAPER_REPRESENTATIONS
-from mvmr_hf.efficientnet_lite import save_efficientnet_lite
+from mvmr_hf.data.sample_data import write_digits
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.export import CONFIG, WEIGHTS, export_student, write_timm_config
-from mvmr_hf.sample_data import write_digits
-from mvmr_hf.student import build_student
+from mvmr_hf.models.efficientnet_lite import save_efficientnet_lite
+from mvmr_hf.models.student import build_student
+from mvmr_hf.release.export import CONFIG, WEIGHTS, export_student, write_timm_config
 from mvmr_hf.utils import atomic_folder
 
 IMAGE_SIZE = 16  # the digits are 8 x 8: 16 px keeps every detail at a quarter of the cost of 32 px

@@ -3,7 +3,7 @@
 The question this benchmark answers: does the project's student, trained with its defaults, reach
 what the simplest feature distillation a user would try first reaches on the same budget? Every
 student cell is a complete run of the command users type (``mvmr_hf.cli.train.distill_main``, in
-this process), released, and probed through its release's own eval view by ``mvmr_hf.evaluation``:
+this process), released, and probed through its release's own eval view by ``mvmr_hf.evaluation.protocols``:
 
 - linear: the L-BFGS logistic-regression probe on all training images' frozen features;
 - 20 labels: the same probe fitted on 20 labelled training images per class (a seeded draw);
@@ -13,7 +13,7 @@ Material, all offline and free to use: Fashion-MNIST (Zalando, MIT licence; 70,0
 28 px images of 10 clothing classes; Debian ships it: ``apt-get install dataset-fashion-mnist``
 puts it in ``/usr/share/datasets/fashion-mnist``), of which a class-stratified, seeded 10,000 of
 the training images and 2,000 of the test images are written as a local parquet data set; Google's
-EfficientNet-Lite0 and Lite2 ImageNet weights (``mvmr_hf.efficientnet_lite``) as the teachers,
+EfficientNet-Lite0 and Lite2 ImageNet weights (``mvmr_hf.models.efficientnet_lite``) as the teachers,
 each seen through its own processor at 96 px (``pretrained_cfg.input_size`` set to 96 in its
 ``config.json``: at their native 224 / 260 px the teachers' passes alone would take most of an
 hour on 2 cores); a resnet18 student from scratch at 32 px.
@@ -68,15 +68,15 @@ from torch import nn
 from torchvision.transforms import v2
 from transformers import get_cosine_schedule_with_warmup
 
-from mvmr_hf.augment import CENTER_CROP_FRACTION, center_view
 from mvmr_hf.cli.train import distill_main
-from mvmr_hf.data import load_image_dataset
-from mvmr_hf.efficientnet_lite import save_efficientnet_lite
+from mvmr_hf.data.augment import CENTER_CROP_FRACTION, center_view
+from mvmr_hf.data.loading import load_image_dataset
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.evaluation import extract_features, knn_classify, linear_probe, load_encoder
-from mvmr_hf.export import CONFIG, export_student
-from mvmr_hf.representations.teacher import load_teacher
-from mvmr_hf.student import build_student
+from mvmr_hf.evaluation.protocols import extract_features, knn_classify, linear_probe, load_encoder
+from mvmr_hf.models.efficientnet_lite import save_efficientnet_lite
+from mvmr_hf.models.representations.teacher import load_teacher
+from mvmr_hf.models.student import build_student
+from mvmr_hf.release.export import CONFIG, export_student
 from mvmr_hf.utils import atomic_folder
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",

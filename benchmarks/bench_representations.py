@@ -1,6 +1,6 @@
 """Images per second of each hand-crafted representation, against scikit-image's HOG and kymatio's call.
 
-Each built-in representation (``mvmr_hf.representations.build(name)`` with the paper's
+Each built-in representation (``mvmr_hf.models.representations.build(name)`` with the paper's
 defaults) runs on a batch of 64 real photographs (scikit-image's samples, random crops) at
 96 and 224 px: on CPU with one torch thread and with all of them, or on the GPU. The
 references are timed on the same images:
@@ -31,8 +31,8 @@ from common import parser, photo_batch, report, resolve_device, time_call
 from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 from skimage.feature import hog as skimage_hog
 
-from mvmr_hf import representations
 from mvmr_hf.cli import run_cli
+from mvmr_hf.models import representations
 
 BATCH = 64
 SIZES = (96, 224)
@@ -153,8 +153,8 @@ def main(argv: list[str]) -> None:
     notes += [
         f"batch {BATCH}; times are the best of the calls repeated within a time budget after a warm-up; "
         f"scikit-image runs on {SKIMAGE_IMAGES} of the images, one at a time, on one CPU thread",
-        "representations built with mvmr_hf.representations.build(name) defaults: HOG 24 bins, 8 px cells, "
-        "3 colour channels; ScatNet J=2, L=8, orders 0-2; LSD 3x3",
+        "representations built with mvmr_hf.models.representations.build(name) defaults: "
+        "HOG 24 bins, 8 px cells, 3 colour channels; ScatNet J=2, L=8, orders 0-2; LSD 3x3",
     ]
     columns = [
         ("representation", "representation", ""),

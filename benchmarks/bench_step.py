@@ -60,7 +60,6 @@ from common import (
     write_photo_parquet,
 )
 
-from mvmr_hf import training
 from mvmr_hf.cli import run_cli
 from mvmr_hf.config import (
     DataArguments,
@@ -68,9 +67,10 @@ from mvmr_hf.config import (
     PretrainModelArguments,
     TrainingArguments,
 )
-from mvmr_hf.metrics import MetricsLogger
-from mvmr_hf.objective import MVMRLoss
-from mvmr_hf.representations.teacher import Teacher
+from mvmr_hf.loss.objective import MVMRLoss
+from mvmr_hf.models.representations.teacher import Teacher
+from mvmr_hf.training import loop as training
+from mvmr_hf.training.metrics import MetricsLogger
 
 PHASES = (
     "data_wait", "transfer", "student_forward", "teacher", "representations", "loss_forward", "loss_backward",

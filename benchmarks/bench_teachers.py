@@ -1,6 +1,6 @@
 """What a teacher costs: memory and time of its forward, and how far bfloat16 weights move its outputs.
 
-Each teacher is loaded with :func:`mvmr_hf.representations.teacher.load_teacher` in float32 and
+Each teacher is loaded with :func:`mvmr_hf.models.representations.teacher.load_teacher` in float32 and
 with ``dtype=torch.bfloat16`` (``--teacher-dtype bfloat16``) and run as training runs it, under
 ``no_grad`` on a batch of 224 px views of real photographs (scikit-image's, centre views):
 
@@ -13,7 +13,7 @@ with ``dtype=torch.bfloat16`` (``--teacher-dtype bfloat16``) and run as training
 Teachers: the default, CLIP ViT-B/16's image tower (``openai/clip-vit-base-patch16``), built
 from its configuration with random weights (its memory and time do not depend on them, so its
 agreement is not reported), and Google's EfficientNet-Lite0 and Lite2 ImageNet weights
-(``mvmr_hf.efficientnet_lite``, real, offline). On CUDA the batch is the distillation default,
+(``mvmr_hf.models.efficientnet_lite``, real, offline). On CUDA the batch is the distillation default,
 512; on a 2-core CPU that forward takes minutes, so the CPU grid measures batches 32 and 64 and
 extrapolates the memory to 512 linearly (activations grow with the batch).
 
@@ -40,9 +40,9 @@ from common import (
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from mvmr_hf.cli import run_cli
-from mvmr_hf.dcor import distance_correlation
-from mvmr_hf.efficientnet_lite import save_efficientnet_lite
-from mvmr_hf.representations.teacher import Teacher, load_teacher
+from mvmr_hf.loss.dcor import distance_correlation
+from mvmr_hf.models.efficientnet_lite import save_efficientnet_lite
+from mvmr_hf.models.representations.teacher import Teacher, load_teacher
 
 DEFAULT_BATCH = 512  # --batch-size of mvmr-distill
 BICUBIC = 3

@@ -43,7 +43,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from mvmr_hf.augment import center_view
+from mvmr_hf.data.augment import center_view
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.utils import usable_cpus
 
@@ -158,7 +158,7 @@ def _photograph(name: str, side: int) -> torch.Tensor:
 def photo_batch(batch: int, size: int, *, seed: int = 0) -> torch.Tensor:
     """``batch`` real images as float ``(B, 3, size, size)`` in [0, 1]: random square crops of
     scikit-image's sample photographs (squared to twice ``size``), resized with
-    :func:`mvmr_hf.augment.center_view`."""
+    :func:`mvmr_hf.data.augment.center_view`."""
     rng = np.random.default_rng(seed)
     images = []
     for index in range(batch):
@@ -242,7 +242,7 @@ def train_run(
     from accelerate.state import AcceleratorState, GradientState
 
     from mvmr_hf.config import LossArguments
-    from mvmr_hf.training import train
+    from mvmr_hf.training.loop import train
 
     environment = {"ACCELERATE_USE_CPU": "true"} if device.type == "cpu" else {}
     with mock.patch.dict(os.environ, environment):
@@ -458,7 +458,7 @@ def linear_and_knn(
 ) -> dict[str, float]:
     """Linear-probe and kNN top-1 (percent) of ``model``'s frozen features, by ``mvmr_hf.evaluate``."""
     # Imported here: the speed benchmarks that share this module need no transformers or timm.
-    from mvmr_hf.evaluation import evaluate, load_encoder
+    from mvmr_hf.evaluation.protocols import evaluate, load_encoder
 
     results = evaluate(load_encoder(str(model)), str(data), train_split=splits[0], test_split=splits[1],
                        protocols=("linear", "knn"), cache_dir=cache, device=device)  # fmt: skip
@@ -498,7 +498,7 @@ def reset_accelerate() -> None:
 def share_teacher_caches(pool: Path, run: Path, *, after: bool) -> None:
     """Hard-link exact teacher caches (one folder per teacher setting) from ``pool`` into a new ``run``,
     or, ``after`` it, from the run into the pool."""
-    from mvmr_hf.teacher_cache import CACHE_DIR
+    from mvmr_hf.training.teacher_cache import CACHE_DIR
 
     source, target = (run / CACHE_DIR, pool) if after else (pool, run / CACHE_DIR)
     for folder in sorted(source.iterdir()) if source.is_dir() else []:

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from mvmr_hf.cli.train import distill_main
-from mvmr_hf.efficientnet_lite import save_efficientnet_lite
-from mvmr_hf.evaluation import evaluate, load_encoder
-from mvmr_hf.export import export_student
-from mvmr_hf.sample_data import write_digits
-from mvmr_hf.student import build_student
+from mvmr_hf.data.sample_data import write_digits
+from mvmr_hf.evaluation.protocols import evaluate, load_encoder
+from mvmr_hf.models.efficientnet_lite import save_efficientnet_lite
+from mvmr_hf.models.student import build_student
+from mvmr_hf.release.export import export_student
 
 # The quality benchmark's cell of distillation's defaults (bench_quality.py, matching group) at the default
 # seed: the digits, 8 x 8, written and trained at 16 px.

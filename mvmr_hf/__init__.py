@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from mvmr_hf.dcor import (
+from mvmr_hf.errors import ConfigError
+from mvmr_hf.loss.dcor import (
     CenteredDistances,
     centered_distances,
     dcor_from_centered,
@@ -17,37 +18,36 @@ from mvmr_hf.dcor import (
     gather_no_grad,
     gather_with_grad,
 )
-from mvmr_hf.errors import ConfigError
-from mvmr_hf.objective import FeatureMatching, LossOutput, MVMRLoss
+from mvmr_hf.loss.objective import FeatureMatching, LossOutput, MVMRLoss
 
 __version__ = "0.1.0"
 
 _LAZY = {
     # views and representations
-    "ViewAugment": "mvmr_hf.augment",
-    "center_view": "mvmr_hf.augment",
-    "build_representation": ("mvmr_hf.representations", "build"),
-    "available_representations": ("mvmr_hf.representations", "available"),
-    "register_representation": ("mvmr_hf.representations", "register"),
-    "Representation": "mvmr_hf.representations",
-    "load_teacher": "mvmr_hf.representations.teacher",
-    "Teacher": "mvmr_hf.representations.teacher",
+    "ViewAugment": "mvmr_hf.data.augment",
+    "center_view": "mvmr_hf.data.augment",
+    "build_representation": ("mvmr_hf.models.representations", "build"),
+    "available_representations": ("mvmr_hf.models.representations", "available"),
+    "register_representation": ("mvmr_hf.models.representations", "register"),
+    "Representation": "mvmr_hf.models.representations",
+    "load_teacher": "mvmr_hf.models.representations.teacher",
+    "Teacher": "mvmr_hf.models.representations.teacher",
     # student
-    "Student": "mvmr_hf.student",
-    "StudentOutput": "mvmr_hf.student",
-    "build_student": "mvmr_hf.student",
-    "parse_projector_spec": "mvmr_hf.student",
+    "Student": "mvmr_hf.models.student",
+    "StudentOutput": "mvmr_hf.models.student",
+    "build_student": "mvmr_hf.models.student",
+    "parse_projector_spec": "mvmr_hf.models.student",
     # data
-    "load_image_dataset": "mvmr_hf.data",
-    "build_dataloader": "mvmr_hf.data",
-    "default_num_workers": "mvmr_hf.data",
-    "write_digits": "mvmr_hf.sample_data",
-    "write_digit_pairs": "mvmr_hf.sample_data",
-    "save_tiny_teacher": "mvmr_hf.tiny_models",
+    "load_image_dataset": "mvmr_hf.data.loading",
+    "build_dataloader": "mvmr_hf.data.loading",
+    "default_num_workers": "mvmr_hf.data.loading",
+    "write_digits": "mvmr_hf.data.sample_data",
+    "write_digit_pairs": "mvmr_hf.data.sample_data",
+    "save_tiny_teacher": "mvmr_hf.models.tiny_models",
     # training
-    "train": "mvmr_hf.training",
-    "TrainingError": "mvmr_hf.training",
-    "TrainingStep": "mvmr_hf.training",
+    "train": "mvmr_hf.training.loop",
+    "TrainingError": "mvmr_hf.training.loop",
+    "TrainingStep": "mvmr_hf.training.loop",
     "ModelArguments": "mvmr_hf.config",
     "PretrainModelArguments": "mvmr_hf.config",
     "TeacherArguments": "mvmr_hf.config",
@@ -60,26 +60,26 @@ _LAZY = {
     "LossArguments": "mvmr_hf.config",
     "TrainingArguments": "mvmr_hf.config",
     # release and evaluation
-    "export_student": "mvmr_hf.export",
-    "export_run": "mvmr_hf.export",
-    "load_release": "mvmr_hf.export",
-    "load_student": "mvmr_hf.export",
-    "update_card": "mvmr_hf.export",
-    "render_card": "mvmr_hf.card",
-    "push_to_hub": "mvmr_hf.hub",
-    "fit_alignment": "mvmr_hf.align",
-    "load_encoder": "mvmr_hf.evaluation",
-    "extract_features": "mvmr_hf.evaluation",
-    "evaluate": "mvmr_hf.evaluation",
-    "linear_probe": "mvmr_hf.evaluation",
-    "knn_classify": "mvmr_hf.evaluation",
-    "multilabel_probe": "mvmr_hf.evaluation",
-    "mean_average_precision": "mvmr_hf.multilabel",
-    "zero_shot": "mvmr_hf.evaluation",
-    "finetune": "mvmr_hf.finetuning",
-    "labelled_subset": "mvmr_hf.finetuning",
+    "export_student": "mvmr_hf.release.export",
+    "export_run": "mvmr_hf.release.export",
+    "load_release": "mvmr_hf.release.export",
+    "load_student": "mvmr_hf.release.export",
+    "update_card": "mvmr_hf.release.export",
+    "render_card": "mvmr_hf.release.card",
+    "push_to_hub": "mvmr_hf.release.hub",
+    "fit_alignment": "mvmr_hf.release.align",
+    "load_encoder": "mvmr_hf.evaluation.protocols",
+    "extract_features": "mvmr_hf.evaluation.protocols",
+    "evaluate": "mvmr_hf.evaluation.protocols",
+    "linear_probe": "mvmr_hf.evaluation.protocols",
+    "knn_classify": "mvmr_hf.evaluation.protocols",
+    "multilabel_probe": "mvmr_hf.evaluation.protocols",
+    "mean_average_precision": "mvmr_hf.evaluation.multilabel",
+    "zero_shot": "mvmr_hf.evaluation.protocols",
+    "finetune": "mvmr_hf.evaluation.finetuning",
+    "labelled_subset": "mvmr_hf.evaluation.finetuning",
     "FinetuneArguments": "mvmr_hf.config",
-    "save_efficientnet_lite": "mvmr_hf.efficientnet_lite",
+    "save_efficientnet_lite": "mvmr_hf.models.efficientnet_lite",
 }
 
 __all__ = [

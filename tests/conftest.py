@@ -16,9 +16,9 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
-from mvmr_hf.checkpoint import TRAINER_STATE, checkpoint_path
-from mvmr_hf.sample_data import write_digits
-from mvmr_hf.tiny_models import save_tiny_teacher
+from mvmr_hf.data.sample_data import write_digits
+from mvmr_hf.models.tiny_models import save_tiny_teacher
+from mvmr_hf.storage.checkpoint import TRAINER_STATE, checkpoint_path
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

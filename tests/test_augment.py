@@ -11,7 +11,7 @@ import torch
 from skimage import data
 from torchvision.transforms.v2 import functional as TF
 
-from mvmr_hf.augment import (
+from mvmr_hf.data.augment import (
     AUGMENTATIONS,
     CENTER_CROP_FRACTION,
     ViewAugment,

@@ -175,8 +175,8 @@ def _autograd_nodes(tensor, stop=frozenset()):
 def test_bench_step_marks_the_loops_phases_in_order_and_splits_the_backward_between_loss_and_student(
     bench_step, digits, teacher, tmp_path
 ):
-    from mvmr_hf import training
     from mvmr_hf.cli.train import distill_main
+    from mvmr_hf.training import loop as training
 
     clock, student_nodes = _Events(), set()
     events = clock.events
@@ -226,9 +226,9 @@ def test_bench_step_marks_the_loops_phases_in_order_and_splits_the_backward_betw
 def test_bench_step_instruments_change_neither_the_loss_nor_the_update(bench_step, digits, teacher, tmp_path):
     from safetensors.torch import load_file
 
-    from mvmr_hf import training
-    from mvmr_hf.checkpoint import latest_checkpoint
     from mvmr_hf.cli.train import distill_main
+    from mvmr_hf.storage.checkpoint import latest_checkpoint
+    from mvmr_hf.training import loop as training
 
     initial = {}
     build_student = training.build_student

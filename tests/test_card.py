@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 from huggingface_hub import EvalResult, ModelCard
 
-from mvmr_hf.card import BackboneInfo, CardInfo, hub_id_or_none, merge_results, read_results, render_card
+from mvmr_hf.release.card import (
+    BackboneInfo,
+    CardInfo,
+    hub_id_or_none,
+    merge_results,
+    read_results,
+    render_card,
+)
 
 BACKBONE = BackboneInfo(architecture="resnet50", num_params=23_508_032, num_features=2048, image_size=224)
 DISTILL_ARGS = {
@@ -139,7 +146,7 @@ def test_merge_results_replaces_remeasured_metrics_and_keeps_the_rest():
 
 
 def test_results_list_every_protocol_with_its_labels_and_command_and_parse_back(tmp_path):
-    from mvmr_hf.evaluation import ProtocolResult, to_eval_results
+    from mvmr_hf.evaluation.protocols import ProtocolResult, to_eval_results
 
     measured = [
         ProtocolResult("linear", 95.0, 99.5, "L-BFGS"),

@@ -14,8 +14,11 @@ import torch
 from conftest import fake_checkpoint, read_metrics, reset_accelerate, snapshot, tiny_args
 from safetensors.torch import load_file
 
-from mvmr_hf import export, teacher_cache
-from mvmr_hf.checkpoint import (
+from mvmr_hf.cli.release import export_main
+from mvmr_hf.cli.train import distill_main, pretrain_main
+from mvmr_hf.errors import ConfigError
+from mvmr_hf.release import export
+from mvmr_hf.storage.checkpoint import (
     TRAINER_STATE,
     checkpoint_path,
     checkpoint_problem,
@@ -25,10 +28,8 @@ from mvmr_hf.checkpoint import (
     remove_partial,
     rotate_checkpoints,
 )
-from mvmr_hf.cli.release import export_main
-from mvmr_hf.cli.train import distill_main, pretrain_main
-from mvmr_hf.errors import ConfigError
-from mvmr_hf.teacher_cache import CACHE_DIR
+from mvmr_hf.training import teacher_cache
+from mvmr_hf.training.teacher_cache import CACHE_DIR
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

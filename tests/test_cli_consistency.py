@@ -21,7 +21,6 @@ import yaml
 from conftest import read_metrics, snapshot, tiny_args
 from huggingface_hub import EvalResult, ModelCard
 
-from mvmr_hf.card import CardInfo
 from mvmr_hf.cli import parse_arguments
 from mvmr_hf.cli import release as release_cli
 from mvmr_hf.cli import train as train_cli
@@ -40,8 +39,9 @@ from mvmr_hf.config import (
     TrainingArguments,
 )
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.export import export_student, update_card
-from mvmr_hf.student import build_student
+from mvmr_hf.models.student import build_student
+from mvmr_hf.release.card import CardInfo
+from mvmr_hf.release.export import export_student, update_card
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -273,7 +273,7 @@ def test_the_usage_forms_of_the_readme_and_the_code_are_the_usage_lines(capsys):
         usage = " ".join(_help(main, capsys).split("\n\n")[0].split())
         positions[command] = usage.rsplit("]", 1)[-1].split()
     sources = [REPO / "README.md", *REPO.glob("docs/*.md"), *REPO.glob("mvmr_hf/**/*.py")]
-    sources += [*REPO.glob("mvmr_hf/templates/*"), *REPO.glob("examples/**/*.py")]
+    sources += [*REPO.glob("mvmr_hf/release/templates/*"), *REPO.glob("examples/**/*.py")]
     forms = [
         (match[1], match[2].split(), path.name)
         for path in sources
@@ -326,7 +326,7 @@ def test_one_split_name_for_stl10s_unlabeled_images():
     sources = [REPO / "README.md", REPO / "Makefile", *REPO.glob("docs/**/*.md"), *REPO.glob("examples/**/*")]
     sources += [
         *REPO.glob("mvmr_hf/**/*.py"),
-        *REPO.glob("mvmr_hf/templates/*"),
+        *REPO.glob("mvmr_hf/release/templates/*"),
         *REPO.glob("benchmarks/**/*"),
     ]
     texts = [path.read_text(errors="replace") for path in sources if path.is_file()]
@@ -364,7 +364,7 @@ def _push(monkeypatch, folder: Path, repo_id: str) -> tuple[str, dict[str, bytes
     """``mvmr-push FOLDER REPO_ID`` against a fake Hub: the one commit's repository and files."""
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr("mvmr_hf.hub.HfApi", _FakeHub)
+    monkeypatch.setattr("mvmr_hf.release.hub.HfApi", _FakeHub)
     _FakeHub.commits = []
     assert push_main([str(folder), repo_id]) == 0
     ((pushed_to, files),) = _FakeHub.commits

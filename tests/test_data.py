@@ -23,8 +23,8 @@ from skimage import data as skdata
 from sklearn.datasets import load_digits
 from torchvision.transforms.v2 import functional as TF
 
-from mvmr_hf.augment import ViewAugment
-from mvmr_hf.data import (
+from mvmr_hf.data.augment import ViewAugment
+from mvmr_hf.data.loading import (
     BadImageError,
     build_dataloader,
     decode_image,
@@ -36,8 +36,8 @@ from mvmr_hf.data import (
     load_image_dataset,
     resolve_image_column,
 )
+from mvmr_hf.data.sample_data import write_digits, write_sample_images
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.sample_data import write_digits, write_sample_images
 
 SIZE = 16
 TEST_ROWS = 180  # digits test split with test_fraction=0.1

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import mvmr_hf.dcor as dcor_module
-from mvmr_hf.dcor import (
+import mvmr_hf.loss.dcor as dcor_module
+from mvmr_hf.loss.dcor import (
     centered_distances,
     dcor_from_centered,
     distance_correlation,

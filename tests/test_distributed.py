@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from mvmr_hf.dcor import gather_no_grad, gather_with_grad
-from mvmr_hf.objective import MVMRLoss
+from mvmr_hf.loss.dcor import gather_no_grad, gather_with_grad
+from mvmr_hf.loss.objective import MVMRLoss
 
 WORLD = 2
 BATCH = 8  # global

@@ -15,9 +15,9 @@ from PIL import Image
 from skimage import data
 from transformers import AutoImageProcessor, AutoModel
 
-from mvmr_hf.efficientnet_lite import save_efficientnet_lite
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.representations.teacher import load_teacher
+from mvmr_hf.models.efficientnet_lite import save_efficientnet_lite
+from mvmr_hf.models.representations.teacher import load_teacher
 
 CATS = {281, 282, 283, 284, 285}  # ImageNet's domestic cats (tabby, tiger cat, Persian, Siamese, Egyptian)
 ESPRESSO = 967

@@ -19,13 +19,12 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 from transformers import CLIPModel, CLIPProcessor
 
-from mvmr_hf import evaluation
-from mvmr_hf.align import fit_alignment, load_alignment, save_alignment
-from mvmr_hf.augment import CENTER_CROP_FRACTION, center_view
 from mvmr_hf.cli.release import align_main, evaluate_main
-from mvmr_hf.data import load_image_dataset
+from mvmr_hf.data.augment import CENTER_CROP_FRACTION, center_view
+from mvmr_hf.data.loading import load_image_dataset
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.evaluation import (
+from mvmr_hf.evaluation import protocols as evaluation
+from mvmr_hf.evaluation.protocols import (
     WEIGHT_DECAYS,
     evaluate,
     extract_features,
@@ -37,9 +36,10 @@ from mvmr_hf.evaluation import (
     topk_accuracy,
     zero_shot,
 )
-from mvmr_hf.export import export_student
-from mvmr_hf.student import build_student
-from mvmr_hf.tiny_models import save_tiny_teacher
+from mvmr_hf.models.student import build_student
+from mvmr_hf.models.tiny_models import save_tiny_teacher
+from mvmr_hf.release.align import fit_alignment, load_alignment, save_alignment
+from mvmr_hf.release.export import export_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -22,14 +22,14 @@ from sklearn.preprocessing import StandardScaler
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from mvmr_hf.cli.release import evaluate_main
-from mvmr_hf.data import load_image_dataset
+from mvmr_hf.data.loading import load_image_dataset
 from mvmr_hf.errors import PREEMPTED_EXIT, ConfigError
-from mvmr_hf.evaluation import extract_features, load_encoder
-from mvmr_hf.export import export_student
-from mvmr_hf.finetuning import global_batches, labelled_subset
-from mvmr_hf.run_folder import PREEMPTED
-from mvmr_hf.student import build_student
-from mvmr_hf.training import StopRequest
+from mvmr_hf.evaluation.finetuning import global_batches, labelled_subset
+from mvmr_hf.evaluation.protocols import extract_features, load_encoder
+from mvmr_hf.models.student import build_student
+from mvmr_hf.release.export import export_student
+from mvmr_hf.training.loop import StopRequest
+from mvmr_hf.training.run_folder import PREEMPTED
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

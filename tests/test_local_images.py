@@ -31,7 +31,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from mvmr_hf.cli.train import distill_main
-from mvmr_hf.data import ViewsDataset, build_dataloader, decode_image, load_image_dataset
+from mvmr_hf.data.loading import ViewsDataset, build_dataloader, decode_image, load_image_dataset
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state", "one_torch_thread")
 

@@ -15,7 +15,7 @@ from conftest import read_metrics, snapshot, tiny_args
 from mvmr_hf.cli.release import export_main
 from mvmr_hf.cli.train import pretrain_main
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.lock import LOCK_FILE, FolderLock, check_folder_free, hold_folder
+from mvmr_hf.storage.lock import LOCK_FILE, FolderLock, check_folder_free, hold_folder
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

@@ -22,21 +22,27 @@ from sklearn.metrics import average_precision_score
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
-from mvmr_hf import evaluation
 from mvmr_hf.cli.release import evaluate_main
-from mvmr_hf.data import load_image_dataset
+from mvmr_hf.data.loading import load_image_dataset
+from mvmr_hf.data.sample_data import digit_pairs, write_digit_pairs
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.evaluation import WEIGHT_DECAYS, evaluate, extract_features, load_encoder, multilabel_probe
-from mvmr_hf.export import export_student
-from mvmr_hf.multilabel import (
+from mvmr_hf.evaluation import protocols as evaluation
+from mvmr_hf.evaluation.multilabel import (
     MultiHot,
     average_precisions,
     column_kind,
     mean_average_precision,
     multi_hot_encoding,
 )
-from mvmr_hf.sample_data import digit_pairs, write_digit_pairs
-from mvmr_hf.student import build_student
+from mvmr_hf.evaluation.protocols import (
+    WEIGHT_DECAYS,
+    evaluate,
+    extract_features,
+    load_encoder,
+    multilabel_probe,
+)
+from mvmr_hf.models.student import build_student
+from mvmr_hf.release.export import export_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

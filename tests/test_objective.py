@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mvmr_hf.objective import FeatureMatching, MVMRLoss, invariance, variance_hinge
+from mvmr_hf.loss.objective import FeatureMatching, MVMRLoss, invariance, variance_hinge
 
 
 def _batch(seed=0, batch=12, dim=5):

@@ -23,10 +23,10 @@ from accelerate.commands.config.config_args import load_config_from_file
 from conftest import read_metrics, tiny_args
 from safetensors.torch import load_file
 
-from mvmr_hf.checkpoint import checkpoint_problem, latest_checkpoint, read_trainer_state
 from mvmr_hf.config import TrainingArguments
 from mvmr_hf.errors import PREEMPTED_EXIT, ConfigError
-from mvmr_hf.run_folder import PREEMPTED
+from mvmr_hf.storage.checkpoint import checkpoint_problem, latest_checkpoint, read_trainer_state
+from mvmr_hf.training.run_folder import PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = str(REPO / "examples" / "pretrain.py")

@@ -8,12 +8,12 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 
-from mvmr_hf.card import CardInfo
 from mvmr_hf.cli.release import push_main
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.export import export_student
-from mvmr_hf.hub import default_commit_message, push_to_hub
-from mvmr_hf.student import build_student
+from mvmr_hf.models.student import build_student
+from mvmr_hf.release.card import CardInfo
+from mvmr_hf.release.export import export_student
+from mvmr_hf.release.hub import default_commit_message, push_to_hub
 
 SECRET = "hf_ThisIsNotARealTokenButMustNeverBePrinted"
 

@@ -18,12 +18,13 @@ from safetensors.torch import save_file
 from skimage import data as skdata
 from transformers import AutoImageProcessor, AutoModel
 
-from mvmr_hf.augment import CENTER_CROP_FRACTION, center_view
-from mvmr_hf.card import CardInfo
 from mvmr_hf.cli.release import export_main
+from mvmr_hf.data.augment import CENTER_CROP_FRACTION, center_view
 from mvmr_hf.errors import ConfigError, TrainingError
-from mvmr_hf.evaluation import load_encoder
-from mvmr_hf.export import (
+from mvmr_hf.evaluation.protocols import load_encoder
+from mvmr_hf.models.student import build_student
+from mvmr_hf.release.card import CardInfo
+from mvmr_hf.release.export import (
     check_release,
     export_run,
     export_student,
@@ -31,7 +32,6 @@ from mvmr_hf.export import (
     load_student,
     update_card,
 )
-from mvmr_hf.student import build_student
 
 IMAGE_SIZE = 32
 ARGS = {
@@ -166,7 +166,7 @@ def test_failed_export_leaves_the_previous_release_untouched(tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("mvmr_hf.export.save_config_for_hf", broken)
+    monkeypatch.setattr("mvmr_hf.release.export.save_config_for_hf", broken)
     with pytest.raises(TrainingError, match=f"could not write the release in {folder} \\(disk full; "):
         export_student(_trained_student(), folder, training_args=ARGS)
     assert snapshot(folder) == before

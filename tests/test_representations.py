@@ -14,10 +14,10 @@ from skimage import data
 from skimage.feature import hog
 from torch import nn
 
-from mvmr_hf import representations
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.representations import Representation, build, hog_histograms, registry, scattering
-from mvmr_hf.representations.scattering import Scattering2D
+from mvmr_hf.models import representations
+from mvmr_hf.models.representations import Representation, build, hog_histograms, registry, scattering
+from mvmr_hf.models.representations.scattering import Scattering2D
 
 EXPECTED = {  # name: (deterministic, gather)
     "pixels": (True, True),
@@ -296,7 +296,7 @@ def test_gpu_output_matches_cpu(photos: torch.Tensor, name: str) -> None:
 
 
 def test_hog_in_cpu_chunks_equals_the_whole_batch():
-    from mvmr_hf.representations.handcrafted import CPU_HOG_CHUNK
+    from mvmr_hf.models.representations.handcrafted import CPU_HOG_CHUNK
 
     images = torch.rand(2 * CPU_HOG_CHUNK + 3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert torch.equal(build("hog")(images), hog_histograms(images, 24, 8, True))

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.student import build_student, parse_projector_spec
+from mvmr_hf.models.student import build_student, parse_projector_spec
 
 # name, image_size argument, expected pooled feature width F (timm's documented widths)
 BACKBONES = [

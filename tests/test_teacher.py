@@ -3,7 +3,7 @@
 References are computed independently with the `transformers` model classes and image processors
 (for timm models: ``TimmWrapperModel`` and ``TimmWrapperImageProcessor``, as ``AutoModel`` and
 ``AutoImageProcessor`` load them) on tiny random models saved like real checkpoints
-(``mvmr_hf.tiny_models``) and real photos from scikit-image. The preprocessing reference is the
+(``mvmr_hf.models.tiny_models``) and real photos from scikit-image. The preprocessing reference is the
 processor on 8-bit images (PIL images, as decoded files give), the images users have.
 """
 
@@ -35,10 +35,10 @@ from transformers import (
     ViTModel,
 )
 
-from mvmr_hf.efficientnet_lite import save_efficientnet_lite
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.representations.teacher import load_teacher
-from mvmr_hf.tiny_models import TINY_TEACHER_KINDS, save_tiny_teacher
+from mvmr_hf.models.efficientnet_lite import save_efficientnet_lite
+from mvmr_hf.models.representations.teacher import load_teacher
+from mvmr_hf.models.tiny_models import TINY_TEACHER_KINDS, save_tiny_teacher
 
 # Preprocessing tolerance, in 8-bit gray levels of the image before normalization. The teacher resizes
 # the float batch as the processors resize 8-bit images (clamped and rounded after each pass), but in

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mvmr_hf.teacher_cache import TeacherCache, cache_folder
+from mvmr_hf.training.teacher_cache import TeacherCache, cache_folder
 
 
 def test_teacher_cache_returns_the_stored_outputs_bit_for_bit(tmp_path):

@@ -24,16 +24,16 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, CLIPImageProcessor, CLIPModel
 
-from mvmr_hf.align import alignment_teacher
-from mvmr_hf.checkpoint import TRAINER_STATE, checkpoint_path, latest_checkpoint
 from mvmr_hf.cli.train import distill_main
 from mvmr_hf.config import ModelArguments, TeacherArguments
-from mvmr_hf.data import build_dataloader, load_image_dataset
+from mvmr_hf.data.loading import build_dataloader, load_image_dataset
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.objective import MVMRLoss
-from mvmr_hf.teacher_cache import CACHE_DIR
-from mvmr_hf.tiny_models import save_tiny_teacher
-from mvmr_hf.training import build_representations, representation_outputs
+from mvmr_hf.loss.objective import MVMRLoss
+from mvmr_hf.models.tiny_models import save_tiny_teacher
+from mvmr_hf.release.align import alignment_teacher
+from mvmr_hf.storage.checkpoint import TRAINER_STATE, checkpoint_path, latest_checkpoint
+from mvmr_hf.training.loop import build_representations, representation_outputs
+from mvmr_hf.training.teacher_cache import CACHE_DIR
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

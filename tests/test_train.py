@@ -21,22 +21,22 @@ from conftest import fake_checkpoint, read_metrics, reset_accelerate, tiny_args
 from safetensors.torch import load_file
 from transformers import get_cosine_schedule_with_warmup
 
-from mvmr_hf import training
-from mvmr_hf.checkpoint import (
+from mvmr_hf.cli.train import distill_main, pretrain_main
+from mvmr_hf.loss.objective import MVMRLoss
+from mvmr_hf.models.representations import build as build_representation
+from mvmr_hf.models.representations.teacher import Teacher, load_teacher
+from mvmr_hf.models.student import Student, build_student
+from mvmr_hf.release.export import load_student
+from mvmr_hf.storage.checkpoint import (
     TRAINER_STATE,
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
     read_trainer_state,
 )
-from mvmr_hf.cli.train import distill_main, pretrain_main
-from mvmr_hf.export import load_student
-from mvmr_hf.objective import MVMRLoss
-from mvmr_hf.representations import build as build_representation
-from mvmr_hf.representations.teacher import Teacher, load_teacher
-from mvmr_hf.student import Student, build_student
-from mvmr_hf.teacher_cache import TeacherCache
-from mvmr_hf.training import TrainingStep, build_optimizer
+from mvmr_hf.training import loop as training
+from mvmr_hf.training.loop import TrainingStep, build_optimizer
+from mvmr_hf.training.teacher_cache import TeacherCache
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

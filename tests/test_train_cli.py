@@ -18,8 +18,6 @@ import torch
 import yaml
 from conftest import read_metrics, reset_accelerate, snapshot, tiny_args
 
-from mvmr_hf import training
-from mvmr_hf.checkpoint import TRAINER_STATE, checkpoint_path
 from mvmr_hf.cli import parse_arguments
 from mvmr_hf.cli.train import DISTILL_GROUPS, distill_main, pretrain_main
 from mvmr_hf.config import (
@@ -29,8 +27,10 @@ from mvmr_hf.config import (
     PretrainModelArguments,
     TrainingArguments,
 )
-from mvmr_hf.export import load_student
-from mvmr_hf.representations.teacher import OUTPUT_KINDS
+from mvmr_hf.models.representations.teacher import OUTPUT_KINDS
+from mvmr_hf.release.export import load_student
+from mvmr_hf.storage.checkpoint import TRAINER_STATE, checkpoint_path
+from mvmr_hf.training import loop as training
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

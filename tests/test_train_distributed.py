@@ -22,7 +22,7 @@ import torch
 from conftest import read_metrics
 from safetensors.torch import load_file
 
-from mvmr_hf.checkpoint import latest_checkpoint, read_trainer_state
+from mvmr_hf.storage.checkpoint import latest_checkpoint, read_trainer_state
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = str(REPO / "examples" / "pretrain.py")

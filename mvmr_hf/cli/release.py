@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mvmr_hf import config
-from mvmr_hf.align import alignment_teacher, fit_alignment
 from mvmr_hf.cli import parse_arguments, run_cli
 from mvmr_hf.config import (
     AlignArguments,
@@ -36,9 +35,10 @@ from mvmr_hf.config import (
     FinetuneArguments,
     PushArguments,
 )
-from mvmr_hf.data import load_image_dataset
+from mvmr_hf.data.loading import load_image_dataset
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.evaluation import (
+from mvmr_hf.evaluation.finetuning import Finetuning
+from mvmr_hf.evaluation.protocols import (
     evaluate,
     extract_features,
     format_table,
@@ -47,9 +47,9 @@ from mvmr_hf.evaluation import (
     parse_protocols,
     to_eval_results,
 )
-from mvmr_hf.export import TRAINING_ARGS, add_alignment, check_release, export_run, update_card
-from mvmr_hf.finetuning import Finetuning
-from mvmr_hf.hub import push_to_hub
+from mvmr_hf.release.align import alignment_teacher, fit_alignment
+from mvmr_hf.release.export import TRAINING_ARGS, add_alignment, check_release, export_run, update_card
+from mvmr_hf.release.hub import push_to_hub
 from mvmr_hf.utils import deprecated_alias
 
 __all__ = ["align_main", "evaluate_main", "export_main", "push_main"]

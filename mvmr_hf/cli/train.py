@@ -27,7 +27,7 @@ from mvmr_hf.config import (
     TeacherArguments,
     TrainingArguments,
 )
-from mvmr_hf.training import train
+from mvmr_hf.training.loop import train
 from mvmr_hf.utils import deprecated_alias
 
 __all__ = ["distill_main", "pretrain_main"]

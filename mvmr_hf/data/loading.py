@@ -51,7 +51,7 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from mvmr_hf.augment import (
+from mvmr_hf.data.augment import (
     AUGMENTATIONS,
     CENTER_CROP_FRACTION,
     DEFAULT_CROP_SCALE,
@@ -457,7 +457,7 @@ def default_source_size(image_size: int) -> int:
     """The side of the square ``"source"`` image sent for device views: ``image_size / 0.875``.
 
     The non-augmented view is cut at that resolution too (256 px for 224, see
-    :data:`~mvmr_hf.augment.CENTER_CROP_FRACTION`); ``benchmarks/bench_dataloading.py`` measures
+    :data:`~mvmr_hf.data.augment.CENTER_CROP_FRACTION`); ``benchmarks/bench_dataloading.py`` measures
     how far larger sources bring the views to those cut from the full-resolution image.
     """
     return math.floor(image_size / CENTER_CROP_FRACTION)
@@ -1021,9 +1021,9 @@ def build_dataloader(
         source_size: side of the square image sent for device views (default
             :func:`default_source_size`).
         augmentations: the steps of the augmented view among
-            :data:`~mvmr_hf.augment.AUGMENTATIONS` (default all five, the paper's section 7; a
+            :data:`~mvmr_hf.data.augment.AUGMENTATIONS` (default all five, the paper's section 7; a
             subset is its Table 7 ablation, none gives x's framing), as a list or a comma-separated
-            string (:func:`~mvmr_hf.augment.parse_augmentations`). The random parameters are those
+            string (:func:`~mvmr_hf.data.augment.parse_augmentations`). The random parameters are those
             of the full augmentation, switched-off steps neutralised, in both the workers' and the
             device views.
         crop_scale: the area range of x̃'s random resized crop, as a fraction of the image

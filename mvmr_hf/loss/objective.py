@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mvmr_hf.dcor import (
+from mvmr_hf.loss.dcor import (
     CenteredDistances,
     centered_distances,
     check_estimator,

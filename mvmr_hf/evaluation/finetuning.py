@@ -22,12 +22,12 @@ pushed release, a timm name), on any labelled split:
    batch's mean (an undecodable image counts as a zero, and is reported). With batch norm on several
    GPU processes the statistics are synchronised (``SyncBatchNorm``) so that 2 processes compute
    what 1 does; CPU processes cannot, and normalise over their own share.
-5. **Resumable like training** (:mod:`mvmr_hf.checkpoint`, :mod:`mvmr_hf.run_folder`): the run
-   folder holds ``training_args.json``, ``checkpoints/step-NNNNNN`` and ``metrics.jsonl``; ``--resume``
-   continues at the same step (the data position follows from the step), a stop signal saves a
-   checkpoint and exits with status 75.
+5. **Resumable like training** (:mod:`mvmr_hf.storage.checkpoint`,
+   :mod:`mvmr_hf.training.run_folder`): the run folder holds ``training_args.json``,
+   ``checkpoints/step-NNNNNN`` and ``metrics.jsonl``; ``--resume`` continues at the same step (the
+   data position follows from the step), a stop signal saves a checkpoint and exits with status 75.
 6. **The result**: top-1 / top-5 of the classifier on the test split, through the model's own
-   evaluation preprocessing (:func:`~mvmr_hf.evaluation.extract_features`, sharded over processes),
+   evaluation preprocessing (:func:`~mvmr_hf.evaluation.protocols.extract_features`, sharded over processes),
    written to ``results.json``; the classifier is released in ``classifier/``, loadable with
    ``transformers.AutoModelForImageClassification`` (``TimmWrapperForImageClassification``) and
    ``timm.create_model("local-dir:...")``.
@@ -62,12 +62,17 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
-from mvmr_hf.card import hub_id_or_none
-from mvmr_hf.checkpoint import CHECKPOINTS_DIR, load_checkpoint, save_checkpoint
 from mvmr_hf.config import FinetuneArguments, check_label_fraction, parse_signals
-from mvmr_hf.data import BadImageError, decode_image, load_image_dataset, read_encoded, resolve_image_column
+from mvmr_hf.data.loading import (
+    BadImageError,
+    decode_image,
+    load_image_dataset,
+    read_encoded,
+    resolve_image_column,
+)
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.evaluation import (
+from mvmr_hf.evaluation.multilabel import multi_hot_encoding
+from mvmr_hf.evaluation.protocols import (
     ProtocolResult,
     check_label_kind,
     class_names,
@@ -77,18 +82,26 @@ from mvmr_hf.evaluation import (
     to_eval_results,
     topk_accuracy,
 )
-from mvmr_hf.export import CARD, CONFIG, TRAINING_ARGS, WEIGHTS, check_release_target, write_timm_config
-from mvmr_hf.metrics import MetricsLogger, truncate_metrics
-from mvmr_hf.multilabel import multi_hot_encoding
-from mvmr_hf.representations.teacher import loading_errors
-from mvmr_hf.run_folder import (
+from mvmr_hf.models.representations.teacher import loading_errors
+from mvmr_hf.release.card import TEMPLATES, hub_id_or_none
+from mvmr_hf.release.export import (
+    CARD,
+    CONFIG,
+    TRAINING_ARGS,
+    WEIGHTS,
+    check_release_target,
+    write_timm_config,
+)
+from mvmr_hf.storage.checkpoint import CHECKPOINTS_DIR, load_checkpoint, save_checkpoint
+from mvmr_hf.training.loop import StopRequest, build_optimizer, resolve_mixed_precision
+from mvmr_hf.training.metrics import MetricsLogger, truncate_metrics
+from mvmr_hf.training.run_folder import (
     check_output_dir_free,
     flat_defaults,
     own_output_dir,
     prepare_output_dir,
     resume_point,
 )
-from mvmr_hf.training import StopRequest, build_optimizer, resolve_mixed_precision
 from mvmr_hf.utils import atomic_folder, atomic_write_json, writing
 
 __all__ = [
@@ -105,7 +118,7 @@ LABELLED_SUBSET = "labelled_subset.json"
 RESULTS = "results.json"
 LOG_EVERY = 10
 """Optimizer steps between two lines of ``metrics.jsonl``."""
-TEMPLATE = Path(__file__).parent / "templates" / "classifier_card.md"
+TEMPLATE = TEMPLATES / "classifier_card.md"
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ colour channel:
 
 * ``pixels``: the image flattened, ``(B, 3·H·W)``.
 * ``augmented-pixels``: an independent random augmentation of each image
-  (:class:`mvmr_hf.augment.ViewAugment`, same size as the input), flattened. Not deterministic.
+  (:class:`mvmr_hf.data.augment.ViewAugment`, same size as the input), flattened. Not deterministic.
 * ``scatnet``: kymatio's 2-D scattering transform (J=2, L=8, orders 0-2; computed by
-  :class:`mvmr_hf.representations.scattering.Scattering2D`): 81 maps per colour
+  :class:`mvmr_hf.models.representations.scattering.Scattering2D`): 81 maps per colour
   channel at H/4 x W/4, ``(B, 3·81, H/4, W/4)``, 762,048 values for 224 px (``gather=False``).
 * ``hog``: histograms of oriented gradients, ``(B, 3·24, H//8, W//8)``: see :func:`hog_histograms`.
 * ``lsd``: the 3x3 local standard deviation, ``(B, 3, H, W)``: see :func:`local_std`.
@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 from torch import Tensor, nn
 
-from mvmr_hf.augment import ViewAugment
+from mvmr_hf.data.augment import ViewAugment
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.representations.registry import Representation, check_options, register
-from mvmr_hf.representations.scattering import Scattering2D
+from mvmr_hf.models.representations.registry import Representation, check_options, register
+from mvmr_hf.models.representations.scattering import Scattering2D
 from mvmr_hf.utils import check_int
 
 __all__ = ["HOG", "LSD", "AugmentedPixels", "Pixels", "ScatNet", "hog_histograms", "local_std"]
@@ -126,7 +126,7 @@ class Pixels(Representation):
 class AugmentedPixels(Representation):
     """An independent random augmentation of each image, flattened: ``(B, 3·H·H)``.
 
-    Keyword arguments go to :class:`~mvmr_hf.augment.ViewAugment` (the output keeps the input's
+    Keyword arguments go to :class:`~mvmr_hf.data.augment.ViewAugment` (the output keeps the input's
     height as its side). Random numbers come from torch's global generator.
     """
 
@@ -148,7 +148,7 @@ class ScatNet(Representation):
 
     ``K = 1 + J·L + L²·J·(J-1)/2`` maps (81 for J=2, L=8, orders 0-2). Computed in float32. The
     transform is built on first use for each input size and device and kept for reuse: on the CPU
-    the project's :class:`~mvmr_hf.representations.scattering.Scattering2D` (faster there), on an
+    the project's :class:`~mvmr_hf.models.representations.scattering.Scattering2D` (faster there), on an
     accelerator kymatio's own torch ``Scattering2D``, whose one batched call per wavelet is the
     faster of the two on a GPU (``benchmarks/results/representations-cuda.json``). Both give
     kymatio's coefficients (``tests/test_representations.py``).

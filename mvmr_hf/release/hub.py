@@ -2,7 +2,7 @@
 
 :func:`push_to_hub` creates the repository if needed (``create_repo(exist_ok=True)``), the
 branch when a ``revision`` is given, and uploads the folder in one commit, its card naming the
-repository in its loading snippets (:func:`~mvmr_hf.export.published_files`). It only reads the
+repository in its loading snippets (:func:`~mvmr_hf.release.export.published_files`). It only reads the
 folder. Without a token, in offline mode (``HF_HUB_OFFLINE=1``) or when the Hub cannot be
 reached, it raises :class:`~mvmr_hf.errors.ConfigError` with one sentence saying how to retry;
 the token never appears in that message.
@@ -18,7 +18,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token, is_offline_mod
 from huggingface_hub.errors import HTTPError
 
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.export import check_release, published_files, read_run_info
+from mvmr_hf.release.export import check_release, published_files, read_run_info
 
 
 def _retry_hint(folder: Path, repo_id: str, private: bool, revision: str | None) -> str:
@@ -48,7 +48,8 @@ def push_to_hub(
     ``from_pretrained`` snippets load this repository; the folder is not modified.
 
     Args:
-        folder: a release folder (``config.json`` and ``model.safetensors``, see :mod:`mvmr_hf.export`).
+        folder: a release folder (``config.json`` and ``model.safetensors``, see
+            :mod:`mvmr_hf.release.export`).
         repo_id: ``ORG/NAME`` (created when missing, with ``private`` visibility).
         private: create the repository private (an existing repository keeps its visibility).
         revision: branch to commit to, created from the default branch when missing.

@@ -18,8 +18,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from mvmr_hf.augment import AUGMENTATIONS, DEFAULT_CROP_SCALE, parse_augmentations, parse_crop_scale
 from mvmr_hf.config import parse_weights, teacher_specs
+from mvmr_hf.data.augment import AUGMENTATIONS, DEFAULT_CROP_SCALE, parse_augmentations, parse_crop_scale
 from mvmr_hf.utils import is_hub_id, is_local_path
 
 TASK_TYPE = "image-classification"
@@ -32,7 +32,8 @@ LOSS_WEIGHT_SYMBOLS = {
     "view_weight": "α",
     "representation_weights": "β_k",
 }
-TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+TEMPLATES = Path(__file__).parent / "templates"  # package data (pyproject.toml), beside this module
+TEMPLATE = TEMPLATES / "model_card.md"
 
 
 @dataclass

@@ -10,10 +10,10 @@ renamed over it, so a failure never leaves a half-written or destroyed release):
 ``model.safetensors``       the backbone's state dict (timm keys, no classifier)
 ``projector.safetensors``   the projector's state dict, described by ``projector.json``, so that
                             training can continue (:func:`load_student`)
-``alignment.safetensors``   optional alignment head (:mod:`mvmr_hf.align`), ``alignment.json``
+``alignment.safetensors``   optional alignment head (:mod:`mvmr_hf.release.align`), ``alignment.json``
 ``training_args.json``      every argument of the run
-``run_info.json``           the run facts the card reports (:class:`~mvmr_hf.card.CardInfo`)
-``README.md``               the model card (:mod:`mvmr_hf.card`)
+``run_info.json``           the run facts the card reports (:class:`~mvmr_hf.release.card.CardInfo`)
+``README.md``               the model card (:mod:`mvmr_hf.release.card`)
 =========================== ====================================================================
 
 Only safetensors and JSON: nothing is pickled and nothing needs ``trust_remote_code``.
@@ -41,13 +41,18 @@ from safetensors.torch import load_file, save_file
 from timm.models._hub import save_config_for_hf
 from torch import nn
 
-from mvmr_hf.align import AlignmentFit, load_alignment, save_alignment
-from mvmr_hf.augment import CENTER_CROP_FRACTION
-from mvmr_hf.card import BackboneInfo, CardInfo, merge_results, read_results, render_card
-from mvmr_hf.checkpoint import RUN_INFO, intact_checkpoint, newest_intact_checkpoint, read_trainer_state
+from mvmr_hf.data.augment import CENTER_CROP_FRACTION
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.lock import hold_folder
-from mvmr_hf.student import Student, build_student
+from mvmr_hf.models.student import Student, build_student
+from mvmr_hf.release.align import AlignmentFit, load_alignment, save_alignment
+from mvmr_hf.release.card import BackboneInfo, CardInfo, merge_results, read_results, render_card
+from mvmr_hf.storage.checkpoint import (
+    RUN_INFO,
+    intact_checkpoint,
+    newest_intact_checkpoint,
+    read_trainer_state,
+)
+from mvmr_hf.storage.lock import hold_folder
 from mvmr_hf.utils import atomic_folder, writing
 
 CONFIG = "config.json"
@@ -94,7 +99,7 @@ def rewrite_release(folder: str | os.PathLike) -> Iterator[Path]:
 
     Files are hard-linked where the file system allows (a release's files are only ever replaced,
     never modified in place), so large weights are not copied. A release inside a run folder is
-    rewritten under the run's lock (:mod:`mvmr_hf.lock`): never while that run writes it.
+    rewritten under the run's lock (:mod:`mvmr_hf.storage.lock`): never while that run writes it.
     """
     folder = check_release(folder)
     run = folder.parent if (folder.parent / TRAINING_ARGS).is_file() else None
@@ -141,9 +146,9 @@ def _timm_config(backbone: nn.Module, path: Path, image_size: int, data_config: 
     """Write timm's ``config.json`` for ``backbone`` trained at ``image_size``.
 
     The preprocessing recorded is the one the student was trained with: the non-augmented view
-    of :func:`~mvmr_hf.augment.center_view` (shorter side resized to ``image_size / crop_pct``
+    of :func:`~mvmr_hf.data.augment.center_view` (shorter side resized to ``image_size / crop_pct``
     with an antialiased bilinear filter, centre crop, ``crop_pct`` =
-    :data:`~mvmr_hf.augment.CENTER_CROP_FRACTION`) and the student's mean/std
+    :data:`~mvmr_hf.data.augment.CENTER_CROP_FRACTION`) and the student's mean/std
     from ``data_config``. Metadata of the source checkpoint (tag, licence, paper) no longer
     describes trained weights and is dropped.
     """
@@ -193,7 +198,7 @@ def export_student(
     """Write the release folder of ``student`` (see the module docstring) atomically; return it.
 
     Args:
-        student: a :class:`~mvmr_hf.student.Student` (timm backbone + projector).
+        student: a :class:`~mvmr_hf.models.student.Student` (timm backbone + projector).
         folder: the release folder; an existing release there is replaced, any other existing
             non-empty folder is refused (ConfigError) rather than deleted.
         training_args: the run's arguments (a dataclass or a mapping), written to ``training_args.json``.
@@ -378,7 +383,10 @@ def load_release(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def load_student(folder: str | os.PathLike) -> Student:
-    """Rebuild the :class:`~mvmr_hf.student.Student` (backbone + projector) of a release, to train on."""
+    """Rebuild the :class:`~mvmr_hf.models.student.Student` (backbone + projector) of a release.
+
+    What a distillation trains on when it starts from a release.
+    """
     folder = check_release(folder)
     projector = json.loads((folder / PROJECTOR_CONFIG).read_text())
     student = build_student(

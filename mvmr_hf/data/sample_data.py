@@ -10,12 +10,12 @@ Nothing here downloads anything: the pixels come from packages that ship them.
   image), like VOC07's images listing their objects.
 * :func:`write_sample_images` writes scikit-image's sample photographs (various sizes and
   colour modes) as an image folder, optionally with images in unusual modes and with broken
-  files, to exercise the decoding in :mod:`mvmr_hf.data`.
+  files, to exercise the decoding in :mod:`mvmr_hf.data.loading`.
 
 Example::
 
-    from mvmr_hf.sample_data import write_digits
-    from mvmr_hf.data import load_image_dataset
+    from mvmr_hf.data.sample_data import write_digits
+    from mvmr_hf.data.loading import load_image_dataset
 
     folder = write_digits("digits")            # digits/data/train-00000-of-00004.parquet, ...
     stream = load_image_dataset(str(folder))   # streaming, split "train"

@@ -1,226 +1,38 @@
-"""The arguments of every command, as dataclasses: their defaults, ``--help`` texts and checks.
-
-They are the library's configuration, not the command line's: :func:`mvmr_hf.train` takes the
-training groups, and :mod:`mvmr_hf.cli` only parses ``argv`` into them (transformers'
-``HfArgumentParser`` turns each field into a flag, its ``help`` metadata into the ``--help``
-text). Each ``__post_init__`` checks what can be checked without data or models, so a bad value
-is reported, as a :class:`~mvmr_hf.errors.ConfigError` naming the flag, before anything runs.
-Every comma-list option takes :class:`CommaListAction`: given several times, it means all of its lists.
-
-Training (``mvmr-distill`` / ``mvmr-pretrain``): :class:`ModelArguments` (or :class:`DistillModelArguments`,
-:class:`PretrainModelArguments`), :class:`TeacherArguments` (distillation only),
-:class:`DataArguments` (or :class:`DistillDataArguments`), :class:`LossArguments` and
-:class:`TrainingArguments` (or :class:`DistillTrainingArguments`). Release: :class:`ExportArguments`,
-:class:`EvaluateArguments`, :class:`AlignArguments`, :class:`PushArguments`, and
-:class:`EvalDataArguments` for the images of ``mvmr-evaluate`` and ``mvmr-align``.
-"""
+"""The arguments of the training commands (`mvmr-distill`, `mvmr-pretrain`) and of :func:`mvmr_hf.train`."""
 
 from __future__ import annotations
 
-import argparse
-import re
 import signal
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mvmr_hf.augment import AUGMENTATIONS, parse_augmentations, parse_crop_scale
-from mvmr_hf.dcor import check_estimator
+from mvmr_hf.config.options import (
+    DEFAULT_FEATURE_MATCHING_WEIGHT,
+    DEFAULT_TEACHER_VIEW,
+    MIXED_PRECISION_HELP,
+    PAPER_REPRESENTATIONS,
+    RESERVED_NAMES,
+    RESUME_HELP,
+    STOP_SIGNALS_HELP,
+    TEACHER_NAME,
+    TeacherSpec,
+    _check_ints,
+    _comma_list,
+    _deduplicated,
+    _flag,
+    _list_opt,
+    _opt,
+    _per_teacher,
+    parse_names,
+    parse_signals,
+    parse_weights,
+)
+from mvmr_hf.data.augment import AUGMENTATIONS, parse_augmentations, parse_crop_scale
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.utils import check_int, check_number
-
-__all__ = [
-    "DEFAULT_CACHE",
-    "DEFAULT_DISTILL_DATASET",
-    "DEFAULT_FEATURE_MATCHING_WEIGHT",
-    "PAPER_REPRESENTATIONS",
-    "AlignArguments",
-    "CommaListAction",
-    "DataArguments",
-    "DistillDataArguments",
-    "DistillModelArguments",
-    "DistillTrainingArguments",
-    "EvalDataArguments",
-    "EvaluateArguments",
-    "ExportArguments",
-    "FinetuneArguments",
-    "LossArguments",
-    "ModelArguments",
-    "PretrainModelArguments",
-    "PushArguments",
-    "TeacherArguments",
-    "TeacherSpec",
-    "TrainingArguments",
-    "check_label_fraction",
-    "parse_names",
-    "parse_signals",
-    "parse_weights",
-    "teacher_specs",
-]
-
-PAPER_REPRESENTATIONS = ("pixels", "augmented-pixels", "scatnet", "hog", "lsd")
-"""The hand-crafted representations of the paper's self-supervised pretraining (section 7)."""
-
-
-def parse_names(text: str, flag: str = "--handcrafted") -> list[str]:
-    """``"hog, lsd"`` -> ``["hog", "lsd"]``; empty entries dropped, duplicates refused naming ``flag``."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ConfigError(f"{flag} lists {', '.join(repeated)} twice: name each one once")
-    return names
-
-
-def parse_weights(text: str) -> dict[str, float]:
-    """``"teacher=2,hog=0.5"`` -> ``{"teacher": 2.0, "hog": 0.5}`` (the β_k of eq. 9).
-
-    A name given twice is refused rather than the later weight silently replacing the earlier one.
-    """
-    weights: dict[str, float] = {}
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if name in weights:
-            raise ConfigError(f"--representation-weights gives {name} two weights: give each name one")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not name:
-            raise ConfigError(
-                f"--representation-weights entry {item!r} is not name=number: write e.g. teacher=1,hog=0.5"
-            )
-    return weights
-
-
-def parse_signals(text: str) -> list[signal.Signals]:
-    """``"SIGTERM,SIGUSR1"`` (``--stop-signals``) as signals; ConfigError naming an unknown one."""
-    try:
-        return [signal.Signals[name.upper()] for name in parse_names(text, "--stop-signals")]
-    except KeyError as error:
-        raise ConfigError(
-            f"--stop-signals names {error.args[0]}, which is not a signal: use names like SIGTERM,SIGUSR1"
-        ) from None
-
-
-def check_label_fraction(fraction: float) -> float:
-    """``fraction`` when it is a share of the labels in (0, 1]; ConfigError naming --label-fraction."""
-    if isinstance(fraction, bool) or not 0 < fraction <= 1:
-        raise ConfigError(
-            f"--label-fraction {fraction} is not a share of the labels in (0, 1]: write e.g. 0.01 for 1 % "
-            "(paper Table 1)"
-        )
-    return fraction
-
-
-STOP_SIGNALS_HELP = (
-    "Signals on which every process finishes its optimizer step, the run saves a checkpoint and exits "
-    "with status 75 (preempted, resumable with --resume): SIGTERM is what SLURM and Kubernetes send "
-    "before a kill, SIGUSR1 what SLURM's --signal=USR1@SECONDS sends before a time limit; empty: none."
-)
-MIXED_PRECISION_HELP = (
-    "Mixed precision; when omitted, what `accelerate launch` or `accelerate config` set, else bf16 on a CUDA "
-    "GPU that supports it (the paper's released code trained in 16-bit precision; it is also the faster "
-    "setting: benchmarks/results/loop-cuda.json), else no."
-)
-DEFAULT_FEATURE_MATCHING_WEIGHT = 1.0
-"""``--feature-matching-weight`` when omitted: on, since on Fashion-MNIST with two ImageNet teachers
-the paper's dCor terms alone lose to classic feature distillation (README, "Quality")."""
-DEFAULT_TEACHER_VIEW = "augmented"
-"""``--teacher-view`` when omitted: every teacher term compares student and teacher on one random view,
-as classic feature distillation does, and the student runs once a step when λ = μ = α = 0 (README,
-"Quality")."""
-RESUME_HELP = (
-    "Continue a run: alone (or 'latest') from the newest complete checkpoint in the output folder, starting "
-    "afresh when there is none; or from the given checkpoint folder."
-)
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """One teacher of a run: its name (in weights, metrics and trackers), model id or folder, output kind."""
-
-    name: str
-    model: str
-    output: str
-
-
-TEACHER_NAME = re.compile(r"[A-Za-z0-9._-]+")
-RESERVED_NAMES = frozenset({"views", *PAPER_REPRESENTATIONS})
-"""Term names a teacher cannot take: the L2 term between the views and the hand-crafted descriptors."""
-
-
-def _comma_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _per_teacher(flag: str, values: list[str], teachers: int) -> list[str]:
-    """One value for every teacher, or exactly one per teacher."""
-    if len(values) == 1:
-        return values * teachers
-    if len(values) != teachers:
-        raise ConfigError(
-            f"{flag} lists {len(values)} values for {teachers} teachers: give one for all or one per teacher"
-        )
-    return values
-
-
-def _deduplicated(names: list[str]) -> list[str]:
-    """``[a, b, a]`` -> ``[a, b, a-2]``."""
-    seen: dict[str, int] = {}
-    unique = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        unique.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
-    return unique
-
-
-def _flag(name: str) -> str:
-    """The command-line spelling of a field: ``batch_size`` -> ``--batch-size``."""
-    return f"--{name.replace('_', '-')}"
-
-
-def _check_ints(arguments: object, names: tuple[str, ...], minimum: int) -> None:
-    for name in names:
-        check_int(_flag(name), getattr(arguments, name), minimum)
-
-
-def _opt(default: Any, text: str, **argparse_options: Any) -> Any:
-    """A dataclass field with its ``--help`` text (and extra argparse options)."""
-    return field(default=default, metadata={"help": text, **argparse_options})
-
-
-class _GivenList(str):
-    """A comma list that this command line gave: a later occurrence of its option extends it."""
-
-
-class CommaListAction(argparse.Action):
-    """The argparse action of every comma-list option: given several times, it means all the lists.
-
-    ``--teacher A --teacher B`` is ``--teacher A,B``; argparse's plain ``store`` would keep B and
-    silently drop A. The first occurrence replaces the default (or a config file's value), so that
-    the command line still overrides both. :func:`mvmr_hf.cli.parse_arguments` hands the value on
-    as a plain ``str``.
-    """
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> None:
-        current = getattr(namespace, self.dest, None)
-        joined = f"{current},{values}" if isinstance(current, _GivenList) else values
-        setattr(namespace, self.dest, _GivenList(joined))
-
-
-def _list_opt(default: str | None, text: str) -> Any:
-    """A comma-list option: repeated on the command line, its lists join (:class:`CommaListAction`)."""
-    return _opt(default, text, action=CommaListAction)
+from mvmr_hf.loss.dcor import check_estimator
+from mvmr_hf.utils import check_number
 
 
 @dataclass
@@ -416,7 +228,7 @@ class DataArguments:
     num_workers: int | None = _opt(
         None,
         "Data-loading worker processes per training process (default: this machine's CPU cores shared among "
-        "its processes, at least 1: mvmr_hf.data.default_num_workers).",
+        "its processes, at least 1: mvmr_hf.data.loading.default_num_workers).",
     )
     device_views: bool | None = _opt(
         None,
@@ -650,153 +462,3 @@ class DistillTrainingArguments(TrainingArguments):
 
 
 # ----------------------------------------------------------------------------- release commands
-
-DEFAULT_CACHE = "~/.cache/mvmr_hf/features"
-
-
-@dataclass
-class ExportArguments:
-    """Export a training checkpoint as a release folder."""
-
-    checkpoint: str = _opt(
-        MISSING,
-        "Run folder (its latest checkpoint is used) or one of its checkpoints/step-NNNNNN folders.",
-        metavar="RUN_OR_CHECKPOINT",
-    )
-    output_dir: str | None = _opt(None, "Release folder to write; default RUN/student.")
-    overwrite: bool = _opt(
-        False, "Replace a release already in that folder, with its evaluation results and alignment head."
-    )
-
-
-@dataclass
-class EvalDataArguments:
-    """The images and how to read them (shared by mvmr-evaluate and mvmr-align)."""
-
-    _argument_group_name = "data"
-
-    dataset: str = _opt(MISSING, "Hub data set id or local folder (parquet shards or an image folder).")
-    dataset_config: str | None = _opt(None, "Configuration name of the data set.")
-    image_column: str | None = _opt(
-        None, "Column holding the images; detected from the features when omitted."
-    )
-    batch_size: int = _opt(256, "Images per forward pass.")
-    num_workers: int = _opt(0, "Data-loading worker processes (decoding and resizing).")
-    device: str | None = _opt(
-        None,
-        "Device to run the models, the probe and kNN on; default the launch's device for each process "
-        "(its GPU under accelerate launch / torchrun; cuda when available, else cpu).",
-    )
-    cache_dir: str = _opt(
-        DEFAULT_CACHE, "Folder caching extracted features per model, data set and split; empty for no cache."
-    )
-
-    def __post_init__(self) -> None:
-        _check_ints(self, ("batch_size",), 1)
-        _check_ints(self, ("num_workers",), 0)
-
-
-@dataclass
-class EvaluateArguments:
-    """The model and the protocols."""
-
-    _argument_group_name = "evaluation"
-
-    model: str = _opt(
-        MISSING,
-        "A release folder, a Hub id, a timm model name (pretrained weights) or a transformers model "
-        "(a teacher: its image embedding / pooled output).",
-    )
-    train_split: str = _opt("train", "Split the linear probe and kNN are fitted on.")
-    test_split: str = _opt("test", "Split the accuracies are reported on.")
-    label_column: str = _opt(
-        "label",
-        "The labels: a class id per image, or (multilabel) a list of classes or a multi-hot vector.",
-    )
-    protocol: str = _list_opt(
-        "linear,knn",
-        "Comma-separated protocols among linear, knn, zero-shot, multilabel (frozen features) and finetune "
-        "(semi-supervised fine-tuning of the whole backbone on --label-fraction of the training labels, "
-        "paper Table 1).",
-    )
-    teacher_output: str = _opt(
-        "auto", "Output of a transformers --model (see mvmr-distill --teacher-output)."
-    )
-    update_card: bool = _opt(False, "Write the results into the release folder's card (model-index).")
-
-
-@dataclass
-class FinetuneArguments:
-    """Semi-supervised fine-tuning (paper, section 6.1 and Table 1): the whole backbone and a linear head.
-
-    The defaults are the paper's (section 7): Adam, learning rate 1e-4, batch 128, 100 epochs, cross-entropy.
-    """
-
-    _argument_group_name = "semi-supervised fine-tuning (--protocol finetune)"
-
-    label_fraction: float = _opt(
-        0.01,
-        "Share of the training split whose labels fine-tuning uses, in (0, 1] (paper Table 1: 0.01 and 0.1); "
-        "the images are drawn per class, the same share of each class, and listed in labelled_subset.json.",
-    )
-    finetune_epochs: int = _opt(100, "Passes over the labelled images (paper: 100).")
-    finetune_max_steps: int | None = _opt(
-        None, "Stop after this many optimizer steps; overrides --finetune-epochs when set."
-    )
-    finetune_batch_size: int = _opt(
-        128, "GLOBAL batch of labelled images, split evenly over the processes (paper: 128)."
-    )
-    finetune_learning_rate: float = _opt(1e-4, "Adam learning rate, constant (paper: 1e-4).")
-    finetune_weight_decay: float = _opt(0.0, "Adam weight decay (the paper states none).")
-    finetune_seed: int = _opt(
-        0, "Seed of the labelled subset, the head's initial weights, the batch order and the augmentations."
-    )
-    finetune_dir: str | None = _opt(
-        None,
-        "Run folder of the fine-tuning: checkpoints/, metrics.jsonl, labelled_subset.json, results.json and "
-        "the classifier release classifier/; default MODEL-finetune-1pct next to a model folder, else in the "
-        "working directory.",
-    )
-    checkpoint_every: int = _opt(500, "Save a resumable checkpoint every N optimizer steps.")
-    keep_checkpoints: int = _opt(2, "Keep the N newest checkpoints.")
-    resume: str | None = _opt(None, RESUME_HELP, nargs="?", const="latest")
-    overwrite: bool = _opt(False, "Delete a previous fine-tuning's checkpoints, metrics and classifier.")
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = _opt(None, MIXED_PRECISION_HELP)
-    stop_signals: str = _list_opt("SIGTERM,SIGUSR1", STOP_SIGNALS_HELP)
-
-    def __post_init__(self) -> None:
-        check_label_fraction(self.label_fraction)
-        names = ("finetune_epochs", "finetune_batch_size", "checkpoint_every", "keep_checkpoints")
-        _check_ints(self, names if self.finetune_max_steps is None else (*names, "finetune_max_steps"), 1)
-        check_number("--finetune-learning-rate", self.finetune_learning_rate)
-        check_number("--finetune-weight-decay", self.finetune_weight_decay, allow_zero=True)
-        parse_signals(self.stop_signals)
-        if self.resume is not None and self.overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other: pass one of them")
-
-
-@dataclass
-class AlignArguments:
-    """The student, its teacher and the images the head is fitted on (labels unused)."""
-
-    _argument_group_name = "alignment"
-
-    model: str = _opt(MISSING, "Release folder of a distilled student.")
-    split: str = _opt("train", "Split whose images (labels unused) the head is fitted on.")
-    teacher: str | None = _opt(
-        None,
-        "CLIP-style teacher to align to: one of the run's teacher names, or a model id or folder; default "
-        "the run's teacher (required when it had several).",
-    )
-    max_images: int | None = _opt(None, "Use at most this many images of the split (its first ones).")
-
-
-@dataclass
-class PushArguments:
-    """Upload a release folder to the Hugging Face Hub."""
-
-    folder: str = _opt(MISSING, "Release folder to upload.")
-    repo_id: str = _opt(MISSING, "Hub model repository (created when missing).", metavar="ORG/NAME")
-    private: bool = _opt(False, "Create the repository private.")
-    revision: str | None = _opt(None, "Branch to commit to (created when missing); default the main branch.")
-    commit_message: str | None = _opt(None, "Commit message; default names the training step.")

@@ -168,7 +168,7 @@ def _save_timm_folder(model: torch.nn.Module, folder: Path, size: int) -> None:
 
     The preprocessing is written into ``pretrained_cfg``. timm's ``save_for_hf`` also records
     ``num_classes`` in ``model_args``, which ``TimmWrapperModel`` (that passes ``num_classes=0``
-    itself) rejects, so it is removed, as ``mvmr_hf.export`` does for releases.
+    itself) rejects, so it is removed, as ``mvmr_hf.release.export`` does for releases.
     """
     data_config = {
         "input_size": (3, size, size),

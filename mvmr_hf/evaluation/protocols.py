@@ -17,8 +17,8 @@ as safetensors.
   ``"a photo of a {label}"`` (:func:`text_embeddings`).
 * :func:`multilabel_probe` (protocol ``multilabel``, paper Table 3): one logistic regression per
   class (one-vs-rest) on standardised features, fitted and searched as :func:`linear_probe`'s,
-  scored by mAP (:func:`~mvmr_hf.multilabel.mean_average_precision`), for label columns that
-  list several classes per image (:mod:`mvmr_hf.multilabel` tells the kinds apart). VOC07 as in
+  scored by mAP (:func:`~mvmr_hf.evaluation.multilabel.mean_average_precision`), for label columns that
+  list several classes per image (:mod:`mvmr_hf.evaluation.multilabel` tells the kinds apart). VOC07 as in
   the paper: train on trainval, report mAP on test. Where we differ: the AP is the
   non-interpolated one (scikit-learn's, the VOC2010+ devkit's), not the VOC2007 devkit's 11-point
   interpolated AP; "difficult" objects count as the label column says (no ignore mask); and the
@@ -75,14 +75,25 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 from transformers import AutoModel, AutoTokenizer
 
-from mvmr_hf.align import load_alignment
-from mvmr_hf.augment import center_view
-from mvmr_hf.card import TASK_NAME, TASK_TYPE, hub_id_or_none
-from mvmr_hf.data import BadImageError, decode_image, load_image_dataset, read_encoded, resolve_image_column
+from mvmr_hf.data.augment import center_view
+from mvmr_hf.data.loading import (
+    BadImageError,
+    decode_image,
+    load_image_dataset,
+    read_encoded,
+    resolve_image_column,
+)
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.export import CONFIG, WEIGHTS, is_release, load_release
-from mvmr_hf.multilabel import MultiHot, average_precisions, mean_average_precision, multi_hot_encoding
-from mvmr_hf.representations.teacher import load_teacher, loading_errors
+from mvmr_hf.evaluation.multilabel import (
+    MultiHot,
+    average_precisions,
+    mean_average_precision,
+    multi_hot_encoding,
+)
+from mvmr_hf.models.representations.teacher import load_teacher, loading_errors
+from mvmr_hf.release.align import load_alignment
+from mvmr_hf.release.card import TASK_NAME, TASK_TYPE, hub_id_or_none
+from mvmr_hf.release.export import CONFIG, WEIGHTS, is_release, load_release
 from mvmr_hf.utils import atomic_write, check_int, is_local_path, sha256_of_files
 
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -92,7 +103,8 @@ KNN_K = 20
 KNN_TEMPERATURE = 0.07
 PROMPT = "a photo of a {}"
 PROTOCOLS = ("linear", "knn", "zero-shot", "multilabel", "finetune")
-"""Protocols of ``mvmr-evaluate``; all but ``finetune`` (:mod:`mvmr_hf.finetuning`) read frozen features."""
+"""Protocols of ``mvmr-evaluate``; all but ``finetune`` (:mod:`mvmr_hf.evaluation.finetuning`) read
+frozen features."""
 CHUNK_ELEMENTS = 1 << 25
 """Numbers in one chunk of the probe (features and logits) or of kNN (similarities): 128 MiB in float32."""
 DEVICE_MEMORY_FRACTION = 0.5
@@ -365,7 +377,7 @@ class MultiLabelResult:
     """Multi-label probe: mAP and each class's AP on the test split in percent, and the weight decay chosen.
 
     A class without a positive test sample has no AP (NaN) and is left out of ``mean_ap``
-    (:func:`~mvmr_hf.multilabel.mean_average_precision`).
+    (:func:`~mvmr_hf.evaluation.multilabel.mean_average_precision`).
     """
 
     mean_ap: float
@@ -390,7 +402,7 @@ def multilabel_probe(
     """Multi-label linear evaluation: a linear classifier on frozen features, mAP (paper, section 6, Table 3).
 
     ``train_targets`` and ``test_targets`` are (N, C) 0/1 matrices (any dtype; see
-    :class:`~mvmr_hf.multilabel.MultiHot`). One ``nn.Linear(D, C)`` on standardised features
+    :class:`~mvmr_hf.evaluation.multilabel.MultiHot`). One ``nn.Linear(D, C)`` on standardised features
     minimises the mean over samples of the per-class binary cross-entropies summed over classes
     + weight_decay/2·||W||² (bias unpenalised). The objective separates over classes, so it is
     one logistic regression per class: scikit-learn's
@@ -400,7 +412,7 @@ def multilabel_probe(
     the whole training split, full-batch L-BFGS over chunks on ``device``. The paper trains its
     VOC07 classifier for 100 epochs; the problem being convex, L-BFGS fits it to convergence
     instead, as for ``linear``. Reports each class's AP and the mAP on the test split
-    (:func:`~mvmr_hf.multilabel.average_precisions`: non-interpolated, scikit-learn's).
+    (:func:`~mvmr_hf.evaluation.multilabel.average_precisions`: non-interpolated, scikit-learn's).
     """
     _check_features(train_features, train_targets, "training", label_ndim=2)
     _check_features(test_features, test_targets, "test", label_ndim=2)
@@ -605,7 +617,7 @@ class Encoder(nn.Module):
     """A frozen model as evaluation sees it: ``[0, 1]`` views of side :attr:`view_size` -> ``(B, D)``.
 
     Images are first brought to a common square :attr:`view_size` with
-    :func:`~mvmr_hf.augment.center_view` (so that they can be batched); ``forward`` then applies
+    :func:`~mvmr_hf.data.augment.center_view` (so that they can be batched); ``forward`` then applies
     the rest of the model's own preprocessing. :attr:`fingerprint` identifies the features (for
     the cache); :attr:`text_model` names the CLIP-style model whose text tower classifies the
     features zero-shot, after :attr:`alignment` when a student's head maps them into its space.
@@ -647,7 +659,7 @@ def timm_encoder(
     """An :class:`Encoder` for a timm model without classifier, with timm's eval preprocessing.
 
     timm resizes the shorter side to ``floor(size / crop_pct)``, center crops ``size`` and
-    normalizes; the antialiased resize of :func:`~mvmr_hf.augment.center_view` stands in for
+    normalizes; the antialiased resize of :func:`~mvmr_hf.data.augment.center_view` stands in for
     timm's PIL resize. ``heads`` (``text_model``, ``alignment``) are passed to the encoder.
     """
     size = data_config["input_size"][-1]
@@ -721,7 +733,7 @@ def load_encoder(name_or_path: str, *, teacher_output: str = "auto", option: str
 
     A release: its backbone, and its alignment head when fitted; a timm name: timm's pretrained
     weights without classifier; a ``transformers`` model:
-    :func:`~mvmr_hf.representations.teacher.load_teacher` with ``teacher_output``.
+    :func:`~mvmr_hf.models.representations.teacher.load_teacher` with ``teacher_output``.
     """
     kind, where = locate_model(name_or_path, option=option)
     if kind == "release":
@@ -744,8 +756,8 @@ class FeatureSet:
 
     Both are on the evaluation device when the features fit there (:func:`feature_device`), else
     on the CPU. ``labels`` is all -1 when the split was read without a label column, and the
-    (N, C) uint8 multi-hot targets for a multi-label column (:mod:`mvmr_hf.multilabel`).
-    ``skipped`` counts the images that could not be decoded (see :mod:`mvmr_hf.data`); they are
+    (N, C) uint8 multi-hot targets for a multi-label column (:mod:`mvmr_hf.evaluation.multilabel`).
+    ``skipped`` counts the images that could not be decoded (see :mod:`mvmr_hf.data.loading`); they are
     left out together with their labels.
     """
 
@@ -954,8 +966,8 @@ def extract_features(
     reads unlabelled images (labels -1); a labelled split must not contain -1 labels.
 
     A multi-label column (several classes or a multi-hot vector per image, see
-    :mod:`mvmr_hf.multilabel`) gives (N, C) uint8 targets, encoded by ``targets``: by default
-    :func:`~mvmr_hf.multilabel.multi_hot_encoding` of this split alone; pass that of the
+    :mod:`mvmr_hf.evaluation.multilabel`) gives (N, C) uint8 targets, encoded by ``targets``: by default
+    :func:`~mvmr_hf.evaluation.multilabel.multi_hot_encoding` of this split alone; pass that of the
     training and test splits together so that they agree on C (as :func:`evaluate` does).
     """
     if not isinstance(split, datasets.Dataset):
@@ -1123,7 +1135,7 @@ def evaluate(
     ``linear``, ``knn`` and ``multilabel`` fit on ``train_split`` and report on ``test_split``;
     ``zero-shot`` only reads ``test_split`` and needs an encoder with a text model (a CLIP-style
     teacher, or a release with an alignment head). ``multilabel`` needs a label column with
-    several classes per image, the others one class per image (:mod:`mvmr_hf.multilabel`);
+    several classes per image, the others one class per image (:mod:`mvmr_hf.evaluation.multilabel`);
     both are checked before any image is read. Features are extracted once per split (and cached
     in ``cache_dir``); the probes and kNN run on ``device`` (see :func:`extract_features`), in
     chunks. Under a launch of several processes, call it on every process: each extracts its

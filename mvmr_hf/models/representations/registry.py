@@ -3,7 +3,7 @@
 It follows timm's ``_registry``: :func:`register` adds a factory under a name, :func:`build`
 makes a frozen module from a name and options, :func:`available` lists the names.
 :class:`Representation` is the base class of the hand-crafted ones. Being a leaf (it imports no
-representation), it lets :mod:`mvmr_hf.representations` import the built-in modules at its top.
+representation), it lets :mod:`mvmr_hf.models.representations` import the built-in modules at its top.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from mvmr_hf.augment import check_image_batch
+from mvmr_hf.data.augment import check_image_batch
 from mvmr_hf.errors import ConfigError
 
 __all__ = ["Representation", "available", "build", "check_options", "register"]

@@ -11,22 +11,22 @@ gathered from all processes unless ``--dcor-scope local``; ``backward``, then Ad
 linear warm-up and a cosine decay, once per optimizer step (``accelerator.accumulate``).
 With ``--feature-matching-weight`` (not in the paper), linear heads from the student's pooled
 features of the view the teachers see to each teacher's output add a 1 - cosine term
-(:class:`~mvmr_hf.objective.FeatureMatching`); they train with the student, are saved in its
+(:class:`~mvmr_hf.loss.objective.FeatureMatching`); they train with the student, are saved in its
 checkpoints and are not released.
 ``benchmarks/bench_step.py`` times this loop's phases from outside, with hooks on what it builds;
 ``benchmarks/bench_loop.py`` measures its own rate, from its metrics, against its parts alone.
 
-The data stream is already split across processes by :mod:`mvmr_hf.data`, so the loader is
+The data stream is already split across processes by :mod:`mvmr_hf.data.loading`, so the loader is
 *not* given to ``accelerator.prepare`` (which would split it again); batches move to the
 device in the loop, and each process saves its own loader position in every checkpoint. A run
 killed at any moment resumes from its latest complete checkpoint at the same step, data
-position and random state (:mod:`mvmr_hf.checkpoint`).
+position and random state (:mod:`mvmr_hf.storage.checkpoint`).
 
-Outputs in ``OUTPUT_DIR`` (:mod:`mvmr_hf.run_folder`): ``training_args.json`` (all arguments,
-written first; a valid config file), ``metrics.jsonl`` (:mod:`mvmr_hf.metrics`),
+Outputs in ``OUTPUT_DIR`` (:mod:`mvmr_hf.training.run_folder`): ``training_args.json`` (all arguments,
+written first; a valid config file), ``metrics.jsonl`` (:mod:`mvmr_hf.training.metrics`),
 ``checkpoints/step-NNNNNN/``, ``teacher_cache/`` (``--cache-teacher``), ``logs/``
 (``--log-with``) and, at the end, the release folder ``student/``
-(:func:`mvmr_hf.export.export_student`). A run stopped by a stop signal (:class:`StopRequest`) saves a
+(:func:`mvmr_hf.release.export.export_student`). A run stopped by a stop signal (:class:`StopRequest`) saves a
 checkpoint, writes the marker ``PREEMPTED`` (step, checkpoint, signal: what a scheduler script reads,
 whatever exit status the launcher reports) and raises PreemptedError; the next start or ``--resume``
 removes the marker.
@@ -64,20 +64,27 @@ from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from mvmr_hf.augment import CENTER_CROP_FRACTION, parse_crop_scale
-from mvmr_hf.card import CardInfo
-from mvmr_hf.checkpoint import CHECKPOINTS_DIR, load_checkpoint, save_checkpoint
 from mvmr_hf.config import DataArguments, LossArguments, ModelArguments, TeacherArguments, TrainingArguments
-from mvmr_hf.data import DataStats, ViewsLoader, build_dataloader, default_num_workers, load_image_dataset
-from mvmr_hf.dcor import check_batch_size
+from mvmr_hf.data.augment import CENTER_CROP_FRACTION, parse_crop_scale
+from mvmr_hf.data.loading import (
+    DataStats,
+    ViewsLoader,
+    build_dataloader,
+    default_num_workers,
+    load_image_dataset,
+)
 from mvmr_hf.errors import ConfigError, PreemptedError, TrainingError
-from mvmr_hf.export import RELEASE_DIR, export_student
-from mvmr_hf.hub import push_to_hub
-from mvmr_hf.metrics import METRICS_FILE, MetricsLogger, truncate_metrics
-from mvmr_hf.objective import FeatureMatching, LossOutput, MVMRLoss
-from mvmr_hf.representations import build as build_representation
-from mvmr_hf.representations.teacher import Teacher, load_teacher
-from mvmr_hf.run_folder import (
+from mvmr_hf.loss.dcor import check_batch_size
+from mvmr_hf.loss.objective import FeatureMatching, LossOutput, MVMRLoss
+from mvmr_hf.models.representations import build as build_representation
+from mvmr_hf.models.representations.teacher import Teacher, load_teacher
+from mvmr_hf.models.student import Student, build_student
+from mvmr_hf.release.card import CardInfo
+from mvmr_hf.release.export import RELEASE_DIR, export_student
+from mvmr_hf.release.hub import push_to_hub
+from mvmr_hf.storage.checkpoint import CHECKPOINTS_DIR, load_checkpoint, save_checkpoint
+from mvmr_hf.training.metrics import METRICS_FILE, MetricsLogger, truncate_metrics
+from mvmr_hf.training.run_folder import (
     LOGS_DIR,
     check_output_dir_free,
     check_outputs,
@@ -88,8 +95,7 @@ from mvmr_hf.run_folder import (
     prepare_output_dir,
     resume_point,
 )
-from mvmr_hf.student import Student, build_student
-from mvmr_hf.teacher_cache import TeacherCache, cache_folder
+from mvmr_hf.training.teacher_cache import TeacherCache, cache_folder
 from mvmr_hf.utils import writing
 
 __all__ = [
@@ -598,7 +604,7 @@ class StopRequest:
 
     :meth:`agreed` is True on every process once any process received one, so that all of them
     stop after the same optimizer step; :meth:`preempted` then leaves the run folder's
-    :data:`~mvmr_hf.run_folder.PREEMPTED` marker. Outside the main thread, where Python cannot handle
+    :data:`~mvmr_hf.training.run_folder.PREEMPTED` marker. Outside the main thread, where Python cannot handle
     signals, nothing is installed and the run keeps the signals' default actions.
     """
 

@@ -28,7 +28,10 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from mvmr_hf.checkpoint import (
+from mvmr_hf.config import FinetuneArguments, TrainingArguments
+from mvmr_hf.errors import ConfigError
+from mvmr_hf.release.export import RELEASE_DIR, TRAINING_ARGS, check_release_target
+from mvmr_hf.storage.checkpoint import (
     CHECKPOINTS_DIR,
     checkpoint_path,
     intact_checkpoint,
@@ -36,11 +39,8 @@ from mvmr_hf.checkpoint import (
     newest_intact_checkpoint,
     remove_partial,
 )
-from mvmr_hf.config import FinetuneArguments, TrainingArguments
-from mvmr_hf.errors import ConfigError
-from mvmr_hf.export import RELEASE_DIR, TRAINING_ARGS, check_release_target
-from mvmr_hf.lock import FolderLock, check_folder_free
-from mvmr_hf.metrics import METRICS_FILE
+from mvmr_hf.storage.lock import FolderLock, check_folder_free
+from mvmr_hf.training.metrics import METRICS_FILE
 from mvmr_hf.utils import atomic_write_json, is_hub_id, writing
 
 __all__ = [
@@ -176,7 +176,10 @@ def check_output_dir_free(accelerator: Accelerator, output_dir: Path) -> None:
 
 @contextmanager
 def own_output_dir(accelerator: Accelerator, output_dir: Path) -> Iterator[None]:
-    """Hold the output folder's lock (:mod:`mvmr_hf.lock`) for the block, from the main process only."""
+    """Hold the output folder's lock (:mod:`mvmr_hf.storage.lock`) for the block.
+
+    From the main process only.
+    """
     lock = FolderLock(output_dir) if accelerator.is_main_process else None
     _agree(accelerator, lock.acquire if lock is not None else None)
     try:

@@ -13,7 +13,7 @@ built-in hand-crafted representations of section 7 (:mod:`.handcrafted`) are ``p
 
 Example::
 
-    >>> from mvmr_hf import representations
+    >>> from mvmr_hf.models import representations
     >>> representations.available()
     ['augmented-pixels', 'hog', 'lsd', 'pixels', 'scatnet']
     >>> hog = representations.build("hog", orientations=24)
@@ -28,7 +28,7 @@ Example::
 
 from __future__ import annotations
 
-from mvmr_hf.representations.handcrafted import (
+from mvmr_hf.models.representations.handcrafted import (
     HOG,
     LSD,
     AugmentedPixels,
@@ -37,7 +37,7 @@ from mvmr_hf.representations.handcrafted import (
     hog_histograms,
     local_std,
 )
-from mvmr_hf.representations.registry import Representation, available, build, register
+from mvmr_hf.models.representations.registry import Representation, available, build, register
 
 __all__ = [
     "HOG",
