@@ -47,7 +47,6 @@ _LAZY = {
     # training
     "train": "mvmr_hf.training.loop",
     "TrainingError": "mvmr_hf.training.loop",
-    "TrainingStep": "mvmr_hf.training.loop",
     "ModelArguments": "mvmr_hf.config",
     "PretrainModelArguments": "mvmr_hf.config",
     "TeacherArguments": "mvmr_hf.config",

@@ -15,15 +15,11 @@ import huggingface_hub
 import pytest
 import timm
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from conftest import fake_checkpoint, read_metrics, reset_accelerate, tiny_args
 from safetensors.torch import load_file
-from transformers import get_cosine_schedule_with_warmup
 
 from mvmr_hf.cli.train import distill_main, pretrain_main
 from mvmr_hf.loss.objective import MVMRLoss
-from mvmr_hf.models.representations import build as build_representation
 from mvmr_hf.models.representations.teacher import Teacher, load_teacher
 from mvmr_hf.models.student import Student, build_student
 from mvmr_hf.release.export import load_student
@@ -35,38 +31,11 @@ from mvmr_hf.storage.checkpoint import (
     read_trainer_state,
 )
 from mvmr_hf.training import loop as training
-from mvmr_hf.training.loop import TrainingStep, build_optimizer
 from mvmr_hf.training.teacher_cache import TeacherCache
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-# ----------------------------------------------------------------------------- the deprecated step
-
-
-def test_the_deprecated_training_step_warns_and_still_trains(teacher):
-    accelerator = Accelerator(cpu=True)
-    set_seed(0)
-    student = build_student("test_resnet", projector="16-16", image_size=32)
-    optimizer = build_optimizer(student, 1e-3, 1e-6, accelerator.device)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, 10)
-    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    representations = {"teacher": load_teacher(str(teacher)), "lsd": build_representation("lsd")}
-    initial = {key: value.clone() for key, value in student.state_dict().items()}
-    with pytest.deprecated_call(match="written out in mvmr_hf.train's loop"):
-        step = TrainingStep(accelerator, student, MVMRLoss(), optimizer, scheduler, representations)
-    views = torch.randint(
-        0, 256, (2, 8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
-    )
-    loss = step({"image": views[0], "augmented": views[1], "key": [f"k{i}" for i in range(8)], "skipped": 0})
-
-    assert torch.isfinite(loss.total)
-    assert loss.terms.keys() == {"invariance", "variance", "dcor/views", "dcor/teacher", "dcor/lsd"}
-    assert not all(torch.equal(initial[key], value) for key, value in student.state_dict().items()), (
-        "no update"
-    )
 
 
 # ----------------------------------------------------------------------------- end-to-end runs

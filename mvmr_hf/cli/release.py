@@ -36,13 +36,13 @@ from mvmr_hf.config import (
     PushArguments,
 )
 from mvmr_hf.data.loading import load_image_dataset
+from mvmr_hf.distributed import launch_state
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.evaluation.finetuning import Finetuning
 from mvmr_hf.evaluation.protocols import (
     evaluate,
     extract_features,
     format_table,
-    launch_state,
     load_encoder,
     parse_protocols,
     to_eval_results,

@@ -59,6 +59,7 @@ from mvmr_hf.data.augment import (
     ViewParams,
     center_view,
 )
+from mvmr_hf.distributed import blake2b_seed
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.utils import check_int, is_local_path, usable_cpus
 
@@ -443,12 +444,6 @@ def _decode_one(data: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         ) from error
 
 
-def _seed(*parts: object) -> int:
-    """A 63-bit seed derived from ``parts`` (stable across processes, unlike ``hash``)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 def _to_uint8(images01: torch.Tensor) -> torch.Tensor:
     return images01.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
@@ -611,7 +606,7 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         They are drawn on the full-resolution image in every path, from the same generator: the
         device views differ from the worker views only by the resampling.
         """
-        generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch, key))
+        generator = torch.Generator().manual_seed(blake2b_seed(self.seed, self.epoch, key))
         return self.augment.sample(1, height, width, generator=generator)
 
     def _device_params(self, height: int, width: int, key: str) -> dict[str, torch.Tensor]:
@@ -678,7 +673,7 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         shards = self.source.num_shards
         if self.shuffle_buffer == 0:
             return np.arange(shards)
-        return np.random.default_rng(_seed(self.seed, self.epoch)).permutation(shards)
+        return np.random.default_rng(blake2b_seed(self.seed, self.epoch)).permutation(shards)
 
     def _stream_tasks(self, worker: int, num_workers: int) -> list[tuple[int, int, int]]:
         """``(shard, step, offset)`` for each shard ``worker`` reads, keeping every step-th row from offset.
@@ -699,7 +694,7 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         block, block_start, consumed = start["block"], start["block_start"], start["consumed"]
         row = start["row"]
         while chunk := list(islice(rows, max(1, self.shuffle_buffer))):
-            rng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, worker, block))
+            rng = np.random.default_rng(blake2b_seed(self.seed, self.epoch, self.rank, worker, block))
             order = rng.permutation(len(chunk))
             for position in range(consumed, len(chunk)):
                 row += 1
@@ -714,7 +709,9 @@ class ViewsDataset(torch.utils.data.IterableDataset):
         table = self.source
         usable = len(table) - len(table) % self.world_size
         if self.shuffle_buffer > 0:
-            order = np.random.default_rng(_seed(self.seed, self.epoch)).permutation(len(table))[:usable]
+            order = np.random.default_rng(blake2b_seed(self.seed, self.epoch)).permutation(len(table))[
+                :usable
+            ]
         else:
             order = np.arange(usable)
         mine = order[self.rank :: self.world_size]

@@ -40,7 +40,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import shlex
@@ -70,6 +69,7 @@ from mvmr_hf.data.loading import (
     read_encoded,
     resolve_image_column,
 )
+from mvmr_hf.distributed import sha256_seed
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.evaluation.multilabel import multi_hot_encoding
 from mvmr_hf.evaluation.protocols import (
@@ -172,15 +172,9 @@ def _least_fraction(classes: int, images: int) -> float:
     return math.ceil(round((classes - 0.5) / images * 1e4, 6)) / 1e4  # round: 175.00000000000003 is 175
 
 
-def _seed(*parts: int) -> int:
-    """A 63-bit seed mixing ``parts`` (seed, epoch, row): independent streams per image and epoch."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def global_batches(rows: Sequence[int], batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
     """The epoch's global batches of ``rows``: a seeded permutation cut into full batches."""
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(_seed(seed, epoch)))
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(sha256_seed(seed, epoch)))
     full = len(rows) // batch_size * batch_size
     return [[rows[i] for i in order[start : start + batch_size]] for start in range(0, full, batch_size)]
 
@@ -212,7 +206,7 @@ class _LabelledImages(torch.utils.data.Dataset):
         # only, and leave them as they were (in the main process they also drive the model).
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            seed = _seed(self.seed, self.epoch, row)
+            seed = sha256_seed(self.seed, self.epoch, row)
             torch.manual_seed(seed)
             random.seed(seed)
             try:

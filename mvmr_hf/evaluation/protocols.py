@@ -66,7 +66,7 @@ import datasets
 import timm
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather, pad_across_processes, parse_flag_from_env
+from accelerate.utils import gather, pad_across_processes
 from huggingface_hub import EvalResult, hf_hub_download, snapshot_download
 from huggingface_hub.errors import HFValidationError, HTTPError
 from safetensors import safe_open
@@ -83,6 +83,7 @@ from mvmr_hf.data.loading import (
     read_encoded,
     resolve_image_column,
 )
+from mvmr_hf.distributed import holds_on_every_process, launch_state
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.evaluation.multilabel import (
     MultiHot,
@@ -853,15 +854,6 @@ def _write_cache(path: Path, result: FeatureSet) -> None:
     atomic_write(path, lambda partial: save_file(tensors, partial, metadata={"skipped": str(result.skipped)}))
 
 
-def launch_state() -> PartialState:
-    """The processes of the current launch (Accelerate's ``PartialState``); one process without a launcher.
-
-    ``accelerate launch --cpu`` (``ACCELERATE_USE_CPU``) is honoured as ``Accelerator`` honours
-    it: CPU processes talking over gloo.
-    """
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-
-
 def _process_device(device: str | torch.device | None) -> torch.device:
     """This process's device: ``device``, by default the launch's (Accelerate's ``PartialState``).
 
@@ -887,13 +879,6 @@ def feature_device(nbytes: int, device: torch.device) -> torch.device:
         return device
     free, _ = torch.cuda.mem_get_info(device)
     return device if nbytes <= DEVICE_MEMORY_FRACTION * free else torch.device("cpu")
-
-
-def _on_every_process(flag: bool, state: PartialState) -> bool:
-    """Whether ``flag`` holds on every process of the launch (they then take the same branch)."""
-    if not state.use_distributed:
-        return flag
-    return bool(gather(torch.tensor([flag], device=state.device)).all())
 
 
 def _padded(tensor: Tensor, length: int, fill: int) -> Tensor:
@@ -985,7 +970,7 @@ def extract_features(
     if targets is not None:  # C may come from the other split: the same column can be encoded two ways
         identity["targets"] = [targets.kind, targets.num_classes]
     cached = _cache_path(Path(cache_dir).expanduser(), identity) if cache_dir is not None else None
-    if cached is not None and _on_every_process(cached.is_file(), state):
+    if cached is not None and holds_on_every_process(cached.is_file(), state):
         stored = _read_cache(cached)
         home = feature_device(stored.features.nbytes, device)
         return FeatureSet(stored.features.to(home), stored.labels.to(home), stored.skipped)

@@ -40,27 +40,23 @@ Example (what ``mvmr-pretrain`` does)::
 
 from __future__ import annotations
 
-import functools
 import os
 import shlex
 import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.scheduler import AcceleratedScheduler
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DataLoaderConfiguration, LoggerType, ProjectConfiguration, set_seed
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -73,9 +69,10 @@ from mvmr_hf.data.loading import (
     default_num_workers,
     load_image_dataset,
 )
+from mvmr_hf.distributed import reduce_flag, reduce_int
 from mvmr_hf.errors import ConfigError, PreemptedError, TrainingError
 from mvmr_hf.loss.dcor import check_batch_size
-from mvmr_hf.loss.objective import FeatureMatching, LossOutput, MVMRLoss
+from mvmr_hf.loss.objective import FeatureMatching, MVMRLoss
 from mvmr_hf.models.representations import build as build_representation
 from mvmr_hf.models.representations.teacher import Teacher, load_teacher
 from mvmr_hf.models.student import Student, build_student
@@ -101,7 +98,6 @@ from mvmr_hf.utils import writing
 __all__ = [
     "METRICS_FILE",
     "TrainingError",
-    "TrainingStep",
     "build_feature_matching",
     "build_optimizer",
     "build_representations",
@@ -574,29 +570,9 @@ def _until_any_process_runs_out(loader: ViewsLoader, accelerator: Accelerator) -
     batches = iter(loader)
     while True:
         batch = next(batches, None)
-        if not _on_every_process(batch is not None, dist.ReduceOp.MIN):
+        if not reduce_flag(batch is not None, dist.ReduceOp.MIN):
             return
         yield batch
-
-
-def _on_every_process(flag: bool, op: dist.ReduceOp) -> bool:
-    """``flag`` combined over all processes (MIN: all of them, MAX: any of them)."""
-    return bool(_reduce_int(int(flag), op))
-
-
-def _reduce_int(number: int, op: dist.ReduceOp) -> int:
-    """``number`` combined over all processes with ``op``.
-
-    A tiny all-reduce of a CPU tensor (over gloo), so it never waits for the accelerator.
-    """
-    value = torch.tensor([number], dtype=torch.int32)
-    dist.all_reduce(value, op=op, group=None if dist.get_backend() == "gloo" else _cpu_group())
-    return int(value.item())
-
-
-@functools.cache
-def _cpu_group() -> dist.ProcessGroup:
-    return dist.new_group(backend="gloo")
 
 
 class StopRequest:
@@ -633,7 +609,7 @@ class StopRequest:
         """
         number = self.received.value if self.received is not None else 0
         if accelerator.num_processes > 1:
-            number = _reduce_int(number, dist.ReduceOp.MAX)
+            number = reduce_int(number, dist.ReduceOp.MAX)
         self.signal = signal.Signals(number).name if number else None
         return number != 0
 
@@ -728,46 +704,3 @@ def _hardware(accelerator: Accelerator) -> str:
     device = accelerator.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
     return f"{accelerator.num_processes}x {name}"
-
-
-@dataclass
-class TrainingStep:
-    """Deprecated: the step is written out in :func:`train`'s loop; this copy goes in the next release.
-
-    One micro-step as the loop runs it: both views to the device, the student on each, every
-    representation of the non-augmented view, the MV-MR loss, backward, optimizer and scheduler
-    steps (once per optimizer step through ``accelerator.accumulate``); returns the loss.
-    """
-
-    accelerator: Accelerator
-    student: nn.Module
-    criterion: MVMRLoss
-    optimizer: torch.optim.Optimizer
-    scheduler: LRScheduler | AcceleratedScheduler
-    representations: dict[str, nn.Module]
-    cache: TeacherCache | None = None
-
-    def __post_init__(self) -> None:
-        warnings.warn(
-            "TrainingStep is deprecated: the step is written out in mvmr_hf.train's loop, and "
-            "benchmarks/bench_step.py times that loop from outside",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-
-    def __call__(self, batch: dict[str, Any]) -> LossOutput:
-        accelerator, student, device = self.accelerator, self.student, self.accelerator.device
-        images = batch["image"].to(device, non_blocking=True).float().div_(255)
-        augmented = batch["augmented"].to(device, non_blocking=True).float().div_(255)
-        gather = {name: getattr(r, "gather", True) for name, r in self.representations.items()}
-        with accelerator.accumulate(student):
-            z, z_aug = student(images).embedding, student(augmented).embedding
-            targets = representation_outputs(
-                accelerator, self.representations, images, batch["key"], self.cache
-            )
-            loss = self.criterion(z, z_aug, targets, gather=gather)
-            accelerator.backward(loss.total)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return loss
