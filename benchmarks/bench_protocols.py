@@ -51,7 +51,7 @@ def _efficientnet_release(folder: Path, size: int) -> Path:
     from safetensors.torch import save_file
 
     from mvmr_hf.models.efficientnet_lite import save_efficientnet_lite
-    from mvmr_hf.release.export import CONFIG, WEIGHTS, write_timm_config
+    from mvmr_hf.models.timm_folder import CONFIG, WEIGHTS, write_timm_config
 
     source = save_efficientnet_lite(folder.with_name(folder.name + "-source"))
     model = timm.create_model(f"local-dir:{source}", pretrained=True, num_classes=0).eval()

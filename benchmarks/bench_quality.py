@@ -70,7 +70,8 @@ from mvmr_hf.data.sample_data import write_digits
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.models.efficientnet_lite import save_efficientnet_lite
 from mvmr_hf.models.student import build_student
-from mvmr_hf.release.export import CONFIG, WEIGHTS, export_student, write_timm_config
+from mvmr_hf.models.timm_folder import CONFIG, WEIGHTS, write_timm_config
+from mvmr_hf.release.export import export_student
 from mvmr_hf.utils import atomic_folder
 
 IMAGE_SIZE = 16  # the digits are 8 x 8: 16 px keeps every detail at a quarter of the cost of 32 px

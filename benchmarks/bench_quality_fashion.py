@@ -76,7 +76,8 @@ from mvmr_hf.evaluation.protocols import extract_features, knn_classify, linear_
 from mvmr_hf.models.efficientnet_lite import save_efficientnet_lite
 from mvmr_hf.models.representations.teacher import load_teacher
 from mvmr_hf.models.student import build_student
-from mvmr_hf.release.export import CONFIG, export_student
+from mvmr_hf.models.timm_folder import CONFIG
+from mvmr_hf.release.export import export_student
 from mvmr_hf.utils import atomic_folder
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",

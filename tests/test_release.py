@@ -166,7 +166,7 @@ def test_failed_export_leaves_the_previous_release_untouched(tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("mvmr_hf.release.export.save_config_for_hf", broken)
+    monkeypatch.setattr("mvmr_hf.models.timm_folder.save_config_for_hf", broken)
     with pytest.raises(TrainingError, match=f"could not write the release in {folder} \\(disk full; "):
         export_student(_trained_student(), folder, training_args=ARGS)
     assert snapshot(folder) == before

@@ -83,15 +83,9 @@ from mvmr_hf.evaluation.protocols import (
     topk_accuracy,
 )
 from mvmr_hf.models.representations.teacher import loading_errors
+from mvmr_hf.models.timm_folder import CONFIG, WEIGHTS, write_timm_config
 from mvmr_hf.release.card import TEMPLATES, hub_id_or_none
-from mvmr_hf.release.export import (
-    CARD,
-    CONFIG,
-    TRAINING_ARGS,
-    WEIGHTS,
-    check_release_target,
-    write_timm_config,
-)
+from mvmr_hf.release.export import CARD, TRAINING_ARGS, check_release_target
 from mvmr_hf.storage.checkpoint import CHECKPOINTS_DIR, load_checkpoint, save_checkpoint
 from mvmr_hf.training.loop import StopRequest, build_optimizer, resolve_mixed_precision
 from mvmr_hf.training.metrics import MetricsLogger, truncate_metrics

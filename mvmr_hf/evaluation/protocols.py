@@ -92,9 +92,10 @@ from mvmr_hf.evaluation.multilabel import (
     multi_hot_encoding,
 )
 from mvmr_hf.models.representations.teacher import load_teacher, loading_errors
+from mvmr_hf.models.timm_folder import CONFIG, WEIGHTS
 from mvmr_hf.release.align import load_alignment
 from mvmr_hf.release.card import TASK_NAME, TASK_TYPE, hub_id_or_none
-from mvmr_hf.release.export import CONFIG, WEIGHTS, is_release, load_release
+from mvmr_hf.release.export import is_release, load_release
 from mvmr_hf.utils import atomic_write, check_int, is_local_path, sha256_of_files
 
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.release.export import CONFIG, WEIGHTS, write_timm_config
+from mvmr_hf.models.timm_folder import CONFIG, WEIGHTS, write_timm_config
 from mvmr_hf.utils import atomic_folder
 
 __all__ = ["LITE_VARIANTS", "save_efficientnet_lite"]

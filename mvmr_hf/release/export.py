@@ -38,12 +38,12 @@ import torch
 from huggingface_hub import EvalResult
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from mvmr_hf.data.augment import CENTER_CROP_FRACTION
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.models.student import Student, build_student
+from mvmr_hf.models.timm_folder import CONFIG, WEIGHTS, write_timm_config
 from mvmr_hf.release.align import AlignmentFit, load_alignment, save_alignment
 from mvmr_hf.release.card import BackboneInfo, CardInfo, merge_results, read_results, render_card
 from mvmr_hf.storage.checkpoint import (
@@ -55,8 +55,6 @@ from mvmr_hf.storage.checkpoint import (
 from mvmr_hf.storage.lock import hold_folder
 from mvmr_hf.utils import atomic_folder, writing
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
 PROJECTOR_WEIGHTS = "projector.safetensors"
 PROJECTOR_CONFIG = "projector.json"
 TRAINING_ARGS = "training_args.json"
@@ -114,32 +112,6 @@ def rewrite_release(folder: str | os.PathLike) -> Iterator[Path]:
             except OSError:
                 shutil.copy2(path, work / path.name)
         yield work
-
-
-def write_timm_config(
-    model: nn.Module,
-    path: Path,
-    data_config: Mapping[str, Any] | None = None,
-    *,
-    label_names: Sequence[str] | None = None,
-) -> dict:
-    """Write timm's Hub ``config.json`` for ``model`` at ``path`` so that timm *and* transformers load it.
-
-    timm's ``save_config_for_hf`` writes ``num_classes`` into ``model_args``, which transformers'
-    ``TimmWrapperModel`` (that passes ``num_classes`` itself) rejects: it is removed; the root
-    ``num_classes`` still tells timm which head to build. ``label_names`` (a classifier's, one per
-    output) become transformers' ``id2label``. Returns the written config.
-    """
-    save_config_for_hf(
-        model,
-        str(path),
-        model_config={"label_names": list(label_names)} if label_names else None,
-        data_config=dict(data_config) if data_config else None,
-    )
-    config = json.loads(path.read_text())
-    config.get("model_args", {}).pop("num_classes", None)
-    path.write_text(json.dumps(config, indent=2) + "\n")
-    return config
 
 
 def _timm_config(backbone: nn.Module, path: Path, image_size: int, data_config: Mapping[str, Any]) -> None:
