@@ -35,7 +35,8 @@ from common import PeakMemory, available_memory_bytes, parser, report, resolve_d
 from torch import Tensor
 
 from mvmr_hf.cli import run_cli
-from mvmr_hf.evaluation.protocols import knn_classify, linear_probe
+from mvmr_hf.evaluation.knn import knn_classify
+from mvmr_hf.evaluation.probe import linear_probe
 
 TARGET_S = 600.0  # linear probe plus kNN of ImageNet-sized features on one GPU
 BAYES_ERROR = 0.25

@@ -11,7 +11,7 @@ each class: ``mvmr_hf.labelled_subset``) and
 
 Multi-label transfer (the protocol of the paper's Table 3) on digit pairs (``write_digit_pairs``: two
 real digits side by side per image, labelled with the digits shown; 1,000 training / 300 test
-pairs): the mAP of the ``multilabel`` protocol's probe (``mvmr_hf.evaluation.protocols.multilabel_probe``),
+pairs): the mAP of the ``multilabel`` protocol's probe (``mvmr_hf.evaluation.probe.multilabel_probe``),
 with scikit-learn's ``OneVsRestClassifier(LogisticRegression)`` at the weight decay it chose, on
 the same features, as the reference.
 
@@ -74,7 +74,8 @@ def _random_release(folder: Path) -> Path:
 def _probe_on_subset(model: Path, digits: Path, rows: list[int], device: torch.device) -> float:
     """Linear-probe top-1 of ``model``'s frozen features fitted on the training ``rows`` only."""
     from mvmr_hf.data.loading import load_image_dataset
-    from mvmr_hf.evaluation.protocols import extract_features, linear_probe, load_encoder
+    from mvmr_hf.evaluation.features import extract_features, load_encoder
+    from mvmr_hf.evaluation.probe import linear_probe
 
     encoder = load_encoder(str(model))
     train, test = (
@@ -114,8 +115,9 @@ def _multilabel(model: Path, pairs: Path, cache: Path, device: torch.device) -> 
     from sklearn.preprocessing import StandardScaler
 
     from mvmr_hf.data.loading import load_image_dataset
+    from mvmr_hf.evaluation.features import extract_features, load_encoder
     from mvmr_hf.evaluation.multilabel import multi_hot_encoding
-    from mvmr_hf.evaluation.protocols import extract_features, load_encoder, multilabel_probe
+    from mvmr_hf.evaluation.probe import multilabel_probe
 
     encoder = load_encoder(str(model))
     splits = [load_image_dataset(str(pairs), split=split, streaming=False) for split in ("train", "test")]

@@ -72,7 +72,9 @@ from mvmr_hf.cli.train import distill_main
 from mvmr_hf.data.augment import CENTER_CROP_FRACTION, center_view
 from mvmr_hf.data.loading import load_image_dataset
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.evaluation.protocols import extract_features, knn_classify, linear_probe, load_encoder
+from mvmr_hf.evaluation.features import extract_features, load_encoder
+from mvmr_hf.evaluation.knn import knn_classify
+from mvmr_hf.evaluation.probe import linear_probe
 from mvmr_hf.models.efficientnet_lite import save_efficientnet_lite
 from mvmr_hf.models.representations.teacher import load_teacher
 from mvmr_hf.models.student import build_student

@@ -458,7 +458,8 @@ def linear_and_knn(
 ) -> dict[str, float]:
     """Linear-probe and kNN top-1 (percent) of ``model``'s frozen features, by ``mvmr_hf.evaluate``."""
     # Imported here: the speed benchmarks that share this module need no transformers or timm.
-    from mvmr_hf.evaluation.protocols import evaluate, load_encoder
+    from mvmr_hf.evaluation.features import load_encoder
+    from mvmr_hf.evaluation.protocols import evaluate
 
     results = evaluate(load_encoder(str(model)), str(data), train_split=splits[0], test_split=splits[1],
                        protocols=("linear", "knn"), cache_dir=cache, device=device)  # fmt: skip

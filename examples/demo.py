@@ -23,7 +23,8 @@ import torch
 
 from mvmr_hf.cli.train import distill_main
 from mvmr_hf.data.sample_data import write_digits
-from mvmr_hf.evaluation.protocols import evaluate, load_encoder
+from mvmr_hf.evaluation.features import load_encoder
+from mvmr_hf.evaluation.protocols import evaluate
 from mvmr_hf.models.efficientnet_lite import save_efficientnet_lite
 from mvmr_hf.models.student import build_student
 from mvmr_hf.release.export import export_student

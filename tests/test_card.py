@@ -146,7 +146,7 @@ def test_merge_results_replaces_remeasured_metrics_and_keeps_the_rest():
 
 
 def test_results_list_every_protocol_with_its_labels_and_command_and_parse_back(tmp_path):
-    from mvmr_hf.evaluation.protocols import ProtocolResult, to_eval_results
+    from mvmr_hf.evaluation.results import ProtocolResult, to_eval_results
 
     measured = [
         ProtocolResult("linear", 95.0, 99.5, "L-BFGS"),

@@ -23,19 +23,12 @@ from mvmr_hf.cli.release import align_main, evaluate_main
 from mvmr_hf.data.augment import CENTER_CROP_FRACTION, center_view
 from mvmr_hf.data.loading import load_image_dataset
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.evaluation import protocols as evaluation
-from mvmr_hf.evaluation.protocols import (
-    WEIGHT_DECAYS,
-    evaluate,
-    extract_features,
-    feature_device,
-    knn_classify,
-    knn_scores,
-    linear_probe,
-    load_encoder,
-    topk_accuracy,
-    zero_shot,
-)
+from mvmr_hf.evaluation import probe
+from mvmr_hf.evaluation.features import extract_features, feature_device, load_encoder
+from mvmr_hf.evaluation.knn import knn_classify, knn_scores
+from mvmr_hf.evaluation.probe import WEIGHT_DECAYS, linear_probe, topk_accuracy
+from mvmr_hf.evaluation.protocols import evaluate
+from mvmr_hf.evaluation.zeroshot import zero_shot
 from mvmr_hf.models.student import build_student
 from mvmr_hf.models.tiny_models import save_tiny_teacher
 from mvmr_hf.release.align import fit_alignment, load_alignment, save_alignment
@@ -109,7 +102,7 @@ def test_linear_probe_in_small_chunks_matches_sklearn_and_one_chunk(
     tensors = list(map(torch.from_numpy, digit_pixels))
     whole = linear_probe(*tensors, chunk_size=len(train_x))
     if not standardised_copy_fits:  # the refit then standardises a chunk at a time at every step
-        monkeypatch.setattr(evaluation, "feature_device", lambda nbytes, device: torch.device("meta"))
+        monkeypatch.setattr(probe, "feature_device", lambda nbytes, device: torch.device("meta"))
     chunked = linear_probe(*tensors, chunk_size=37)  # 38 chunks, the last one of 31 rows
     assert chunked.weight_decay == whole.weight_decay
     assert chunked.top1 == pytest.approx(whole.top1, abs=100 / len(test_y))  # one test image at most

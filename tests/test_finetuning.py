@@ -24,8 +24,8 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 from mvmr_hf.cli.release import evaluate_main
 from mvmr_hf.data.loading import load_image_dataset
 from mvmr_hf.errors import PREEMPTED_EXIT, ConfigError
+from mvmr_hf.evaluation.features import extract_features, load_encoder
 from mvmr_hf.evaluation.finetuning import global_batches, labelled_subset
-from mvmr_hf.evaluation.protocols import extract_features, load_encoder
 from mvmr_hf.models.student import build_student
 from mvmr_hf.release.export import export_student
 from mvmr_hf.training.loop import StopRequest

@@ -26,7 +26,8 @@ from mvmr_hf.cli.release import evaluate_main
 from mvmr_hf.data.loading import load_image_dataset
 from mvmr_hf.data.sample_data import digit_pairs, write_digit_pairs
 from mvmr_hf.errors import ConfigError
-from mvmr_hf.evaluation import protocols as evaluation
+from mvmr_hf.evaluation import protocols
+from mvmr_hf.evaluation.features import extract_features, load_encoder
 from mvmr_hf.evaluation.multilabel import (
     MultiHot,
     average_precisions,
@@ -34,13 +35,8 @@ from mvmr_hf.evaluation.multilabel import (
     mean_average_precision,
     multi_hot_encoding,
 )
-from mvmr_hf.evaluation.protocols import (
-    WEIGHT_DECAYS,
-    evaluate,
-    extract_features,
-    load_encoder,
-    multilabel_probe,
-)
+from mvmr_hf.evaluation.probe import WEIGHT_DECAYS, multilabel_probe
+from mvmr_hf.evaluation.protocols import evaluate
 from mvmr_hf.models.student import build_student
 from mvmr_hf.release.export import export_student
 
@@ -307,9 +303,7 @@ def test_mvmr_evaluate_multilabel_on_digit_pairs_writes_map_in_the_card(pairs, r
 def test_a_protocol_on_the_wrong_label_kind_is_one_line_and_writes_nothing(
     digits, pairs, release, dataset, protocol, message, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setattr(
-        evaluation, "extract_features", lambda *a, **k: pytest.fail("features were extracted")
-    )
+    monkeypatch.setattr(protocols, "extract_features", lambda *a, **k: pytest.fail("features were extracted"))
     folder, cache = shutil.copytree(release, tmp_path / "release"), tmp_path / "cache"
     before = snapshot(folder)
     path, label_column = (digits, "label") if dataset == "digits" else (pairs[dataset], "labels")

@@ -21,7 +21,7 @@ from transformers import AutoImageProcessor, AutoModel
 from mvmr_hf.cli.release import export_main
 from mvmr_hf.data.augment import CENTER_CROP_FRACTION, center_view
 from mvmr_hf.errors import ConfigError, TrainingError
-from mvmr_hf.evaluation.protocols import load_encoder
+from mvmr_hf.evaluation.features import load_encoder
 from mvmr_hf.models.student import build_student
 from mvmr_hf.release.card import CardInfo
 from mvmr_hf.release.export import (

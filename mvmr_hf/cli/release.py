@@ -38,15 +38,10 @@ from mvmr_hf.config import (
 from mvmr_hf.data.loading import load_image_dataset
 from mvmr_hf.distributed import launch_state
 from mvmr_hf.errors import ConfigError
+from mvmr_hf.evaluation.features import extract_features, load_encoder
 from mvmr_hf.evaluation.finetuning import Finetuning
-from mvmr_hf.evaluation.protocols import (
-    evaluate,
-    extract_features,
-    format_table,
-    load_encoder,
-    parse_protocols,
-    to_eval_results,
-)
+from mvmr_hf.evaluation.protocols import evaluate, parse_protocols
+from mvmr_hf.evaluation.results import format_table, to_eval_results
 from mvmr_hf.release.align import alignment_teacher, fit_alignment
 from mvmr_hf.release.export import TRAINING_ARGS, add_alignment, check_release, export_run, update_card
 from mvmr_hf.release.hub import push_to_hub

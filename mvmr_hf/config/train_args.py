@@ -459,6 +459,3 @@ class DistillTrainingArguments(TrainingArguments):
         "Linear warm-up before the cosine decay, stepped per optimizer step: a fraction of all steps when "
         "below 1, else a number of steps (paper: 10 of 200 epochs).",
     )
-
-
-# ----------------------------------------------------------------------------- release commands

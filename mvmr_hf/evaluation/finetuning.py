@@ -27,7 +27,7 @@ pushed release, a timm name), on any labelled split:
    ``checkpoints/step-NNNNNN`` and ``metrics.jsonl``; ``--resume`` continues at the same step (the
    data position follows from the step), a stop signal saves a checkpoint and exits with status 75.
 6. **The result**: top-1 / top-5 of the classifier on the test split, through the model's own
-   evaluation preprocessing (:func:`~mvmr_hf.evaluation.protocols.extract_features`, sharded over processes),
+   evaluation preprocessing (:func:`~mvmr_hf.evaluation.features.extract_features`, sharded over processes),
    written to ``results.json``; the classifier is released in ``classifier/``, loadable with
    ``transformers.AutoModelForImageClassification`` (``TimmWrapperForImageClassification``) and
    ``timm.create_model("local-dir:...")``.
@@ -71,17 +71,11 @@ from mvmr_hf.data.loading import (
 )
 from mvmr_hf.distributed import sha256_seed
 from mvmr_hf.errors import ConfigError
+from mvmr_hf.evaluation.features import class_names, extract_features, locate_model, timm_encoder
 from mvmr_hf.evaluation.multilabel import multi_hot_encoding
-from mvmr_hf.evaluation.protocols import (
-    ProtocolResult,
-    check_label_kind,
-    class_names,
-    extract_features,
-    locate_model,
-    timm_encoder,
-    to_eval_results,
-    topk_accuracy,
-)
+from mvmr_hf.evaluation.probe import topk_accuracy
+from mvmr_hf.evaluation.protocols import check_label_kind
+from mvmr_hf.evaluation.results import ProtocolResult, to_eval_results
 from mvmr_hf.models.representations.teacher import loading_errors
 from mvmr_hf.models.timm_folder import CONFIG, WEIGHTS, write_timm_config
 from mvmr_hf.release.card import TEMPLATES, hub_id_or_none

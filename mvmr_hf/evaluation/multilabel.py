@@ -2,7 +2,7 @@
 
 The paper measures transfer to PASCAL VOC 2007 with "a linear classifier on top of the frozen
 representations", trained on VOC07 trainval and reported as mAP on VOC07 test (section 6,
-Table 3). :func:`mvmr_hf.evaluation.protocols.multilabel_probe` is that classifier; this module decides
+Table 3). :func:`mvmr_hf.evaluation.probe.multilabel_probe` is that classifier; this module decides
 what a label column holds, turns its rows into multi-hot targets and scores the classifier.
 
 Label kinds, told apart from the ``datasets`` schema alone (:func:`column_kind`), so that a

@@ -525,7 +525,7 @@ def loading_errors(name: str, *, what: str = "teacher") -> Iterator[None]:
     """Turn the errors of loading ``name`` into one-line :class:`ConfigError` messages naming it.
 
     Serves every loader that takes a local folder or a Hub id: ``from_pretrained`` here, and timm's
-    pretrained weights of an evaluated ``--model`` (:func:`mvmr_hf.evaluation.protocols.load_encoder`), whose
+    pretrained weights of an evaluated ``--model`` (:func:`mvmr_hf.evaluation.features.load_encoder`), whose
     download fails with the same Hub errors. ``what`` names the argument in the message.
     """
     try:
