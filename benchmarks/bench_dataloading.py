@@ -2,7 +2,7 @@
 
 A local parquet data set of ImageNet-like JPEG photographs (about 500 x 375 px, written once
 to a temporary folder by ``common.write_photo_parquet``) is streamed through the package's
-own pipeline, ``mvmr_hf.data.loading.load_image_dataset`` + ``build_dataloader``: undecoded rows,
+own pipeline, ``mvmr_hf.data.load_image_dataset`` + ``build_dataloader``: undecoded rows,
 PIL decoding, the non-augmented view, uint8 batches, and either
 
 - ``workers``: the paper's augmented view made in the workers, one image at a time, or
@@ -32,13 +32,10 @@ import torch
 from common import parser, report, resolve_device, time_call, write_photo_parquet
 
 from mvmr_hf.cli import run_cli
-from mvmr_hf.data.loading import (
-    build_dataloader,
-    decode_image,
-    default_source_size,
-    load_image_dataset,
-    read_encoded,
-)
+from mvmr_hf.data.decode import decode_image
+from mvmr_hf.data.loader import build_dataloader
+from mvmr_hf.data.loading import load_image_dataset, read_encoded
+from mvmr_hf.data.views import default_source_size
 
 SIZES = (64, 224)
 QUICK_SIZES = (224,)

@@ -24,19 +24,11 @@ from sklearn.datasets import load_digits
 from torchvision.transforms.v2 import functional as TF
 
 from mvmr_hf.data.augment import ViewAugment
-from mvmr_hf.data.loading import (
-    BadImageError,
-    build_dataloader,
-    decode_image,
-    decode_on,
-    default_num_workers,
-    default_source_size,
-    image_key,
-    jpeg_size,
-    load_image_dataset,
-    resolve_image_column,
-)
+from mvmr_hf.data.decode import decode_image, decode_on, jpeg_size
+from mvmr_hf.data.loader import build_dataloader, default_num_workers
+from mvmr_hf.data.loading import BadImageError, image_key, load_image_dataset, resolve_image_column
 from mvmr_hf.data.sample_data import write_digits, write_sample_images
+from mvmr_hf.data.views import default_source_size
 from mvmr_hf.errors import ConfigError
 
 SIZE = 16

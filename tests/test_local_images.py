@@ -31,7 +31,10 @@ from PIL import Image
 from skimage import data as skdata
 
 from mvmr_hf.cli.train import distill_main
-from mvmr_hf.data.loading import ViewsDataset, build_dataloader, decode_image, load_image_dataset
+from mvmr_hf.data.decode import decode_image
+from mvmr_hf.data.loader import build_dataloader
+from mvmr_hf.data.loading import load_image_dataset
+from mvmr_hf.data.views import ViewsDataset
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state", "one_torch_thread")
 

@@ -26,7 +26,8 @@ from transformers import AutoImageProcessor, AutoModel, CLIPImageProcessor, CLIP
 
 from mvmr_hf.cli.train import distill_main
 from mvmr_hf.config import ModelArguments, TeacherArguments
-from mvmr_hf.data.loading import build_dataloader, load_image_dataset
+from mvmr_hf.data.loader import build_dataloader
+from mvmr_hf.data.loading import load_image_dataset
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.loss.objective import MVMRLoss
 from mvmr_hf.models.tiny_models import save_tiny_teacher

@@ -228,7 +228,7 @@ class DataArguments:
     num_workers: int | None = _opt(
         None,
         "Data-loading worker processes per training process (default: this machine's CPU cores shared among "
-        "its processes, at least 1: mvmr_hf.data.loading.default_num_workers).",
+        "its processes, at least 1: mvmr_hf.data.default_num_workers).",
     )
     device_views: bool | None = _opt(
         None,

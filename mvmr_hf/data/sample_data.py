@@ -10,7 +10,7 @@ Nothing here downloads anything: the pixels come from packages that ship them.
   image), like VOC07's images listing their objects.
 * :func:`write_sample_images` writes scikit-image's sample photographs (various sizes and
   colour modes) as an image folder, optionally with images in unusual modes and with broken
-  files, to exercise the decoding in :mod:`mvmr_hf.data.loading`.
+  files, to exercise the decoding in :mod:`mvmr_hf.data.decode`.
 
 Example::
 

@@ -35,12 +35,8 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from mvmr_hf.data.augment import center_view
-from mvmr_hf.data.loading import (
-    BadImageError,
-    decode_image,
-    read_encoded,
-    resolve_image_column,
-)
+from mvmr_hf.data.decode import decode_image
+from mvmr_hf.data.loading import BadImageError, read_encoded, resolve_image_column
 from mvmr_hf.distributed import holds_on_every_process, launch_state
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.evaluation.multilabel import (
@@ -198,7 +194,7 @@ class FeatureSet:
     Both are on the evaluation device when the features fit there (:func:`feature_device`), else
     on the CPU. ``labels`` is all -1 when the split was read without a label column, and the
     (N, C) uint8 multi-hot targets for a multi-label column (:mod:`mvmr_hf.evaluation.multilabel`).
-    ``skipped`` counts the images that could not be decoded (see :mod:`mvmr_hf.data.loading`); they are
+    ``skipped`` counts the images that could not be decoded (see :mod:`mvmr_hf.data.decode`); they are
     left out together with their labels.
     """
 

@@ -62,13 +62,8 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from mvmr_hf.config import FinetuneArguments, check_label_fraction, parse_signals
-from mvmr_hf.data.loading import (
-    BadImageError,
-    decode_image,
-    load_image_dataset,
-    read_encoded,
-    resolve_image_column,
-)
+from mvmr_hf.data.decode import decode_image
+from mvmr_hf.data.loading import BadImageError, load_image_dataset, read_encoded, resolve_image_column
 from mvmr_hf.distributed import sha256_seed
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.evaluation.features import class_names, extract_features, locate_model, timm_encoder

@@ -16,7 +16,7 @@ checkpoints and are not released.
 ``benchmarks/bench_step.py`` times this loop's phases from outside, with hooks on what it builds;
 ``benchmarks/bench_loop.py`` measures its own rate, from its metrics, against its parts alone.
 
-The data stream is already split across processes by :mod:`mvmr_hf.data.loading`, so the loader is
+The data stream is already split across processes by :mod:`mvmr_hf.data`, so the loader is
 *not* given to ``accelerator.prepare`` (which would split it again); batches move to the
 device in the loop, and each process saves its own loader position in every checkpoint. A run
 killed at any moment resumes from its latest complete checkpoint at the same step, data
@@ -62,13 +62,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from mvmr_hf.config import DataArguments, LossArguments, ModelArguments, TeacherArguments, TrainingArguments
 from mvmr_hf.data.augment import CENTER_CROP_FRACTION, parse_crop_scale
-from mvmr_hf.data.loading import (
-    DataStats,
-    ViewsLoader,
-    build_dataloader,
-    default_num_workers,
-    load_image_dataset,
-)
+from mvmr_hf.data.loader import ViewsLoader, build_dataloader, default_num_workers
+from mvmr_hf.data.loading import DataStats, load_image_dataset
 from mvmr_hf.distributed import reduce_flag, reduce_int
 from mvmr_hf.errors import ConfigError, PreemptedError, TrainingError
 from mvmr_hf.loss.dcor import check_batch_size
