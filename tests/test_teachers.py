@@ -33,8 +33,9 @@ from mvmr_hf.loss.objective import MVMRLoss
 from mvmr_hf.models.tiny_models import save_tiny_teacher
 from mvmr_hf.release.align import alignment_teacher
 from mvmr_hf.storage.checkpoint import TRAINER_STATE, checkpoint_path, latest_checkpoint
-from mvmr_hf.training.loop import build_representations, representation_outputs
+from mvmr_hf.training.loop import build_representations
 from mvmr_hf.training.teacher_cache import CACHE_DIR
+from mvmr_hf.training.teacher_outputs import representation_outputs
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
