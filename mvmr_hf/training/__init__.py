@@ -1,1 +1,50 @@
-"""placeholder"""
+"""A training run: :func:`train`'s loop (:mod:`.loop`), its output folder (:mod:`.run_folder`),
+metrics (:mod:`.metrics`) and the teachers' outputs with their exact cache (:mod:`.teacher_outputs`,
+:mod:`.teacher_cache`).
+"""
+
+from mvmr_hf.training.loop import (
+    StopRequest,
+    build_feature_matching,
+    build_optimizer,
+    build_representations,
+    resolve_mixed_precision,
+    train,
+)
+from mvmr_hf.training.metrics import MetricsLogger, truncate_metrics
+from mvmr_hf.training.run_folder import (
+    check_output_dir_free,
+    check_outputs,
+    flat_arguments,
+    flat_defaults,
+    mark_preempted,
+    own_output_dir,
+    prepare_output_dir,
+    resume_point,
+)
+from mvmr_hf.training.teacher_cache import TeacherCache, cache_folder
+from mvmr_hf.training.teacher_outputs import representation_outputs, share_cache, teacher_caches
+
+__all__ = [
+    "MetricsLogger",
+    "StopRequest",
+    "TeacherCache",
+    "build_feature_matching",
+    "build_optimizer",
+    "build_representations",
+    "cache_folder",
+    "check_output_dir_free",
+    "check_outputs",
+    "flat_arguments",
+    "flat_defaults",
+    "mark_preempted",
+    "own_output_dir",
+    "prepare_output_dir",
+    "representation_outputs",
+    "resolve_mixed_precision",
+    "resume_point",
+    "share_cache",
+    "teacher_caches",
+    "train",
+    "truncate_metrics",
+]
