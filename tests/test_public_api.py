@@ -68,13 +68,45 @@ def _imports(path, module, package_root):
     return {name for name in found if name in modules and name != module}
 
 
-def test_the_package_import_graph_has_no_cycle():
-    """Every import between mvmr_hf's modules, function-level ones too, points down a layering."""
+LAYERS = (
+    "mvmr_hf.errors",
+    "mvmr_hf.utils",
+    "mvmr_hf.distributed",
+    "mvmr_hf.loss",
+    "mvmr_hf.data",
+    "mvmr_hf.models",
+    "mvmr_hf.config",
+    "mvmr_hf.storage",
+    "mvmr_hf.release",
+    "mvmr_hf.training",
+    "mvmr_hf.evaluation",
+    "mvmr_hf.cli",
+)
+"""The layers, lowest first (docs/architecture.md): a module imports from its own layer and those below."""
+
+
+def _import_graph():
+    """Every mvmr_hf module and the mvmr_hf modules it imports, function-level imports included."""
     root = Path(mvmr_hf.__file__).parent
     graph = {}
     for path in root.rglob("*.py"):
         module = ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
         graph[module] = _imports(path, module, root)
+    return graph
+
+
+def _layer(module):
+    """The index in LAYERS of ``module``'s top-level module or sub-package; None for ``mvmr_hf`` itself."""
+    if module == "mvmr_hf":
+        return None
+    top = ".".join(module.split(".")[:2])
+    assert top in LAYERS, f"{top} is in no layer: place it in LAYERS and docs/architecture.md"
+    return LAYERS.index(top)
+
+
+def test_the_package_import_graph_has_no_cycle():
+    """Every import between mvmr_hf's modules, function-level ones too, points down a layering."""
+    graph = _import_graph()
     done, on_path = set(), []
 
     def visit(module):
@@ -93,3 +125,24 @@ def test_the_package_import_graph_has_no_cycle():
     for module, imported in graph.items():  # the command line is the top layer: the library never imports it
         if not module.startswith("mvmr_hf.cli"):
             assert not any(name.startswith("mvmr_hf.cli") for name in imported), f"{module} imports the CLI"
+
+
+def test_each_layer_imports_only_from_the_layers_below_it():
+    """``mvmr_hf`` itself (the lazy public API over every layer) is the one module outside the order."""
+    upward = [
+        f"{module} imports {imported}"
+        for module, imports in sorted(_import_graph().items())
+        for imported in sorted(imports)
+        if None not in (_layer(module), _layer(imported)) and _layer(imported) > _layer(module)
+    ]
+    assert not upward, "imports up the layers: " + "; ".join(upward)
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    """The check reads function-level imports too: a data module importing training is caught."""
+    source = tmp_path / "views.py"
+    source.write_text("def f():\n    from mvmr_hf.training.loop import train\n")
+    root = Path(mvmr_hf.__file__).parent
+    imported = _imports(source, "mvmr_hf.data.views", root)
+    assert imported == {"mvmr_hf.training.loop"}
+    assert _layer("mvmr_hf.training.loop") > _layer("mvmr_hf.data.views")
