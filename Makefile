@@ -32,8 +32,8 @@ test: $(STAMP)
 # torch, torchvision and their CUDA libraries are linked in from $(VENV), not installed a second time:
 # 6 GB more ran a CI runner's disk full.
 FLOORS_VENV ?= .venv-floors
-FLOOR_TESTS ?= tests/test_public_api.py tests/test_release.py tests/test_teacher.py tests/test_train.py \
-	tests/test_data.py tests/test_checkpoint.py tests/test_efficientnet_lite.py
+FLOOR_TESTS ?= tests/test_public_api.py tests/release/test_export.py tests/models/test_teacher.py tests/training/test_loop.py \
+	tests/data/test_data_pipeline.py tests/storage/test_checkpoint.py tests/models/test_efficientnet_lite.py
 floors: $(STAMP)
 	rm -rf $(FLOORS_VENV)
 	$(PYTHON) -m venv $(FLOORS_VENV)

@@ -1,7 +1,8 @@
 """Fixtures and helpers shared by several test modules: real tiny data and a tiny teacher, built once.
 
 Test modules import the helpers (``from conftest import tiny_args``): pytest puts this folder on
-``sys.path``.
+``sys.path``. The test modules sit in one folder per sub-package of ``mvmr_hf`` (the whole package's
+at the top); their names are unique across folders, so they need no ``__init__.py``.
 """
 
 from __future__ import annotations

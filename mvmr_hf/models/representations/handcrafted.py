@@ -151,7 +151,7 @@ class ScatNet(Representation):
     the project's :class:`~mvmr_hf.models.representations.scattering.Scattering2D` (faster there), on an
     accelerator kymatio's own torch ``Scattering2D``, whose one batched call per wavelet is the
     faster of the two on a GPU (``benchmarks/results/representations-cuda.json``). Both give
-    kymatio's coefficients (``tests/test_representations.py``).
+    kymatio's coefficients (``tests/models/test_representations.py``).
     """
 
     name = "scatnet"

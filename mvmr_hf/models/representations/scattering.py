@@ -2,7 +2,7 @@
 
 Same Morlet filters (``kymatio.scattering2d.filter_bank``), reflection padding, paths and
 output order as ``kymatio``'s ``Scattering2D``; the results agree to float32 rounding
-(``tests/test_representations.py`` checks them against kymatio's NumPy backend). kymatio's
+(``tests/models/test_representations.py`` checks them against kymatio's NumPy backend). kymatio's
 torch backend runs one wavelet per call on the whole batch; here, for a chunk of images that
 fits in the CPU cache, all L wavelets of a scale are applied together and each filtered
 spectrum is periodized (the Fourier side of subsampling) alias by alias with ``addcmul_``,

@@ -28,7 +28,7 @@ from mvmr_hf.errors import PREEMPTED_EXIT, ConfigError
 from mvmr_hf.storage.checkpoint import checkpoint_problem, latest_checkpoint, read_trainer_state
 from mvmr_hf.training.run_folder import PREEMPTED
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = str(REPO / "examples" / "pretrain.py")
 SBATCH = REPO / "examples" / "slurm" / "distill.sbatch"
 CONFIGS = REPO / "examples" / "accelerate"

@@ -35,7 +35,7 @@ from mvmr_hf.training.teacher_cache import TeacherCache
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- end-to-end runs

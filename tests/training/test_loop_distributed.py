@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from mvmr_hf.storage.checkpoint import latest_checkpoint, read_trainer_state
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = str(REPO / "examples" / "pretrain.py")
 DISTILL = str(REPO / "examples" / "distill.py")
 TERMS = ("loss", "invariance", "variance", "dcor/views", "dcor/lsd")

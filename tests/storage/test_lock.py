@@ -19,7 +19,7 @@ from mvmr_hf.storage.lock import LOCK_FILE, FolderLock, check_folder_free, hold_
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_held_folder_is_refused_with_its_holder_and_free_again_once_released(tmp_path):

@@ -39,7 +39,7 @@ from mvmr_hf.training.teacher_outputs import representation_outputs
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_each_teacher_is_its_own_processor_and_forward_and_the_loss_sums_their_t
             "timm-cnn": AutoModel.from_pretrained(timm_teacher)(timm_pixels).pooler_output,
         }
     # The processors resize PIL images; the teachers, tensors the same way, to within one gray level on a
-    # few pixels (tests/test_teacher.py bounds it): outputs equal up to that.
+    # few pixels (tests/models/test_teacher.py bounds it): outputs equal up to that.
     for name, reference in expected.items():
         torch.testing.assert_close(outputs[name], reference, atol=1e-4, rtol=1e-3)
 
