@@ -243,7 +243,8 @@ class DataArguments:
         "Decode the JPEGs on the CUDA GPU (nvJPEG, batched) instead of in the workers, which then only read "
         "each JPEG's header: for when the workers cannot decode as fast as the GPU trains. Needs CUDA and "
         "device views; other formats, CMYK and EXIF-rotated JPEGs are still decoded by the workers. The "
-        "pixels may differ from PIL's by a few gray levels (tests/data/test_data_pipeline.py gives the bound).",
+        "pixels may differ from PIL's by a few gray levels (tests/data/test_data_pipeline.py gives the "
+        "bound).",
     )
     view_source_size: int | None = _opt(
         None,
