@@ -3,7 +3,7 @@
 The question this benchmark answers: does the project's student, trained with its defaults, reach
 what the simplest feature distillation a user would try first reaches on the same budget? Every
 student cell is a complete run of the command users type (``mvmr_hf.cli.train.distill_main``, in
-this process), released, and probed through its release's own eval view by ``mvmr_hf.evaluation.protocols``:
+this process), released, and probed through its release's own eval view by ``mvmr_hf.evaluation``:
 
 - linear: the L-BFGS logistic-regression probe on all training images' frozen features;
 - 20 labels: the same probe fitted on 20 labelled training images per class (a seeded draw);
