@@ -75,24 +75,20 @@ STOP_SIGNALS_HELP = (
     "before a kill, SIGUSR1 what SLURM's --signal=USR1@SECONDS sends before a time limit; empty: none."
 )
 
-
 MIXED_PRECISION_HELP = (
     "Mixed precision; when omitted, what `accelerate launch` or `accelerate config` set, else bf16 on a CUDA "
     "GPU that supports it (the paper's released code trained in 16-bit precision; it is also the faster "
     "setting: benchmarks/results/loop-cuda.json), else no."
 )
 
-
 DEFAULT_FEATURE_MATCHING_WEIGHT = 1.0
 """``--feature-matching-weight`` when omitted: on, since on Fashion-MNIST with two ImageNet teachers
 the paper's dCor terms alone lose to classic feature distillation (README, "Quality")."""
-
 
 DEFAULT_TEACHER_VIEW = "augmented"
 """``--teacher-view`` when omitted: every teacher term compares student and teacher on one random view,
 as classic feature distillation does, and the student runs once a step when λ = μ = α = 0 (README,
 "Quality")."""
-
 
 RESUME_HELP = (
     "Continue a run: alone (or 'latest') from the newest complete checkpoint in the output folder, starting "
@@ -110,7 +106,6 @@ class TeacherSpec:
 
 
 TEACHER_NAME = re.compile(r"[A-Za-z0-9._-]+")
-
 
 RESERVED_NAMES = frozenset({"views", *PAPER_REPRESENTATIONS})
 """Term names a teacher cannot take: the L2 term between the views and the hand-crafted descriptors."""

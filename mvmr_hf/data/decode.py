@@ -63,7 +63,6 @@ def decode_image(encoded: bytes) -> torch.Tensor:
 
 _JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
 
-
 _EXIF_ORIENTATION = 0x0112
 
 

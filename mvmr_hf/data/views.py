@@ -47,10 +47,8 @@ CHUNK_ROWS = 8
 """Rows a DataLoader worker sends at once: few enough that a batch mixes every worker's rows,
 enough to share the cost of moving tensors between processes (one shared-memory file per view)."""
 
-
 _VIEWS = ("image", "augmented", "source")
 """The image tensors a sample can have, stacked per chunk."""
-
 
 _START = {"row": 0, "block": 0, "block_start": None, "consumed": 0}
 """A worker's position before its first row: rows done, and for streams the shuffle block, the

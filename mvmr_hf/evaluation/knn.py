@@ -20,7 +20,6 @@ from mvmr_hf.utils import check_int
 
 KNN_K = 20
 
-
 KNN_TEMPERATURE = 0.07
 
 

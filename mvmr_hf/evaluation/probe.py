@@ -37,10 +37,8 @@ from mvmr_hf.utils import check_int
 
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
-
 SEARCH_ROWS = 100_000
 """Training rows the weight-decay search of :func:`linear_probe` fits and validates on, at most."""
-
 
 CHUNK_ELEMENTS = 1 << 25
 """Numbers in one chunk of the probe (features and logits) or of kNN (similarities): 128 MiB in float32."""

@@ -96,9 +96,7 @@ __all__ = [
     "build_feature_matching",
     "build_optimizer",
     "build_representations",
-    "representation_outputs",
     "resolve_mixed_precision",
-    "share_cache",
     "train",
 ]
 
