@@ -390,6 +390,26 @@ def extract_features(
     :mod:`mvmr_hf.evaluation.multilabel`) gives (N, C) uint8 targets, encoded by ``targets``: by default
     :func:`~mvmr_hf.evaluation.multilabel.multi_hot_encoding` of this split alone; pass that of the
     training and test splits together so that they agree on C (as :func:`evaluate` does).
+
+    Args:
+        encoder: the frozen model; its ``view_size`` is the side of the center view it is given.
+        split: a map-style ``datasets.Dataset``, not a streamed one.
+        image_column: the column holding the images; None picks the single image column.
+        label_column: the column holding the labels (class ids or a multi-label column); None reads
+            no labels (all -1).
+        batch_size: images per forward pass (and rows per gather across processes).
+        device: where the encoder runs; None: this process's launch device.
+        num_workers: DataLoader workers decoding the images (0: in this process).
+        cache_dir: a folder for ``<hash>.safetensors`` feature files; None: no cache.
+        targets: the multi-hot encoding of a multi-label ``label_column``; None: that of this split
+            alone (ignored for a class-id column, whose encoding is None).
+
+    Returns:
+        A :class:`FeatureSet`: ``features`` (N, D) float32 and ``labels`` (N,) int64 or (N, C) uint8,
+        N the decodable images of the split.
+
+    Raises:
+        ConfigError: a streamed split, no decodable image, or -1 labels in a labelled split.
     """
     if not isinstance(split, datasets.Dataset):
         raise ConfigError("extract_features needs a map-style split: load it with streaming=False.")

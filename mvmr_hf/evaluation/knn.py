@@ -42,6 +42,20 @@ def knn_scores(
     ``chunk_size`` test rows against ``train_chunk_size`` training rows at a time (default:
     about :data:`CHUNK_ELEMENTS` numbers per block), keeping a running top-k, so memory does
     not grow with the training split. ``device`` defaults to where ``train_features`` are.
+
+    Args:
+        train_features: (N, D) frozen features of the training split (any float dtype).
+        train_labels: (N,) int64 class ids in [0, ``num_classes``).
+        test_features: (N_test, D) frozen features of the test split.
+        num_classes: C, the number of vote columns.
+        k: the nearest training samples that vote (all of them when the split has fewer).
+        temperature: the temperature of the vote weight ``exp(s / temperature)`` (DINO's 0.07).
+        chunk_size: test rows per block of similarities.
+        train_chunk_size: training rows per block; None: about :data:`CHUNK_ELEMENTS` numbers per block.
+        device: where the similarities are computed; None: where ``train_features`` are.
+
+    Returns:
+        (N_test, C) float32 votes on ``device``: each class's summed weights among the k nearest.
     """
     check_int("chunk_size", chunk_size)
     device = _compute_device(device, train_features)
@@ -84,6 +98,20 @@ def knn_classify(
     """kNN evaluation (cosine, ``k`` = 20, temperature 0.07): top-1 / top-5 accuracy in percent.
 
     ``chunk_size``, ``train_chunk_size`` and ``device`` as in :func:`knn_scores`.
+
+    Args:
+        train_features: (N, D) frozen features of the training split (any float dtype).
+        train_labels: (N,) int64 class ids.
+        test_features: (M, D) frozen features of the test split.
+        test_labels: (M,) int64 class ids; C is the largest id of either split plus one.
+        k: the nearest training samples that vote (all of them when the split has fewer).
+        temperature: the temperature of the vote weight ``exp(s / temperature)`` (DINO's 0.07).
+        chunk_size: test rows per block of similarities.
+        train_chunk_size: training rows per block; None: about :data:`CHUNK_ELEMENTS` numbers per block.
+        device: where the similarities are computed; None: where ``train_features`` are.
+
+    Returns:
+        Top-1 and top-5 test accuracy in percent (top-5 None with 5 classes or fewer).
     """
     _check_features(train_features, train_labels, "training")
     _check_features(test_features, test_labels, "test")

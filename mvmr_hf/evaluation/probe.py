@@ -282,6 +282,28 @@ def linear_probe(
     search's rows are standardised once into a copy (at most ``search_rows`` of them), and so is
     the whole training split for the refit where the copy fits on the device
     (:func:`feature_device`); otherwise each L-BFGS step standardises it a chunk at a time.
+
+    Args:
+        train_features: (N, D) frozen features of the training split, float32 or half precision.
+        train_labels: (N,) int64 class ids in [0, C).
+        test_features: (M, D) frozen features of the test split.
+        test_labels: (M,) int64 class ids; C is the largest id of either split plus one.
+        weight_decays: the grid searched, largest first whatever the order given; a single value
+            skips the search.
+        val_fraction: the share, in (0, 1), of the search's rows held out to score each weight decay.
+        max_iter: the L-BFGS iteration cap of each fit (``torch.optim.LBFGS(max_iter=...)``).
+        seed: seeds the permutation that picks the search's rows and its held-out share.
+        search_rows: the most training rows the search uses (fit and held out together).
+        chunk_size: rows per chunk of the loss and gradient; None: about :data:`CHUNK_ELEMENTS`
+            numbers of features and logits per chunk.
+        device: where the chunks are computed; None: where ``train_features`` are.
+
+    Returns:
+        A :class:`ProbeResult`: top-1 and top-5 test accuracy in percent (top-5 None with 5 classes
+        or fewer) and the weight decay chosen.
+
+    Raises:
+        ConfigError: features that are not (N, D) with N labels.
     """
     _check_features(train_features, train_labels, "training")
     _check_features(test_features, test_labels, "test")
@@ -346,6 +368,29 @@ def multilabel_probe(
     VOC07 classifier for 100 epochs; the problem being convex, L-BFGS fits it to convergence
     instead, as for ``linear``. Reports each class's AP and the mAP on the test split
     (:func:`~mvmr_hf.evaluation.multilabel.average_precisions`: non-interpolated, scikit-learn's).
+
+    Args:
+        train_features: (N, D) frozen features of the training split, float32 or half precision.
+        train_targets: (N, C) 0/1 targets of the training split.
+        test_features: (M, D) frozen features of the test split.
+        test_targets: (M, C) 0/1 targets of the test split, the same C classes.
+        weight_decays: the grid searched, largest first whatever the order given; a single value
+            skips the search.
+        val_fraction: the share, in (0, 1), of the search's rows held out to score each weight decay.
+        max_iter: the L-BFGS iteration cap of each fit (``torch.optim.LBFGS(max_iter=...)``).
+        seed: seeds the permutation that picks the search's rows and its held-out share.
+        search_rows: the most training rows the search uses (fit and held out together).
+        chunk_size: rows per chunk of the loss and gradient; None: about :data:`CHUNK_ELEMENTS`
+            numbers of features and logits per chunk.
+        device: where the chunks are computed; None: where ``train_features`` are.
+
+    Returns:
+        A :class:`MultiLabelResult`: the test mAP and each class's AP in percent, and the weight
+        decay chosen.
+
+    Raises:
+        ConfigError: features that are not (N, D) with N rows of targets, or targets of the two
+            splits with different numbers of classes.
     """
     _check_features(train_features, train_targets, "training", label_ndim=2)
     _check_features(test_features, test_targets, "test", label_ndim=2)

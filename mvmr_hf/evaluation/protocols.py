@@ -82,6 +82,31 @@ def evaluate(
     in ``cache_dir``); the probes and kNN run on ``device`` (see :func:`extract_features`), in
     chunks. Under a launch of several processes, call it on every process: each extracts its
     share of the rows, and each gets the same results; let the main process print and write them.
+
+    Args:
+        encoder: the frozen model (:func:`load_encoder`); it maps the center view to its features.
+        dataset: a Hub id (``owner/name``) or a local folder (:func:`~mvmr_hf.data.load_image_dataset`).
+        config: the data set's configuration (subset), when it has several.
+        train_split: the split the probes and kNN are fitted on (not read for ``zero-shot`` alone).
+        test_split: the split the results are reported on.
+        image_column: the column holding the images; None picks the single image column.
+        label_column: the column holding the labels: one class id per image, or, for
+            ``multilabel``, a list of classes or a multi-hot vector per image.
+        protocols: a subset of ``linear``, ``knn``, ``zero-shot`` and ``multilabel`` (not ``finetune``:
+            see :func:`~mvmr_hf.evaluation.finetune`), each named once.
+        batch_size: images per forward pass of the feature extraction.
+        device: where the encoder, the probes and kNN run; None: this process's launch device
+            (the GPU when there is one, else the CPU).
+        num_workers: DataLoader workers decoding the images (0: in this process).
+        cache_dir: a folder for the features (safetensors, reused across calls); None: no cache.
+
+    Returns:
+        One :class:`ProtocolResult` per protocol run, in the order linear, knn, multilabel, zero-shot
+        (top-1 and top-5 in percent, or ``mean_ap`` for ``multilabel``).
+
+    Raises:
+        ConfigError: an unknown or repeated protocol, ``finetune``, ``zero-shot`` without a text
+            model, or a label column of the wrong kind for a protocol.
     """
     parse_protocols(",".join(protocols))
     if "finetune" in protocols:

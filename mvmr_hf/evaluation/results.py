@@ -20,6 +20,15 @@ class ProtocolResult:
     Classification protocols report ``top1`` and ``top5`` (``None`` with 5 classes or fewer),
     multi-label ones ``mean_ap``; ``label_fraction`` is the share of the training split's labels a
     protocol used (semi-supervised fine-tuning), ``None`` for all of them.
+
+    Attributes:
+        protocol: the protocol (``linear``, ``knn``, ``zero-shot``, ``multilabel``, ``finetune``).
+        top1: top-1 accuracy in percent; None for a multi-label protocol.
+        top5: top-5 accuracy in percent; None with 5 classes or fewer, or for a multi-label protocol.
+        detail: how the scores were obtained, for the table (``"L-BFGS, weight decay 0.001"``).
+        mean_ap: mean average precision in percent (``multilabel``); None for the others.
+        label_fraction: the share of the training split's labels used, in (0, 1] (fine-tuning on a
+            labelled subset, paper Table 1); None for all of them.
     """
 
     protocol: str
@@ -59,6 +68,15 @@ def to_eval_results(
     Each entry carries the task, the dataset (id, config, split), the metric and, as its config,
     the protocol (:attr:`ProtocolResult.name`); its ``args`` hold the label fraction, where one
     applies, and ``command``, the command line that measured it.
+
+    Args:
+        results: the protocols' results (:func:`~mvmr_hf.evaluation.evaluate`); one entry per score
+            each measured, its value rounded to 2 decimals.
+        dataset: the data set evaluated on: a Hub id, kept as is, or a local folder, named by its
+            last path component.
+        config: the data set's configuration (subset), or None.
+        split: the split the scores were measured on.
+        command: the command line that measured them; None: not recorded.
     """
     dataset_id = hub_id_or_none(dataset) or Path(dataset).name
     entries = []
