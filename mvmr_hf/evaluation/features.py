@@ -61,6 +61,20 @@ class Encoder(nn.Module):
     the rest of the model's own preprocessing. :attr:`fingerprint` identifies the features (for
     the cache); :attr:`text_model` names the CLIP-style model whose text tower classifies the
     features zero-shot, after :attr:`alignment` when a student's head maps them into its space.
+
+    Args:
+        model: maps the preprocessed ``(B, 3, S, S)`` views to ``(B, ...)`` features, flattened to
+            ``(B, D)``; it is put in eval mode and frozen.
+        view_size: the side of the square views in [0, 1] that :meth:`forward` takes.
+        fingerprint: JSON-able facts identifying the model's features (a release's file hashes, a
+            teacher's fingerprint), part of the feature cache's key.
+        crop: the side of the center crop taken from each view; None: no crop.
+        mean: the per-channel mean to normalise with; None (or ``std`` None): no normalisation.
+        std: the per-channel standard deviation to normalise with.
+        text_model: the name or path of the CLIP-style model whose text tower classifies zero-shot;
+            None: no zero-shot.
+        alignment: a student's alignment head into ``text_model``'s embedding space, applied by
+            zero-shot (not by :meth:`forward`); None: the features are already in that space.
     """
 
     def __init__(

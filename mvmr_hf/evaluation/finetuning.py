@@ -106,7 +106,17 @@ TEMPLATE = TEMPLATES / "classifier_card.md"
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    """Top-1 / top-5 test accuracy (percent) of the fine-tuned classifier and where it was written."""
+    """Top-1 / top-5 test accuracy (percent) of the fine-tuned classifier and where it was written.
+
+    Attributes:
+        top1: top-1 accuracy on the test split, in percent.
+        top5: top-5 accuracy in percent; None with 5 classes or fewer.
+        label_fraction: the share of the training split's labels fine-tuned on, in (0, 1] (paper
+            Table 1's 1 % and 10 %).
+        num_labelled: the images of the class-balanced labelled subset (:func:`labelled_subset`).
+        steps: the optimizer steps taken, resumed ones included.
+        classifier: the folder the fine-tuned classifier was released to (``classifier/`` of the run).
+    """
 
     top1: float
     top5: float | None
@@ -270,6 +280,20 @@ class Finetuning:
     :meth:`run` raises TrainingError when the loss stops being finite and PreemptedError after a
     stop signal (its checkpoint saved). ``mvmr-evaluate`` builds it before the frozen-feature
     protocols run, so that bad fine-tuning input is told before any of them writes a feature cache.
+
+    Args:
+        model: the backbone to fine-tune: a release folder, a pushed release or a timm model name
+            (not a transformers model).
+        dataset: a Hub id (``owner/name``) or a local folder.
+        args: the fine-tuning options (label fraction, batch size, steps, learning rate, run folder).
+        config: the data set's configuration (subset), when it has several.
+        train_split: the split the labelled subset is drawn from.
+        test_split: the split the accuracy is reported on.
+        image_column: the column holding the images; None picks the single image column.
+        label_column: the column holding one class id per image.
+        eval_batch_size: images per forward pass on the test split.
+        num_workers: DataLoader workers for the training images and the test split (0: in this process).
+        command: the command line recorded in the results and the cards; None: ``sys.argv``.
     """
 
     def __init__(
