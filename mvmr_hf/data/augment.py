@@ -230,11 +230,14 @@ _JITTER_OPS: tuple[Callable[[Tensor, Tensor], Tensor], ...] = (
 class ViewParams:
     """The random parameters of one :class:`ViewAugment` call, one row per sample.
 
-    ``crop_boxes``: (B, 4) float64 ``(left, top, right, bottom)`` pixel edges of the crop.
-    ``flip``, ``jitter``, ``grayscale``: (B,) bool, whether each step is applied.
-    ``jitter_factors``: (B, 4) brightness, contrast, saturation and hue factors.
-    ``jitter_order``: (B, 4) int64, the order in which the four ops run (indices into that list).
-    ``blur_sigma``: (B,) Gaussian blur std in pixels; 0 means no blur (the blur switched off).
+    Attributes:
+        crop_boxes: (B, 4) float64 ``(left, top, right, bottom)`` pixel edges of the crop.
+        flip: (B,) bool, whether each sample is flipped horizontally.
+        jitter: (B,) bool, whether each sample's colours are jittered.
+        jitter_factors: (B, 4) brightness, contrast, saturation and hue factors.
+        jitter_order: (B, 4) int64, the order in which the four ops run (indices into that list).
+        grayscale: (B,) bool, whether each sample is turned to grayscale.
+        blur_sigma: (B,) Gaussian blur std in pixels; 0 means no blur (the blur switched off).
     """
 
     crop_boxes: Tensor

@@ -249,7 +249,8 @@ def build_dataloader(
         dataset: one split, from :func:`load_image_dataset` (streamed or map-style).
         image_size: side S of both views.
         batch_size: images per batch in this process.
-        rank, world_size: this process and the number of processes.
+        rank: this process, in [0, ``world_size``).
+        world_size: the number of processes.
         shuffle_buffer: streamed rows shuffled together (0: keep the stored order); for a
             map-style split any positive value means a full permutation per epoch.
         seed: seed of the shard order, the shuffles and the augmentations.

@@ -179,6 +179,16 @@ def write_digit_pairs(
     ``image_size``; its ``labels`` column lists the digits shown (``List(ClassLabel)``, names
     "0".."9") or, with ``labels="multi-hot"``, is a vector of ten 0/1 (``List(Value("int8"),
     length=10)``). Splits ``train`` and ``test`` as ``folder/data/{split}-00000-of-00001.parquet``.
+
+    Args:
+        folder: where to write; created if missing.
+        labels: ``"classes"`` (a list of the digits shown) or ``"multi-hot"`` (ten 0/1 per image).
+        image_size: side of the written square images, at least 16.
+        train_pairs: images in the ``train`` split.
+        test_pairs: images in the ``test`` split.
+        seed: seed of the digits' split into the two pools and of the pairs drawn.
+
+    Needs scikit-learn (in the ``dev`` extra) for the digits.
     """
     if labels not in ("classes", "multi-hot"):
         raise ConfigError(f"Unknown labels {labels!r}: use labels='classes' or labels='multi-hot'.")

@@ -66,6 +66,25 @@ class ViewsDataset(torch.utils.data.IterableDataset):
     row], "positions": [the worker's position after each row], "keys": [...], "views": {name:
     (k, ...) uint8 tensor}, "view_params": {name: (k, ...) ndarray}}`` for its k decoded rows: an
     undecodable row is kept as ``decoded=False`` so that it is counted exactly once.
+
+    Args:
+        dataset: one split, streamed or map-style; only ``image_column`` is read, undecoded.
+        image_column: the column holding the images (already resolved).
+        image_size: side S of both views.
+        batch_size: images per batch in this process; :class:`ViewsLoader` batches the chunks by it.
+        rank: this process, in [0, ``world_size``).
+        world_size: the number of processes sharing the split.
+        shuffle_buffer: streamed rows shuffled together (0: keep the stored order); for a map-style
+            split any positive value means a full permutation per epoch.
+        seed: seed of the shard order, the shuffles and the augmentations (with the epoch).
+        source_size: side of the square image sent for device views; None: the workers make both
+            views themselves.
+        augmentations: the steps of the augmented view among
+            :data:`~mvmr_hf.data.augment.AUGMENTATIONS`, as a list or a comma-separated string
+            (default all five, the paper's section 7; a subset is its Table 7 ablation).
+        crop_scale: the area range of x̃'s random resized crop, as a fraction of the image.
+        decode_on_device: the workers only read each JPEG's header and draw its view's parameters;
+            the batch's JPEGs are decoded on the device (:meth:`views_on`). Needs ``source_size``.
     """
 
     def __init__(
