@@ -106,8 +106,11 @@ class MVMRLoss(nn.Module):
         variance_weight: μ in eq. 7 (paper: 1).
         view_weight: α in eq. 8 (paper: 1).
         representation_weights: β_k in eq. 9 by representation name; names not listed get
-            ``default_representation_weight`` (paper: 1).
-        gamma, eps: margin γ and ε of the variance hinge (paper: 1 and 1e-4).
+            ``default_representation_weight``.
+        default_representation_weight: β_k in eq. 9 of every representation that
+            ``representation_weights`` does not name (paper: 1).
+        gamma: margin γ of the variance hinge, eq. 5 (paper: 1).
+        eps: ε of the variance hinge's S(a, ε) = sqrt(Var(a) + ε), eq. 6 (paper: 1e-4).
         invariance_reduction: ``"mean"`` over batch and dimensions (the paper's released code,
             the default) or ``"sum"`` over dimensions (eq. 4 as printed); see :func:`invariance`.
         squared: use R² (eq. 11 as printed) or R (the paper's released code); ``None`` (the
