@@ -225,6 +225,18 @@ def parse_arguments(
 
     ``positionals`` names the fields taken by position, in order (``mvmr-push FOLDER ORG/NAME``).
     Raises ConfigError, with one sentence, for unknown options, bad values and bad files.
+
+    Args:
+        dataclass_types: the argument dataclasses (:mod:`mvmr_hf.config`); each field is a flag.
+        argv: the command line without the program name. A config file is its first argument
+            (``.json``, ``.yaml`` or ``.yml``) or ``--config PATH``; the command line's flags
+            override the file's values.
+        prog: the program name shown in usage and ``--help``.
+        description: the ``--help`` text above the options.
+        positionals: the fields taken by position, in order.
+
+    Returns:
+        One instance per type of ``dataclass_types``, in that order.
     """
     parser = _Parser(dataclass_types, prog=prog, description=description or "", positionals=positionals)
     config_file, argv = _split_config_file(list(argv))
