@@ -81,6 +81,14 @@ class Student(nn.Module):
         data_config: timm's data config (mean, std, interpolation, crop_pct, input_size), with
             ``input_size`` set to ``(3, image_size, image_size)``.
         mean, std: ``(1, 3, 1, 1)`` buffers used to normalize the ``[0, 1]`` input.
+
+    Args:
+        backbone: the timm model built with ``num_classes=0``.
+        projector: the projector on the pooled features (:func:`build_projector`).
+        model_name: the timm model name the backbone was built from.
+        projector_spec: the spec the projector was built from (``"8192-8192-8192"``, ``"none"``).
+        data_config: timm's data config; ``input_size`` gives ``image_size``, ``mean`` and ``std``
+            the normalisation buffers. Build all of it with :func:`build_student`.
     """
 
     def __init__(

@@ -45,6 +45,13 @@ class Scattering2D(nn.Module):
 
     ``K = 1 + J·L (+ L²·J·(J-1)/2 for order 2)``, in kymatio's order: the low-pass, then the
     first order by (scale, angle), then the second order by (scale 1, angle 1, scale 2, angle 2).
+
+    Args:
+        J: the number of scales; the output is subsampled by 2^J (paper, section 7: J = 2).
+        L: the number of wavelet angles (paper, section 7: L = 8).
+        max_order: the highest order computed, 1 or 2.
+        height: H of the maps this module is built for (the filters are made for its padded size).
+        width: W of the maps this module is built for.
     """
 
     def __init__(self, J: int, L: int, max_order: int, height: int, width: int) -> None:  # noqa: N803

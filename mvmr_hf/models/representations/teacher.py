@@ -98,6 +98,19 @@ class Teacher(nn.Module):
     to an image-text embedding space (CLIP) or ``None``, ``settings`` its :data:`Preprocessing`
     (:class:`PreprocessSettings` or :class:`TimmTransform`). Follows the representation protocol of
     ``docs/architecture.md``: ``name``, ``deterministic``, ``gather`` and :meth:`fingerprint`.
+
+    Args:
+        tower: the vision model, frozen and kept in eval mode.
+        projection: the linear map from the tower's pooled output to the image-text embedding space
+            (CLIP's ``visual_projection``); None for a vision-only model.
+        settings: the model's own preprocessing of ``[0, 1]`` images into ``pixel_values``.
+        output: the resolved kind of output (``embedding``, ``pooler``, ``cls``, ``mean`` or
+            ``tokens``, not ``auto``); ``tokens`` is too wide to gather (``gather`` false).
+        prefix_tokens: the tokens before the patch tokens (CLS, distillation, registers), left out
+            of ``mean`` over a token sequence.
+        model_name_or_path: the Hub id or folder it was loaded from, part of :meth:`fingerprint`.
+        source: what identifies the weights' version (a Hub commit, or a digest of a local folder's
+            files), part of :meth:`fingerprint`.
     """
 
     name = "teacher"
