@@ -55,7 +55,22 @@ class AlignmentFit:
 
 @dataclass
 class AlignmentInfo:
-    """What ``alignment.json`` records about a stored alignment head."""
+    """What ``alignment.json`` records about a stored alignment head.
+
+    Attributes:
+        teacher: the model id or folder whose image-embedding space the head maps into; its text
+            tower classifies zero-shot.
+        teacher_output: the kind of teacher output the head was fitted to (``mvmr-align``:
+            ``embedding``).
+        in_features: D, the width of the student's backbone features the head takes.
+        out_features: E, the width of the teacher's embedding the head gives.
+        ridge: the ridge strength λ of the refit on all images (absolute, not relative to the
+            features' scale).
+        val_cosine: the mean cosine similarity to the normalised teacher embeddings on the held-out
+            images, at the chosen ridge.
+        num_images: the unlabelled images the head was fitted on.
+        target: what the head regresses onto.
+    """
 
     teacher: str
     teacher_output: str

@@ -273,6 +273,15 @@ def render_card(
     ``training_args`` is the run's argument dictionary (``teacher`` is ``None`` for self-supervised
     pretraining), ``projector`` the projector spec and ``alignment`` the content of ``alignment.json``.
     The result parses with ``huggingface_hub.ModelCard``.
+
+    Args:
+        backbone: what the card says about the exported timm backbone.
+        training_args: the run's arguments as saved in ``training_args.json``.
+        info: the run's facts (steps, hardware, time, command, Hub id, licence, teachers).
+        projector: the projector spec (``"8192-8192-8192"``, ``"none"``).
+        alignment: the content of ``alignment.json``; None when no alignment head was fitted.
+        results: the ``model-index`` entries (:func:`~mvmr_hf.evaluation.to_eval_results`); none
+            leaves the card without results.
     """
     teachers = [spec.model for spec in teacher_specs(training_args)]
     teacher = ", ".join(teachers)
