@@ -190,6 +190,19 @@ def save_checkpoint(
     ``run_info`` (the main process's) is the run's facts up to this step (``card.CardInfo`` as a
     dict), kept as ``run_info.json`` so that a release exported from the checkpoint reports them.
     Keeps the newest ``keep`` complete checkpoints. Returns the checkpoint folder.
+
+    Args:
+        accelerator: the run's ``Accelerator``; its ``save_state`` writes the state of what it
+            prepared (model, optimizer) and the random states.
+        output_dir: the run folder; the checkpoint goes to ``checkpoints/step-NNNNNN`` in it, written
+            to a ``.tmp`` folder first and renamed once complete.
+        step: the optimizer steps taken, which names the folder.
+        epoch: the epoch the run is in, recorded in ``trainer_state.json``.
+        loader_state: this process's ``ViewsLoader.state_dict()``, saved as
+            ``dataloader_rank{process}.json``.
+        keep: the newest complete checkpoints kept; older ones are deleted.
+        run_info: the run's facts up to this step, written by the main process; None: no
+            ``run_info.json``.
     """
     final = checkpoint_path(output_dir, step)
     partial = partial_path(final)
