@@ -115,6 +115,19 @@ def train(
     anything is written to ``training_args.output_dir``. Call it on every process (``torchrun``
     or ``accelerate launch``); it raises ConfigError for bad input and TrainingError when the
     loss stops being finite.
+
+    Args:
+        model_args: the student (timm backbone, projector) and the hand-crafted representations
+            (:class:`~mvmr_hf.config.DistillModelArguments` for distillation,
+            :class:`~mvmr_hf.config.PretrainModelArguments` for pretraining).
+        data_args: the data set and the views (:class:`~mvmr_hf.config.DistillDataArguments` for
+            distillation).
+        loss_args: the objective's weights λ, μ (eq. 7), α (eq. 8), β (eq. 9) and the dCor estimator
+            (:class:`~mvmr_hf.config.DistillLossArguments` for distillation).
+        training_args: the optimisation, the run folder, checkpoints and logging
+            (:class:`~mvmr_hf.config.DistillTrainingArguments` for distillation).
+        teacher: the teachers to distil from (``mvmr-distill``); None: self-supervised MV-MR
+            pretraining on the hand-crafted representations alone (``mvmr-pretrain``).
     """
     args = flat_arguments(model_args, teacher, data_args, loss_args, training_args)
     output_dir = Path(training_args.output_dir)
@@ -447,6 +460,14 @@ def build_feature_matching(
     state is left as it was): taken right after the student is built, every process draws the
     same heads. ``--teacher-output tokens`` is refused with a weight above 0 by
     :class:`~mvmr_hf.config.TeacherArguments`, and ``auto`` never resolves to tokens.
+
+    Args:
+        student: the student whose pooled features (width ``feature_dim``) the heads take.
+        representations: the run's representations by name; only the :class:`Teacher` ones get a head.
+        weight: the term's weight (``--feature-matching-weight``); 0 builds nothing.
+        image_size: the side of the black image used to read each teacher's output width.
+        rng_state: the CPU random state the heads are drawn from; None: the current global state
+            (then advanced).
     """
     teachers = {name: r for name, r in representations.items() if isinstance(r, Teacher)}
     if weight == 0 or not teachers:
