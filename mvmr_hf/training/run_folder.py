@@ -202,6 +202,18 @@ def prepare_output_dir(
     marker, write training_args.json.
 
     ``release_dir`` names the folder a run releases its model in, which --overwrite deletes.
+
+    Call it on every process: the main process does the work, the others wait for it.
+
+    Args:
+        accelerator: the run's ``Accelerator``.
+        output_dir: the run folder; created if missing.
+        args: the run's flat arguments (:func:`flat_arguments`), written as ``training_args.json``.
+        training_args: the arguments whose ``overwrite`` deletes the previous run's checkpoints,
+            release folder, logs and metrics.
+        resume_from: the checkpoint the run resumes from (:func:`resume_point`); None: a fresh start,
+            which also deletes the previous metrics file.
+        release_dir: the folder, in ``output_dir``, that the run releases its model in.
     """
     if accelerator.is_main_process:
         if training_args.overwrite:

@@ -31,6 +31,19 @@ def teacher_caches(
 
     A teacher's folder does not depend on the other teachers of the run: adding or removing one
     keeps the others' caches and never reads another teacher's.
+
+    Call it on every process: the main process creates the folders, the others wait for it.
+
+    Args:
+        accelerator: the run's ``Accelerator``; its mixed precision is part of the key, and each
+            process gets its own cache files.
+        output_dir: the run folder; the caches go to ``OUTPUT_DIR/teacher_cache/<hash>``.
+        teacher: the teacher arguments; None, or ``cache_teacher`` off, gives no cache.
+        data_args: the data set, split, image column and image size, part of the key.
+        representations: the run's representations by name; only the :class:`Teacher` ones get a cache.
+
+    Returns:
+        One :class:`TeacherCache` per teacher, by name; empty without caching.
     """
     if teacher is None or not teacher.cache_teacher:
         return {}
@@ -83,6 +96,20 @@ def representation_outputs(
     Each teacher runs under autocast, one after another, or is read from its cache in ``caches``
     (by name) when that holds the batch, and stored in it otherwise; then the hand-crafted
     representations. A single :class:`TeacherCache` is the cache of the teacher named ``teacher``.
+
+    Args:
+        accelerator: the run's ``Accelerator``, whose autocast the teachers run under.
+        representations: the representations r_k of eq. 9 by name (:func:`build_representations`).
+        images: the non-augmented view, float ``(B, 3, H, W)`` in [0, 1] (not normalised), on the
+            training device.
+        keys: the batch's stable content keys (``batch["key"]``), one per image, which index the caches.
+        caches: each teacher's cache by name (:func:`teacher_caches`), or one cache for the teacher
+            named ``teacher``; None: no cache.
+        teacher_images: what the teachers see instead of ``images``, the same shape and range;
+            None: ``images``.
+
+    Returns:
+        Each representation's ``(B, ...)`` output by name, in the order of ``representations``.
     """
     if isinstance(caches, TeacherCache):
         caches = {"teacher": caches}
