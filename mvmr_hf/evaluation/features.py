@@ -416,7 +416,7 @@ def extract_features(
         num_workers: DataLoader workers decoding the images (0: in this process).
         cache_dir: a folder for ``<hash>.safetensors`` feature files; None: no cache.
         targets: the multi-hot encoding of a multi-label ``label_column``; None: that of this split
-            alone (ignored for a class-id column, whose encoding is None).
+            alone (which is None for a column of class ids).
 
     Returns:
         A :class:`FeatureSet`: ``features`` (N, D) float32 and ``labels`` (N,) int64 or (N, C) uint8,

@@ -49,7 +49,7 @@ class Scattering2D(nn.Module):
     Args:
         J: the number of scales; the output is subsampled by 2^J (paper, section 7: J = 2).
         L: the number of wavelet angles (paper, section 7: L = 8).
-        max_order: the highest order computed, 1 or 2.
+        max_order: the highest order computed: 2 adds the second order, a lower value stops at the first.
         height: H of the maps this module is built for (the filters are made for its padded size).
         width: W of the maps this module is built for.
     """
