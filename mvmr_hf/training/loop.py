@@ -466,8 +466,8 @@ def build_feature_matching(
         representations: the run's representations by name; only the :class:`Teacher` ones get a head.
         weight: the term's weight (``--feature-matching-weight``); 0 builds nothing.
         image_size: the side of the black image used to read each teacher's output width.
-        rng_state: the CPU random state the heads are drawn from; None: the current global state
-            (then advanced).
+        rng_state: the CPU random state the heads are drawn from; None: the current global state.
+            Either way the global state is left as it was.
     """
     teachers = {name: r for name, r in representations.items() if isinstance(r, Teacher)}
     if weight == 0 or not teachers:
