@@ -32,11 +32,12 @@ from mvmr_hf import (
     load_image_dataset,
     load_teacher,
 )
+from mvmr_hf.config import DEFAULT_FEATURE_MATCHING_WEIGHT as MATCHING_WEIGHT  # measured: README, "Quality"
 from mvmr_hf.training import resolve_mixed_precision
 
 # Distillation's defaults (mvmr_hf.config's Distill* arguments, measured best: README, "Quality").
 AUGMENTATIONS, CROP_SCALE = "crop,flip", (0.5, 1.0)  # x̃: crops of 0.5-1 of the image, flips
-MATCHING_WEIGHT, WEIGHT_DECAY, WARMUP, SHUFFLE_BUFFER = 1.0, 1e-6, 0.05, 10_000
+WEIGHT_DECAY, WARMUP, SHUFFLE_BUFFER = 1e-6, 0.05, 10_000
 
 
 def training_function(args: argparse.Namespace) -> list[float]:
