@@ -71,8 +71,8 @@ from mvmr_hf.config import (
 from mvmr_hf.models.representations.teacher import load_teacher
 from mvmr_hf.models.student import build_student
 from mvmr_hf.training import loop as training
-from mvmr_hf.training.loop import build_optimizer
 from mvmr_hf.training.metrics import METRICS_FILE
+from mvmr_hf.training.scaffold import build_optimizer
 
 LOOP_TARGET, NO_CACHE_TARGET, CACHE_TARGET, PRETRAIN_TARGET, DATA_WAIT_TARGET = 0.85, 1700, 2200, 0.8, 0.02
 

@@ -70,6 +70,7 @@ from mvmr_hf.config import (
 from mvmr_hf.loss.objective import MVMRLoss
 from mvmr_hf.models.representations.teacher import Teacher
 from mvmr_hf.training import loop as training
+from mvmr_hf.training import scaffold
 from mvmr_hf.training.metrics import MetricsLogger
 
 PHASES = (
@@ -260,11 +261,11 @@ def instrument(clock: _Clock) -> Iterator[None]:
         "build_optimizer": build_optimizer,
         "build_dataloader": build_dataloader,
         "MVMRLoss": loss,
-        "MetricsLogger": Meter,
     }
     with contextlib.ExitStack() as stack:
         for name, wrapper in wrappers.items():
             stack.enter_context(mock.patch.object(training, name, wrapper))
+        stack.enter_context(mock.patch.object(scaffold, "MetricsLogger", Meter))  # the run scaffold's meter
         yield
 
 

@@ -44,7 +44,6 @@ import math
 import random
 import shlex
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,7 +60,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
-from mvmr_hf.config import FinetuneArguments, check_label_fraction, parse_signals
+from mvmr_hf.config import FinetuneArguments, check_label_fraction
 from mvmr_hf.data.decode import decode_image
 from mvmr_hf.data.loading import BadImageError, load_image_dataset, read_encoded, resolve_image_column
 from mvmr_hf.distributed import sha256_seed
@@ -75,15 +74,12 @@ from mvmr_hf.models.representations.teacher import loading_errors
 from mvmr_hf.models.timm_folder import CONFIG, WEIGHTS, write_timm_config
 from mvmr_hf.release.card import TEMPLATES, hub_id_or_none
 from mvmr_hf.release.export import CARD, TRAINING_ARGS, check_release_target
-from mvmr_hf.storage.checkpoint import CHECKPOINTS_DIR, load_checkpoint, save_checkpoint
-from mvmr_hf.training.loop import StopRequest, build_optimizer, resolve_mixed_precision
-from mvmr_hf.training.metrics import MetricsLogger, truncate_metrics
-from mvmr_hf.training.run_folder import (
-    check_output_dir_free,
-    flat_defaults,
-    own_output_dir,
-    prepare_output_dir,
-    resume_point,
+from mvmr_hf.training.run_folder import flat_defaults
+from mvmr_hf.training.scaffold import (
+    RunScaffold,
+    build_optimizer,
+    find_resume_point,
+    resolve_mixed_precision,
 )
 from mvmr_hf.utils import atomic_folder, atomic_write_json, writing
 
@@ -342,8 +338,9 @@ class Finetuning:
             "image_column": image_column, "label_column": label_column, "protocol": "finetune",
             **asdict(args),
         }  # fmt: skip
-        check_output_dir_free(accelerator, self.output_dir)
-        self.resume_from = resume_point(self.output_dir, args, self.saved_args, flat_defaults(args))
+        self.resume_from = find_resume_point(
+            accelerator, self.output_dir, args, self.saved_args, flat_defaults(args)
+        )
         check_release_target(
             self.output_dir / CLASSIFIER_DIR,
             "the classifier could not be written there; move it away or choose another --finetune-dir",
@@ -360,18 +357,13 @@ class Finetuning:
         """Train (or continue) the run, test the classifier, write the results and the release."""
         accelerator, args, output_dir = self.accelerator, self.args, self.output_dir
         device, steps_per_epoch = accelerator.device, self.steps_per_epoch
-        with own_output_dir(accelerator, output_dir):
-            prepare_output_dir(
-                accelerator, output_dir, self.saved_args, args, self.resume_from, release_dir=CLASSIFIER_DIR
-            )
-            if accelerator.is_main_process:
-                subset = {
-                    "dataset": self.saved_args["dataset"], "config": self.saved_args["dataset_config"],
-                    "split": self.saved_args["train_split"], "label_column": self.label_column,
-                    "label_fraction": args.label_fraction, "seed": args.finetune_seed, "rows": self.rows,
-                }  # fmt: skip
-                with writing(LABELLED_SUBSET, output_dir):
-                    atomic_write_json(output_dir / LABELLED_SUBSET, subset)
+        run = RunScaffold(
+            accelerator, output_dir, args, self.resume_from, images_per_step=args.finetune_batch_size,
+            log_last=False,
+        )  # fmt: skip
+        with run.holding_folder(self.saved_args, release_dir=CLASSIFIER_DIR):
+            # The labelled subset's record, the classifier prepared with Adam.
+            self._write_subset()
             classifier = self.classifier
             if accelerator.num_processes > 1 and device.type == "cuda":
                 classifier = nn.SyncBatchNorm.convert_sync_batchnorm(classifier)
@@ -379,53 +371,54 @@ class Finetuning:
                 classifier, args.finetune_learning_rate, args.finetune_weight_decay, device
             )
             classifier, optimizer = accelerator.prepare(classifier, optimizer)
-            step = 0
-            if self.resume_from is not None:
-                step = load_checkpoint(accelerator, self.resume_from).step
-                truncate_metrics(accelerator, output_dir, step)
-            meter = MetricsLogger(
-                accelerator, output_dir, images_per_step=args.finetune_batch_size, step=step
-            )
-            saved_step, started = step, time.perf_counter()
+            # The resume point (the data position follows from the step), the metrics, the checkpoints.
+            run.resume(loader_state=lambda step: {"step": step})
+            step, lr = run.step, args.finetune_learning_rate
 
-            def checkpoint(step: int) -> int:
-                meter.raise_if_not_finite()
-                with writing(f"the checkpoint of step {step}", output_dir / CHECKPOINTS_DIR):
-                    save_checkpoint(accelerator, output_dir, step=step, epoch=step // steps_per_epoch,
-                                    loader_state={"step": step}, keep=args.keep_checkpoints)  # fmt: skip
-                return step
-
+            # The loop: this process's share of each global batch, from the step on.
             classifier.train()
-            with StopRequest(parse_signals(args.stop_signals)) as stop:
+            with run:
                 batches = _batches(
                     self.images, self.rows, args, start=step, total=self.total_steps,
                     steps_per_epoch=steps_per_epoch, process=accelerator.process_index, share=self.share,
                     num_workers=self.num_workers,
                 )  # fmt: skip
                 for views, labels, skipped in batches:
-                    logits = classifier(views.to(device, non_blocking=True))
-                    # Summed and divided by the share (bad images count as zeros): averaged over the
-                    # processes, the gradients are the global batch's mean.
-                    loss = nn.functional.cross_entropy(logits.float(), labels.to(device), reduction="sum")
-                    loss = loss / self.share
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    loss = self._step(classifier, optimizer, views, labels)
                     step += 1
-                    meter.add(loss, {}, skipped=skipped, step=step)
-                    if step % LOG_EVERY == 0 or step == self.total_steps:
-                        meter.log(step, step // steps_per_epoch, args.finetune_learning_rate)
-                    if step % args.checkpoint_every == 0:
-                        saved_step = checkpoint(step)
-                    if stop.agreed(accelerator):
-                        if step > saved_step:
-                            saved_step = checkpoint(step)
-                        raise stop.preempted(accelerator, step, output_dir)
-            if step > saved_step:
-                checkpoint(step)
-            return self._test(
-                accelerator.unwrap_model(classifier).eval(), step, time.perf_counter() - started
-            )
+                    run.meter.add(loss, {}, skipped=skipped, step=step)
+                    log = step % LOG_EVERY == 0 or step == self.total_steps
+                    run.end_step(step, step // steps_per_epoch, lr, log=log)
+            run.finish(step, step // steps_per_epoch, lr)
+
+            # The result: the test split's accuracy, the results and the classifier's release.
+            return self._test(accelerator.unwrap_model(classifier).eval(), step, run.seconds())
+
+    def _write_subset(self) -> None:
+        """``labelled_subset.json``: the rows of the training split fine-tuned on, and how they were drawn."""
+        args, saved = self.args, self.saved_args
+        if self.accelerator.is_main_process:
+            subset = {
+                "dataset": saved["dataset"], "config": saved["dataset_config"], "split": saved["train_split"],
+                "label_column": self.label_column, "label_fraction": args.label_fraction,
+                "seed": args.finetune_seed, "rows": self.rows,
+            }  # fmt: skip
+            with writing(LABELLED_SUBSET, self.output_dir):
+                atomic_write_json(self.output_dir / LABELLED_SUBSET, subset)
+
+    def _step(
+        self, classifier: nn.Module, optimizer: torch.optim.Optimizer, views: Tensor, labels: Tensor
+    ) -> Tensor:
+        """One optimizer step on this process's share of a global batch; returns its loss."""
+        device = self.accelerator.device
+        logits = classifier(views.to(device, non_blocking=True))
+        # Summed and divided by the share (bad images count as zeros): averaged over the processes,
+        # the gradients are the global batch's mean.
+        loss = nn.functional.cross_entropy(logits.float(), labels.to(device), reduction="sum") / self.share
+        self.accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
 
     def _test(self, classifier: nn.Module, step: int, seconds: float) -> FinetuneResult:
         """Top-1 / top-5 on the test split (sharded over the processes); the main process writes it all."""

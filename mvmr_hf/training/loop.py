@@ -40,13 +40,9 @@ Example (what ``mvmr-pretrain`` does)::
 
 from __future__ import annotations
 
-import os
 import shlex
-import signal
 import sys
-import threading
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -64,41 +60,27 @@ from mvmr_hf.config import DataArguments, LossArguments, ModelArguments, Teacher
 from mvmr_hf.data.augment import parse_crop_scale
 from mvmr_hf.data.loader import ViewsLoader, build_dataloader, default_num_workers
 from mvmr_hf.data.loading import DataStats, load_image_dataset
-from mvmr_hf.distributed import reduce_flag, reduce_int
-from mvmr_hf.errors import ConfigError, PreemptedError, TrainingError
+from mvmr_hf.distributed import reduce_flag
+from mvmr_hf.errors import ConfigError, TrainingError
 from mvmr_hf.loss.dcor import check_batch_size
-from mvmr_hf.loss.objective import FeatureMatching, MVMRLoss
+from mvmr_hf.loss.objective import FeatureMatching, LossOutput, MVMRLoss
 from mvmr_hf.models.representations import build as build_representation
 from mvmr_hf.models.representations.teacher import Teacher, load_teacher
 from mvmr_hf.models.student import Student, build_student
 from mvmr_hf.release.card import CardInfo
 from mvmr_hf.release.export import RELEASE_DIR, export_student
 from mvmr_hf.release.hub import push_to_hub
-from mvmr_hf.storage.checkpoint import CHECKPOINTS_DIR, load_checkpoint, save_checkpoint
-from mvmr_hf.training.metrics import METRICS_FILE, MetricsLogger, truncate_metrics
-from mvmr_hf.training.run_folder import (
-    LOGS_DIR,
-    check_output_dir_free,
-    check_outputs,
-    flat_arguments,
-    flat_defaults,
-    mark_preempted,
-    own_output_dir,
-    prepare_output_dir,
-    resume_point,
+from mvmr_hf.training.metrics import METRICS_FILE
+from mvmr_hf.training.run_folder import LOGS_DIR, check_outputs, flat_arguments, flat_defaults
+from mvmr_hf.training.scaffold import (
+    RunScaffold,
+    build_optimizer,
+    find_resume_point,
+    resolve_mixed_precision,
 )
 from mvmr_hf.training.teacher_outputs import representation_outputs, share_cache, teacher_caches
-from mvmr_hf.utils import writing
 
-__all__ = [
-    "METRICS_FILE",
-    "TrainingError",
-    "build_feature_matching",
-    "build_optimizer",
-    "build_representations",
-    "resolve_mixed_precision",
-    "train",
-]
+__all__ = ["METRICS_FILE", "TrainingError", "build_feature_matching", "build_representations", "train"]
 
 
 def train(
@@ -158,9 +140,9 @@ def train(
         scope=loss_args.dcor_scope,
     )
     batch_size = _per_process_batch(training_args.batch_size, world, unbiased=criterion.unbiased)
-    check_output_dir_free(accelerator, output_dir)  # another run's folder is named before any other check
     defaults = flat_defaults(model_args, teacher, data_args, loss_args, training_args)
-    resume_from = resume_point(output_dir, training_args, args, defaults)
+    # another run's folder is named before any other check
+    resume_from = find_resume_point(accelerator, output_dir, training_args, args, defaults)
     check_outputs(output_dir / RELEASE_DIR, training_args)
     # The data first: a wrong or unreachable data set is told before a large teacher is downloaded.
     dataset = load_image_dataset(
@@ -210,8 +192,10 @@ def train(
     set_seed(training_args.seed, device_specific=True)  # e.g. augmented-pixels: per-process random draws
 
     # From here on the output folder is written, by this run alone: it holds the folder's lock.
-    with own_output_dir(accelerator, output_dir):
-        prepare_output_dir(accelerator, output_dir, args, training_args, resume_from)
+    images_per_step = training_args.batch_size * training_args.grad_accum
+    run = RunScaffold(accelerator, output_dir, training_args, resume_from, images_per_step=images_per_step)
+    with run.holding_folder(args):
+        # The student (and the heads) on the device, prepared with Adam and the schedule.
         if model_args.sync_batchnorm and world > 1 and device.type == "cuda":
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         _apply_speed_options(student, training_args, device)
@@ -224,52 +208,64 @@ def train(
         # The heads prepared too: DDP averages their gradients, save_state / load_state keep them.
         student, *heads, optimizer, scheduler = accelerator.prepare(*trained, optimizer, scheduler)
         matching, trained = (heads[0] if heads else None), [student, *heads]
+        # The representations on the device, the teachers' caches.
         for representation in representations.values():
             representation.to(device)
         caches = teacher_caches(accelerator, output_dir, teacher, data_args, representations)
         gather = {name: getattr(r, "gather", True) for name, r in representations.items()}
-
-        step, epoch = 0, 0
-        if resume_from is not None:
-            restored = load_checkpoint(accelerator, resume_from)
-            step, epoch = restored.step, restored.epoch
-            loader.load_state_dict(restored.loader_state)  # continues this epoch's stream where it stopped
-            truncate_metrics(accelerator, output_dir, step)
-        if training_args.log_with:
-            accelerator.init_trackers("mvmr", config={k: v for k, v in args.items() if v is not None})
-        images_per_step = training_args.batch_size * training_args.grad_accum
-        meter = MetricsLogger(accelerator, output_dir, images_per_step=images_per_step, step=step)
-        saved_step, started = step, time.perf_counter()
-        resumed_epoch = epoch if resume_from is not None else None
         teachers = _teacher_facts(representations, criterion, data_args.image_size, device)
 
-        def run_facts(step: int) -> CardInfo:
+        def run_facts(step: int, seconds: float) -> CardInfo:
             """What the card reports of the run so far; each checkpoint keeps them for mvmr-export."""
             return CardInfo(
                 step=step,
                 hardware=_hardware(accelerator),
-                training_seconds=time.perf_counter() - started,
+                training_seconds=seconds,
                 command=shlex.join(sys.argv),
                 repo_id=training_args.push_to_hub,
                 teachers=teachers,
             )
 
-        def checkpoint(step: int, epoch: int) -> int:
-            meter.raise_if_not_finite()  # never save a checkpoint after a non-finite loss
-            state = loader.state_dict()  # this process's position in its data stream
-            with writing(f"the checkpoint of step {step}", output_dir / CHECKPOINTS_DIR):
-                save_checkpoint(accelerator, output_dir, step=step, epoch=epoch, loader_state=state,
-                                keep=training_args.keep_checkpoints,
-                                run_info=asdict(run_facts(step)))  # fmt: skip
-            return step
+        # The resume point: weights, optimizer, random states and this process's data position.
+        restored = run.resume(
+            loader_state=lambda step: loader.state_dict(),
+            run_info=lambda step, seconds: asdict(run_facts(step, seconds)),
+        )
+        step, epoch = run.step, 0 if restored is None else restored.epoch
+        if restored is not None:
+            loader.load_state_dict(restored.loader_state)  # this epoch's stream goes on where it stopped
+        if training_args.log_with:
+            accelerator.init_trackers("mvmr", config={k: v for k, v in args.items() if v is not None})
+        resumed_epoch = epoch if resume_from is not None else None
 
+        def distil(batch: dict[str, Any]) -> LossOutput:
+            """One micro-step: the student's passes, the representations, the loss (eq. 10), the update."""
+            # x and x̃ as [0, 1] floats on the device (travelling as uint8; x̃ made there with device
+            # views, both decoded there with --decode-on-device)
+            images, augmented = loader.dataset.views_on(batch, device)
+            with accelerator.accumulate(*trained):
+                out = student(images) if embeds_x else None  # Z: the non-augmented view
+                out_aug = student(augmented)  # Z̃: a separate pass, its own BN statistics
+                targets = representation_outputs(
+                    accelerator, representations, images, batch["key"], caches,
+                    teacher_images=augmented if teachers_see_augmented else images,
+                )  # fmt: skip
+                z = None if out is None else out.embedding
+                loss = criterion(z, out_aug.embedding, targets, gather=gather)  # eq. 10
+                if matching is not None:  # not in the paper: it distils better (README, "Quality")
+                    # backbone features of the view the teachers saw against their outputs
+                    seen = out_aug if teachers_see_augmented else out
+                    loss = loss.plus(matching(seen.features, targets))
+                accelerator.backward(loss.total)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        # The loop: epochs of the data until the last step; the scaffold logs, saves and stops.
         student.train()
-        with (
-            StopRequest(training_args.signals()) as stop,
-            tqdm(
-                total=total_steps, initial=step, unit="step", disable=not accelerator.is_main_process
-            ) as progress,
-        ):
+        bar = tqdm(total=total_steps, initial=step, unit="step", disable=not accelerator.is_main_process)
+        with run, bar:
             while step < total_steps and (
                 training_args.max_steps is not None or epoch < training_args.epochs
             ):
@@ -277,41 +273,15 @@ def train(
                 batches = 0
                 for batch in _until_any_process_runs_out(loader, accelerator):
                     batches += 1
-                    # x and x̃ as [0, 1] floats on the device (travelling as uint8; x̃ made there with device
-                    # views, both decoded there with --decode-on-device)
-                    images, augmented = loader.dataset.views_on(batch, device)
-                    with accelerator.accumulate(*trained):
-                        out = student(images) if embeds_x else None  # Z: the non-augmented view
-                        out_aug = student(augmented)  # Z̃: a separate pass, its own BN statistics
-                        targets = representation_outputs(
-                            accelerator, representations, images, batch["key"], caches,
-                            teacher_images=augmented if teachers_see_augmented else images,
-                        )  # fmt: skip
-                        z = None if out is None else out.embedding
-                        loss = criterion(z, out_aug.embedding, targets, gather=gather)  # eq. 10
-                        if matching is not None:  # not in the paper: it distils better (README, "Quality")
-                            # backbone features of the view the teachers saw against their outputs
-                            seen = out_aug if teachers_see_augmented else out
-                            loss = loss.plus(matching(seen.features, targets))
-                        accelerator.backward(loss.total)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    meter.add(loss.total, loss.terms, skipped=batch["skipped"], step=step + 1)
+                    loss = distil(batch)
+                    run.meter.add(loss.total, loss.terms, skipped=batch["skipped"], step=step + 1)
                     if not accelerator.sync_gradients:
                         continue
                     step += 1
-                    progress.update()
-                    if step % training_args.log_every == 0:
-                        progress.set_postfix(meter.log(step, epoch, scheduler.get_last_lr()[0]))
-                    if step % training_args.checkpoint_every == 0:
-                        saved_step = checkpoint(step, epoch)
-                    if stop.agreed(accelerator):  # a stop signal on any process: save and exit, resumable
-                        if step > meter.steps:
-                            meter.log(step, epoch, scheduler.get_last_lr()[0])
-                        if step > saved_step:
-                            saved_step = checkpoint(step, epoch)
-                        raise stop.preempted(accelerator, step, output_dir)
+                    bar.update()
+                    lr, log = scheduler.get_last_lr()[0], step % training_args.log_every == 0
+                    if summary := run.end_step(step, epoch, lr, log=log):
+                        bar.set_postfix(summary)
                     if step == total_steps:
                         break
                 else:  # this epoch's data ran out
@@ -325,17 +295,14 @@ def train(
                     epoch += 1
                     for cache in caches.values():
                         share_cache(accelerator, cache)
+        run.finish(step, epoch, scheduler.get_last_lr()[0])
 
-        if step > meter.steps:
-            meter.log(step, epoch, scheduler.get_last_lr()[0])
-        if step > saved_step:
-            checkpoint(step, epoch)
-
+        # The release: the student's folder, then the Hub.
         release = output_dir / RELEASE_DIR
         if accelerator.is_main_process:
-            print(f"skipped {meter.skipped} images", file=sys.stderr)  # undecodable or degenerate
+            print(f"skipped {run.meter.skipped} images", file=sys.stderr)  # undecodable or degenerate
             final = accelerator.unwrap_model(student).eval()
-            export_student(final, release, training_args=args, card_info=run_facts(step))
+            export_student(final, release, training_args=args, card_info=run_facts(step, run.seconds()))
         accelerator.wait_for_everyone()
         accelerator.end_training()
         if training_args.push_to_hub and accelerator.is_main_process:
@@ -406,18 +373,6 @@ def _check_local_batch(
         )
 
 
-def resolve_mixed_precision(requested: str | None) -> str | None:
-    """``--mixed-precision``, else what ``accelerate launch`` / ``accelerate config`` set, else bf16 on a
-    CUDA GPU that supports it, else None (Accelerate's "no").
-
-    The paper's released code trained in 16-bit precision; bf16 needs no loss scaling, and on an
-    H200 it is the faster setting (``benchmarks/results/loop-cuda.json``).
-    """
-    if requested is not None or os.environ.get("ACCELERATE_MIXED_PRECISION"):
-        return requested
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
-
-
 def _apply_speed_options(student: Student, training_args: TrainingArguments, device: torch.device) -> None:
     """--channels-last (default: on CUDA only) and --compile, in place: weight names stay the same."""
     channels_last = training_args.channels_last
@@ -425,23 +380,6 @@ def _apply_speed_options(student: Student, training_args: TrainingArguments, dev
         student.to_channels_last()
     if training_args.compile:
         student.compile()  # nn.Module.compile: the module itself, not a wrapper with renamed weights
-
-
-def build_optimizer(
-    modules: nn.Module | Sequence[nn.Module], learning_rate: float, weight_decay: float, device: torch.device
-) -> torch.optim.Adam:
-    """Adam (the paper's optimizer) over the parameters of ``modules``; fused on CPU and CUDA.
-
-    The fused kernel updates all parameters in one pass instead of one kernel per tensor, which
-    matters for the paper's 8192-wide projector (``benchmarks/bench_step.py`` times the optimizer).
-    """
-    modules = [modules] if isinstance(modules, nn.Module) else modules
-    return torch.optim.Adam(
-        [parameter for module in modules for parameter in module.parameters()],
-        lr=learning_rate,
-        weight_decay=weight_decay,
-        fused=device.type in ("cpu", "cuda"),
-    )
 
 
 def build_feature_matching(
@@ -546,53 +484,6 @@ def _until_any_process_runs_out(loader: ViewsLoader, accelerator: Accelerator) -
         if not reduce_flag(batch is not None, dist.ReduceOp.MIN):
             return
         yield batch
-
-
-class StopRequest:
-    """Records the stop signals (``--stop-signals``) received while the block runs, instead of dying.
-
-    :meth:`agreed` is True on every process once any process received one, so that all of them
-    stop after the same optimizer step; :meth:`preempted` then leaves the run folder's
-    :data:`~mvmr_hf.training.run_folder.PREEMPTED` marker. Outside the main thread, where Python cannot handle
-    signals, nothing is installed and the run keeps the signals' default actions.
-    """
-
-    def __init__(self, signals: Sequence[signal.Signals]) -> None:
-        self.signals = list(signals)
-        self.received: signal.Signals | None = None  # the last stop signal this process received
-        self.signal: str | None = None  # the name of one that a process received, once agreed says so
-        self._previous: dict[signal.Signals, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {number: signal.signal(number, self._handle) for number in self.signals}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def _handle(self, number: int, frame: object) -> None:
-        self.received = signal.Signals(number)
-
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """Whether any process received a stop signal (a tiny all-reduce on the CPU with several).
-
-        Every process then knows one of the signals received (the highest-numbered), for the marker.
-        """
-        number = self.received.value if self.received is not None else 0
-        if accelerator.num_processes > 1:
-            number = reduce_int(number, dist.ReduceOp.MAX)
-        self.signal = signal.Signals(number).name if number else None
-        return number != 0
-
-    def preempted(self, accelerator: Accelerator, step: int, output_dir: Path) -> PreemptedError:
-        """Leave the PREEMPTED marker once the checkpoint of ``step`` is saved in ``output_dir`` (call it on
-        every process) and return the error to raise."""
-        mark_preempted(accelerator, output_dir, step=step, signal=self.signal)
-        return PreemptedError(
-            f"{self.signal} after step {step}: its checkpoint is in {output_dir}; continue with --resume"
-        )
 
 
 def _teacher_facts(

@@ -28,8 +28,8 @@ from mvmr_hf.evaluation.features import extract_features, load_encoder
 from mvmr_hf.evaluation.finetuning import global_batches, labelled_subset
 from mvmr_hf.models.student import build_student
 from mvmr_hf.release.export import export_student
-from mvmr_hf.training.loop import StopRequest
 from mvmr_hf.training.run_folder import PREEMPTED
+from mvmr_hf.training.scaffold import StopRequest
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
