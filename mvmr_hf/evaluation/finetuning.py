@@ -22,10 +22,11 @@ pushed release, a timm name), on any labelled split:
    batch's mean (an undecodable image counts as a zero, and is reported). With batch norm on several
    GPU processes the statistics are synchronised (``SyncBatchNorm``) so that 2 processes compute
    what 1 does; CPU processes cannot, and normalise over their own share.
-5. **Resumable like training** (:mod:`mvmr_hf.storage.checkpoint`,
-   :mod:`mvmr_hf.training.run_folder`): the run folder holds ``training_args.json``,
-   ``checkpoints/step-NNNNNN`` and ``metrics.jsonl``; ``--resume`` continues at the same step (the
-   data position follows from the step), a stop signal saves a checkpoint and exits with status 75.
+5. **Resumable like training**, on its run scaffold (:class:`~mvmr_hf.training.scaffold.RunScaffold`,
+   :mod:`mvmr_hf.storage.checkpoint`, :mod:`mvmr_hf.training.run_folder`): the run folder holds
+   ``training_args.json``, ``checkpoints/step-NNNNNN`` and ``metrics.jsonl``; ``--resume`` continues at
+   the same step (the data position follows from the step), a stop signal saves a checkpoint and exits
+   with status 75.
 6. **The result**: top-1 / top-5 of the classifier on the test split, through the model's own
    evaluation preprocessing (:func:`~mvmr_hf.evaluation.features.extract_features`, sharded over processes),
    written to ``results.json``; the classifier is released in ``classifier/``, loadable with
@@ -373,7 +374,7 @@ class Finetuning:
             classifier, optimizer = accelerator.prepare(classifier, optimizer)
             # The resume point (the data position follows from the step), the metrics, the checkpoints.
             run.resume(loader_state=lambda step: {"step": step})
-            step, lr = run.step, args.finetune_learning_rate
+            step, lr = run.start_step, args.finetune_learning_rate
 
             # The loop: this process's share of each global batch, from the step on.
             classifier.train()

@@ -20,16 +20,18 @@ The data stream is already split across processes by :mod:`mvmr_hf.data`, so the
 *not* given to ``accelerator.prepare`` (which would split it again); batches move to the
 device in the loop, and each process saves its own loader position in every checkpoint. A run
 killed at any moment resumes from its latest complete checkpoint at the same step, data
-position and random state (:mod:`mvmr_hf.storage.checkpoint`).
+position and random state (:mod:`mvmr_hf.storage.checkpoint`). The folder's lock, the resume point,
+the metrics, the checkpoints and the stop signals are the run scaffold's, which fine-tuning shares
+(:class:`~mvmr_hf.training.scaffold.RunScaffold`): :func:`train` shows its stages and its step.
 
 Outputs in ``OUTPUT_DIR`` (:mod:`mvmr_hf.training.run_folder`): ``training_args.json`` (all arguments,
 written first; a valid config file), ``metrics.jsonl`` (:mod:`mvmr_hf.training.metrics`),
 ``checkpoints/step-NNNNNN/``, ``teacher_cache/`` (``--cache-teacher``), ``logs/``
 (``--log-with``) and, at the end, the release folder ``student/``
-(:func:`mvmr_hf.release.export.export_student`). A run stopped by a stop signal (:class:`StopRequest`) saves a
-checkpoint, writes the marker ``PREEMPTED`` (step, checkpoint, signal: what a scheduler script reads,
-whatever exit status the launcher reports) and raises PreemptedError; the next start or ``--resume``
-removes the marker.
+(:func:`mvmr_hf.release.export.export_student`). A run stopped by a stop signal
+(:class:`~mvmr_hf.training.scaffold.StopRequest`) saves a checkpoint, writes the marker ``PREEMPTED``
+(step, checkpoint, signal: what a scheduler script reads, whatever exit status the launcher reports) and
+raises PreemptedError; the next start or ``--resume`` removes the marker.
 
 Example (what ``mvmr-pretrain`` does)::
 
@@ -231,7 +233,7 @@ def train(
             loader_state=lambda step: loader.state_dict(),
             run_info=lambda step, seconds: asdict(run_facts(step, seconds)),
         )
-        step, epoch = run.step, 0 if restored is None else restored.epoch
+        step, epoch = run.start_step, 0 if restored is None else restored.epoch
         if restored is not None:
             loader.load_state_dict(restored.loader_state)  # this epoch's stream goes on where it stopped
         if training_args.log_with:

@@ -20,7 +20,7 @@ Example (a loop's skeleton)::
     with run.holding_folder(args):
         model, optimizer = accelerator.prepare(model, build_optimizer(model, 1e-4, 0.0, accelerator.device))
         run.resume(loader_state=lambda step: {"step": step})
-        step = run.step
+        step = run.start_step
         with run:  # the stop signals are recorded, not deadly
             for batch in batches:
                 loss = ...  # the step
@@ -175,11 +175,11 @@ class RunScaffold:
 
     Built before the folder is written (on every process), it is used in this order:
     :meth:`holding_folder` holds the folder's lock for the rest of the run, the folder prepared;
-    :meth:`resume`, once the model and the optimizer are prepared, restores ``resume_from`` (:attr:`step`
-    is then the step to continue from), drops the metrics logged after it and starts the :attr:`meter`;
-    the loop adds each micro-step's loss to the meter and calls :meth:`end_step` after each optimizer step,
-    inside ``with scaffold:`` (the stop signals are recorded there, :class:`StopRequest`); then
-    :meth:`finish`.
+    :meth:`resume`, once the model and the optimizer are prepared, restores ``resume_from``
+    (:attr:`start_step` is then the step to continue from), drops the metrics logged after it and
+    starts the :attr:`meter`; the loop adds each micro-step's loss to the meter and calls
+    :meth:`end_step` after each optimizer step, inside ``with scaffold:`` (the stop signals are
+    recorded there, :class:`StopRequest`); then :meth:`finish`.
 
     Args:
         accelerator: the run's ``Accelerator``.
@@ -204,9 +204,8 @@ class RunScaffold:
         self.accelerator, self.output_dir, self.options = accelerator, output_dir, options
         self.resume_from, self.images_per_step, self.log_last = resume_from, images_per_step, log_last
         self.stop = StopRequest(parse_signals(options.stop_signals))
-        self.step = self.saved_step = 0
+        self.start_step = self.saved_step = 0  # the step the loop starts from, once resumed
         self.started = time.perf_counter()
-        self.restored: CheckpointState | None = None
         self.meter: MetricsLogger
         self.loader_state: Callable[[int], dict[str, Any]]
         self.run_info: Callable[[int, float], dict[str, Any]] | None = None
@@ -236,15 +235,16 @@ class RunScaffold:
         ``run_info`` the run's facts after a step and its seconds so far, saved as ``run_info.json``.
         """
         self.loader_state, self.run_info = loader_state, run_info
+        restored = None
         if self.resume_from is not None:
-            self.restored = load_checkpoint(self.accelerator, self.resume_from)
-            self.step = self.restored.step
-            truncate_metrics(self.accelerator, self.output_dir, self.step)
+            restored = load_checkpoint(self.accelerator, self.resume_from)
+            self.start_step = restored.step
+            truncate_metrics(self.accelerator, self.output_dir, self.start_step)
         self.meter = MetricsLogger(
-            self.accelerator, self.output_dir, images_per_step=self.images_per_step, step=self.step
+            self.accelerator, self.output_dir, images_per_step=self.images_per_step, step=self.start_step
         )
-        self.saved_step, self.started = self.step, time.perf_counter()
-        return self.restored
+        self.saved_step, self.started = self.start_step, time.perf_counter()
+        return restored
 
     def __enter__(self) -> RunScaffold:
         self.stop.__enter__()
