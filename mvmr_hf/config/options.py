@@ -4,10 +4,12 @@ weights, signals), the help texts and defaults several commands use, and the fie
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import signal
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.utils import check_int
@@ -176,6 +178,34 @@ class CommaListAction(argparse.Action):
         current = getattr(namespace, self.dest, None)
         joined = f"{current},{values}" if isinstance(current, _GivenList) else values
         setattr(namespace, self.dest, _GivenList(joined))
+
+
+_Arguments = TypeVar("_Arguments")
+
+
+def preset(
+    defaults: Mapping[str, Any], notes: Mapping[str, str] | None = None
+) -> Callable[[type[_Arguments]], type[_Arguments]]:
+    """Make the decorated subclass of an argument dataclass a preset: the same fields, other defaults.
+
+    Each field named in ``defaults`` keeps its type, its place among the flags and its help text, which
+    ``notes`` may extend with why the command's default differs; ``--help`` shows the new default. The
+    subclass is still a dataclass of its base, so :func:`mvmr_hf.train` and resume treat it as the base.
+    """
+
+    def make(cls: type[_Arguments]) -> type[_Arguments]:
+        inherited = {item.name: item for item in fields(cls)}  # type: ignore[arg-type]
+        annotations = dict(inspect.get_annotations(cls))
+        for name, default in defaults.items():
+            base = inherited[name]
+            note = (notes or {}).get(name)
+            text = f"{base.metadata['help']} {note}" if note else base.metadata["help"]
+            setattr(cls, name, field(default=default, metadata={**base.metadata, "help": text}))
+            annotations[name] = base.type
+        cls.__annotations__ = annotations
+        return dataclass(cls)
+
+    return make
 
 
 def _list_opt(default: str | None, text: str) -> Any:

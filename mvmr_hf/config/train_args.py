@@ -28,6 +28,7 @@ from mvmr_hf.config.options import (
     parse_names,
     parse_signals,
     parse_weights,
+    preset,
 )
 from mvmr_hf.data.augment import AUGMENTATIONS, parse_augmentations, parse_crop_scale
 from mvmr_hf.errors import ConfigError
@@ -61,36 +62,28 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
-        parse_names(self.handcrafted)
-
-    @property
-    def handcrafted_names(self) -> list[str]:
-        """``--handcrafted`` as a list of representation names."""
-        return parse_names(self.handcrafted)
+        # --handcrafted parsed once, here: a bad list is told before anything runs.
+        self.handcrafted_names: tuple[str, ...] = tuple(parse_names(self.handcrafted))
 
 
-@dataclass
+@preset(
+    {"projector": "none"},
+    {
+        "projector": "Distillation's default, none, puts the teachers' dCor terms on the backbone's "
+        "features, which distilled better on Fashion-MNIST and digits (README, Quality)."
+    },
+)
 class DistillModelArguments(ModelArguments):
     """Distillation's student: no projector by default, so that the teachers' dCor terms (eq. 9) compare
     the features that are probed and released, as feature matching does (README, 'Quality')."""
 
-    projector: str = _opt(
-        "none",
-        "Projector widths, dash-separated: Linear-BN-ReLU blocks, the last layer plain Linear (paper, "
-        "section 7: 8192-8192-8192); distillation's default, none, puts the teachers' dCor terms on the "
-        "backbone's features, which distilled better on Fashion-MNIST and digits (README, Quality).",
-    )
 
-
-@dataclass
+@preset(
+    {"handcrafted": ",".join(PAPER_REPRESENTATIONS)},
+    {"handcrafted": "Pretraining's default: all five (paper, section 7); empty leaves the L1 and L2 terms."},
+)
 class PretrainModelArguments(ModelArguments):
     """Self-supervised pretraining: the paper's five hand-crafted representations by default."""
-
-    handcrafted: str = _list_opt(
-        ",".join(PAPER_REPRESENTATIONS),
-        "Comma-separated hand-crafted representations for the dCor terms of eq. 9 (paper, section 7: all "
-        "five); empty for none, which leaves the L1 and L2 terms.",
-    )
 
 
 @dataclass
@@ -146,7 +139,9 @@ class TeacherArguments:
     )
 
     def __post_init__(self) -> None:
-        specs = self.teachers()  # every mistake in the teacher options is told before anything is loaded
+        # Parsed once, here: every mistake in the teacher options is told before anything is loaded.
+        self._specs: tuple[TeacherSpec, ...] = self._parse_teachers()
+        specs = self._specs
         check_number("--feature-matching-weight", self.feature_matching_weight, allow_zero=True)
         if self.cache_teacher and self.teacher_view == "augmented":
             raise ConfigError(
@@ -163,7 +158,11 @@ class TeacherArguments:
             )
 
     def teachers(self) -> list[TeacherSpec]:
-        """The teachers of ``--teacher``, each with its name and output kind.
+        """The teachers of ``--teacher``, each with its name and output kind."""
+        return list(self._specs)
+
+    def _parse_teachers(self) -> tuple[TeacherSpec, ...]:
+        """The teachers of ``--teacher``, ``--teacher-output`` and ``--teacher-names``.
 
         Raises ConfigError for an empty list, a per-teacher option whose count does not match the
         teachers', two teachers under one name, a name that a term already uses, or the same
@@ -199,7 +198,7 @@ class TeacherArguments:
                     f"--teacher lists {spec.model} twice with the output {spec.output}: the same term twice; "
                     f"give it a weight instead (--representation-weights {spec.name}=2)"
                 )
-        return specs
+        return tuple(specs)
 
 
 def teacher_specs(training_args: Mapping[str, Any]) -> list[TeacherSpec]:
@@ -282,28 +281,19 @@ DEFAULT_DISTILL_DATASET = "tanganke/stl10"
 96 px), on which the paper reports its CLIP ViT-B/16 -> ResNet-50 distillation (95.6 % linear)."""
 
 
-@dataclass
+@preset(
+    {"dataset": DEFAULT_DISTILL_DATASET, "augmentations": "crop,flip", "crop_scale": "0.5,1"},
+    {
+        "dataset": "Distillation's default: STL-10's labelled training split (the paper's distillation "
+        "benchmark).",
+        "augmentations": "Distillation's default, crop and flip, is the milder view that distilled best "
+        "(README, 'Quality').",
+        "crop_scale": "Distillation's default 0.5,1 keeps most of each image, which distilled best (README, "
+        "'Quality').",
+    },
+)
 class DistillDataArguments(DataArguments):
     """Distillation's data: the paper's STL-10 by default."""
-
-    dataset: str = _opt(
-        DEFAULT_DISTILL_DATASET,
-        "Hub data set id or local folder (parquet shards or an image folder); default: STL-10's labelled "
-        "training split (the paper's distillation benchmark).",
-    )
-    augmentations: str = _list_opt(
-        "crop,flip",
-        "Steps of the augmented view, comma-separated among crop, flip, color, grayscale, blur, run in that "
-        "order with the paper's parameters; distillation's default, crop and flip, is the milder view that "
-        "distilled best (README, 'Quality'; the paper, section 7: all five); without crop the augmented view "
-        "keeps the non-augmented view's framing; empty: no augmentation.",
-    )
-    crop_scale: str = _opt(
-        "0.5,1",
-        "Area range of the augmented view's random resized crop as a fraction of the image, MIN,MAX; "
-        "distillation's default 0.5,1 keeps most of each image, which distilled best (README, 'Quality'; "
-        "the paper: 0.08,1).",
-    )
 
 
 @dataclass
@@ -345,7 +335,9 @@ class LossArguments:
     def __post_init__(self) -> None:
         for name in ("invariance_weight", "variance_weight", "view_weight"):
             check_number(_flag(name), getattr(self, name), allow_zero=True)
-        for name, weight in parse_weights(self.representation_weights).items():
+        # --representation-weights as {name: β}, parsed once, here: a bad entry is told before anything runs.
+        self.weights: dict[str, float] = parse_weights(self.representation_weights)
+        for name, weight in self.weights.items():
             if weight < 0:
                 raise ConfigError(f"--representation-weights gives {name} the weight {weight}: use 0 or more")
         check_estimator(
@@ -354,20 +346,17 @@ class LossArguments:
             fix="drop --dcor-squared false (--dcor-estimator unbiased runs only squared)",
         )
 
-    @property
-    def weights(self) -> dict[str, float]:
-        """``--representation-weights`` as ``{name: β}``."""
-        return parse_weights(self.representation_weights)
 
-
-@dataclass
+@preset(
+    {"invariance_weight": 0.0, "variance_weight": 0.0, "view_weight": 0.0},
+    dict.fromkeys(
+        ("invariance_weight", "variance_weight", "view_weight"),
+        "Distillation's default: 0 (README, Quality).",
+    ),
+)
 class DistillLossArguments(LossArguments):
     """Distillation's objective: the teacher's dCor term of eq. 9 without L1 and L2 by default, which
     distilled better with feature matching on Fashion-MNIST and digits (README, 'Quality')."""
-
-    invariance_weight: float = _opt(0.0, "λ of eq. 7 (paper: 1; distillation's default 0: README, Quality).")
-    variance_weight: float = _opt(0.0, "μ of eq. 7 (paper: 1; distillation's default 0: README, Quality).")
-    view_weight: float = _opt(0.0, "α of eq. 8 (paper: 1; distillation's default 0: README, Quality).")
 
 
 @dataclass
@@ -421,7 +410,13 @@ class TrainingArguments:
     stop_signals: str = _list_opt("SIGTERM,SIGUSR1", STOP_SIGNALS_HELP)
 
     def __post_init__(self) -> None:
-        self.signals()  # an unknown signal name is told now
+        # The comma lists parsed once, here: an unknown signal or tracker name is told before anything runs.
+        self._signals: tuple[signal.Signals, ...] = tuple(parse_signals(self.stop_signals))
+        self.trackers: list[str] | str | None = (
+            self.log_with or None
+            if not self.log_with or self.log_with == "all"
+            else parse_names(self.log_with, "--log-with")
+        )  # Accelerate's log_with: a list of tracker names, "all" or None
         _check_ints(self, ("batch_size", "grad_accum", "epochs", "checkpoint_every", "keep_checkpoints"), 1)
         _check_ints(self, ("log_every",) if self.max_steps is None else ("log_every", "max_steps"), 1)
         check_number("--learning-rate", self.learning_rate)
@@ -433,30 +428,13 @@ class TrainingArguments:
             raise ConfigError("--resume and --overwrite contradict each other: pass one of them")
 
     def signals(self) -> list[signal.Signals]:
-        """``--stop-signals`` as signals; ConfigError naming an unknown one."""
-        return parse_signals(self.stop_signals)
-
-    @property
-    def trackers(self) -> list[str] | str | None:
-        """``--log-with`` as Accelerate's ``log_with``: a list of tracker names, ``"all"`` or None."""
-        if not self.log_with or self.log_with == "all":
-            return self.log_with or None
-        return parse_names(self.log_with, "--log-with")
+        """``--stop-signals`` as signals."""
+        return list(self._signals)
 
 
-@dataclass
+@preset(
+    {"output_dir": "runs/distill", "batch_size": 512, "epochs": 200, "warmup": 0.05},
+    {"warmup": "Distillation's default: 0.05, the paper's 10 of 200 epochs."},
+)
 class DistillTrainingArguments(TrainingArguments):
     """Distillation's schedule: the paper's (section 6.2 and its released code) by default."""
-
-    output_dir: str = _opt(
-        "runs/distill", "Run folder: checkpoints/, metrics.jsonl, training_args.json, student/."
-    )
-    batch_size: int = _opt(
-        512, "GLOBAL batch size of one micro-step, split evenly over the processes (paper distillation: 512)."
-    )
-    epochs: int = _opt(200, "Passes over the data (paper distillation: 200).")
-    warmup: float = _opt(
-        0.05,
-        "Linear warm-up before the cosine decay, stepped per optimizer step: a fraction of all steps when "
-        "below 1, else a number of steps (paper: 10 of 200 epochs).",
-    )
