@@ -19,6 +19,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from mvmr_hf.config import CommaListAction
+from mvmr_hf.config.options import RunArguments
 from mvmr_hf.errors import PREEMPTED_EXIT, ConfigError, PreemptedError, TrainingError
 
 __all__ = ["USAGE_ERROR", "parse_arguments", "run_cli"]
@@ -89,9 +90,17 @@ class _Parser(HfArgumentParser):
         super().__init__(dataclass_types, prog=prog, description=description, formatter_class=_Formatter)
         for action in self._actions:
             action.option_strings.sort(key=lambda option: "_" in option)  # stable: the dash spelling first
+        self._show_run_options_last()
         for name in positionals:
             self._take_by_position(name)
         self.epilog = self._epilog()
+
+    def _show_run_options_last(self) -> None:
+        """Show the options every resumable run shares (:class:`~mvmr_hf.config.options.RunArguments`,
+        a base class, so first among its fields) after the command's own, in usage and in their group."""
+        shared = {item.name for item in fields(RunArguments)}
+        for actions in (self._actions, *(group._group_actions for group in self._action_groups)):
+            actions.sort(key=lambda action: action.dest in shared)  # stable: each part keeps its order
 
     def _take_by_position(self, name: str) -> None:
         """Add the positional argument ``name``; hide its ``--flag``, which stays a way to give it."""

@@ -6,6 +6,11 @@ training groups, and :mod:`mvmr_hf.cli` only parses ``argv`` into them (transfor
 text). Each ``__post_init__`` checks what can be checked without data or models, so a bad value
 is reported, as a :class:`~mvmr_hf.errors.ConfigError` naming the flag, before anything runs.
 Every comma-list option takes :class:`CommaListAction`: given several times, it means all of its lists.
+The lists that training reads are parsed once, in ``__post_init__``, into typed attributes
+(``handcrafted_names``, ``weights``, ``trackers``, ``teachers()``, ``signals()``); the fields keep the
+text that ``training_args.json`` records. A command's own defaults are a preset (``options.preset``) of
+the same fields, not new ones, and training and fine-tuning share their run options (checkpoints,
+restarts, precision, stop signals) through ``options.RunArguments``.
 
 Training (``mvmr-distill`` / ``mvmr-pretrain``): :class:`ModelArguments` (or :class:`DistillModelArguments`,
 :class:`PretrainModelArguments`), :class:`TeacherArguments` (distillation only),

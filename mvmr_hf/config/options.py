@@ -9,7 +9,7 @@ import re
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.utils import check_int
@@ -189,18 +189,24 @@ def preset(
     """Make the decorated subclass of an argument dataclass a preset: the same fields, other defaults.
 
     Each field named in ``defaults`` keeps its type, its place among the flags and its help text, which
-    ``notes`` may extend with why the command's default differs; ``--help`` shows the new default. The
+    ``notes`` may extend with why the command's default differs (or, for a field whose default stays, with
+    what the option means for this command); ``--help`` shows the new default. The
     subclass is still a dataclass of its base, so :func:`mvmr_hf.train` and resume treat it as the base.
     """
 
     def make(cls: type[_Arguments]) -> type[_Arguments]:
         inherited = {item.name: item for item in fields(cls)}  # type: ignore[arg-type]
         annotations = dict(inspect.get_annotations(cls))
-        for name, default in defaults.items():
+        for name in {**defaults, **(notes or {})}:
             base = inherited[name]
+            default = defaults.get(name, base.default)
             note = (notes or {}).get(name)
             text = f"{base.metadata['help']} {note}" if note else base.metadata["help"]
-            setattr(cls, name, field(default=default, metadata={**base.metadata, "help": text}))
+            setattr(
+                cls,
+                name,
+                field(default=default, metadata={**base.metadata, "help": text}, kw_only=base.kw_only),
+            )
             annotations[name] = base.type
         cls.__annotations__ = annotations
         return dataclass(cls)
@@ -211,3 +217,33 @@ def preset(
 def _list_opt(default: str | None, text: str) -> Any:
     """A comma-list option: repeated on the command line, its lists join (:class:`CommaListAction`)."""
     return _opt(default, text, action=CommaListAction)
+
+
+@dataclass(kw_only=True)
+class RunArguments:
+    """The options of every resumable run, training and fine-tuning alike: its precision, checkpoints,
+    restarts and stop signals, declared and checked once so that both commands spell and check them
+    alike (keyword-only, so that a subclass may still add a required field such as ``output_dir``).
+
+    ``mvmr_hf.cli`` shows them after each command's own options.
+    """
+
+    checkpoint_every: int = _opt(1000, "Save a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: int = _opt(2, "Keep the N newest checkpoints.")
+    resume: str | None = _opt(None, RESUME_HELP, nargs="?", const="latest")
+    overwrite: bool = _opt(
+        False, "Delete a previous run's checkpoints, metrics and release in the output folder."
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _opt(None, MIXED_PRECISION_HELP)
+    stop_signals: str = _list_opt("SIGTERM,SIGUSR1", STOP_SIGNALS_HELP)
+
+    def __post_init__(self) -> None:
+        # --stop-signals parsed once, here: an unknown signal name is told before anything runs.
+        self._signals: tuple[signal.Signals, ...] = tuple(parse_signals(self.stop_signals))
+        _check_ints(self, ("checkpoint_every", "keep_checkpoints"), 1)
+        if self.resume is not None and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: pass one of them")
+
+    def signals(self) -> list[signal.Signals]:
+        """``--stop-signals`` as signals."""
+        return list(self._signals)

@@ -4,19 +4,15 @@ included), ``mvmr-align`` and ``mvmr-push``."""
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass
-from typing import Literal
 
 from mvmr_hf.config.options import (
-    MIXED_PRECISION_HELP,
-    RESUME_HELP,
-    STOP_SIGNALS_HELP,
+    RunArguments,
     _check_ints,
     _list_opt,
     _opt,
     check_label_fraction,
-    parse_signals,
+    preset,
 )
-from mvmr_hf.errors import ConfigError
 from mvmr_hf.utils import check_number
 
 DEFAULT_CACHE = "~/.cache/mvmr_hf/features"
@@ -93,8 +89,11 @@ class EvaluateArguments:
     update_card: bool = _opt(False, "Write the results into the release folder's card (model-index).")
 
 
-@dataclass
-class FinetuneArguments:
+@preset(
+    {"checkpoint_every": 500},
+    {"overwrite": "Fine-tuning's output folder is --finetune-dir, its release the classifier."},
+)
+class FinetuneArguments(RunArguments):
     """Semi-supervised fine-tuning (paper, section 6.1 and Table 1): the whole backbone and a linear head.
 
     The defaults are the paper's (section 7): Adam, learning rate 1e-4, batch 128, 100 epochs, cross-entropy.
@@ -125,22 +124,14 @@ class FinetuneArguments:
         "the classifier release classifier/; default MODEL-finetune-1pct next to a model folder, else in the "
         "working directory.",
     )
-    checkpoint_every: int = _opt(500, "Save a resumable checkpoint every N optimizer steps.")
-    keep_checkpoints: int = _opt(2, "Keep the N newest checkpoints.")
-    resume: str | None = _opt(None, RESUME_HELP, nargs="?", const="latest")
-    overwrite: bool = _opt(False, "Delete a previous fine-tuning's checkpoints, metrics and classifier.")
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = _opt(None, MIXED_PRECISION_HELP)
-    stop_signals: str = _list_opt("SIGTERM,SIGUSR1", STOP_SIGNALS_HELP)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_label_fraction(self.label_fraction)
-        names = ("finetune_epochs", "finetune_batch_size", "checkpoint_every", "keep_checkpoints")
+        names = ("finetune_epochs", "finetune_batch_size")
         _check_ints(self, names if self.finetune_max_steps is None else (*names, "finetune_max_steps"), 1)
         check_number("--finetune-learning-rate", self.finetune_learning_rate)
         check_number("--finetune-weight-decay", self.finetune_weight_decay, allow_zero=True)
-        parse_signals(self.stop_signals)
-        if self.resume is not None and self.overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other: pass one of them")
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass
 from pathlib import Path
@@ -11,12 +10,10 @@ from typing import Any, Literal
 from mvmr_hf.config.options import (
     DEFAULT_FEATURE_MATCHING_WEIGHT,
     DEFAULT_TEACHER_VIEW,
-    MIXED_PRECISION_HELP,
     PAPER_REPRESENTATIONS,
     RESERVED_NAMES,
-    RESUME_HELP,
-    STOP_SIGNALS_HELP,
     TEACHER_NAME,
+    RunArguments,
     TeacherSpec,
     _check_ints,
     _comma_list,
@@ -26,7 +23,6 @@ from mvmr_hf.config.options import (
     _opt,
     _per_teacher,
     parse_names,
-    parse_signals,
     parse_weights,
     preset,
 )
@@ -360,7 +356,7 @@ class DistillLossArguments(LossArguments):
 
 
 @dataclass
-class TrainingArguments:
+class TrainingArguments(RunArguments):
     """Optimisation, checkpoints, logging and the release."""
 
     _argument_group_name = "training"
@@ -381,7 +377,6 @@ class TrainingArguments:
         "Linear warm-up before the cosine decay, stepped per optimizer step: a fraction of all steps when "
         "below 1, else a number of steps (paper: 10 epochs).",
     )
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = _opt(None, MIXED_PRECISION_HELP)
     channels_last: bool | None = _opt(
         None,
         "Keep the student's weights and activations in channels-last memory format (usually faster "
@@ -395,41 +390,28 @@ class TrainingArguments:
         "torch.compile the student (in place: weight names, checkpoints and the release are unchanged); "
         "the first steps take longer while it compiles.",
     )
-    checkpoint_every: int = _opt(1000, "Save a resumable checkpoint every N optimizer steps.")
-    keep_checkpoints: int = _opt(2, "Keep the N newest checkpoints.")
-    resume: str | None = _opt(None, RESUME_HELP, nargs="?", const="latest")
-    overwrite: bool = _opt(
-        False, "Delete a previous run's checkpoints, metrics and release in the output folder."
-    )
     seed: int = _opt(42, "Seed of the initial weights, the data order and the augmentations.")
     log_with: str | None = _list_opt(
         None, "Comma-separated Accelerate trackers (tensorboard, wandb, ...) or 'all'."
     )
     log_every: int = _opt(10, "Log loss, terms, learning rate and throughput every N optimizer steps.")
     push_to_hub: str | None = _opt(None, "Hub repository id (user/name) to push the student release to.")
-    stop_signals: str = _list_opt("SIGTERM,SIGUSR1", STOP_SIGNALS_HELP)
 
     def __post_init__(self) -> None:
-        # The comma lists parsed once, here: an unknown signal or tracker name is told before anything runs.
-        self._signals: tuple[signal.Signals, ...] = tuple(parse_signals(self.stop_signals))
+        super().__post_init__()
+        # --log-with parsed once, here: a tracker named twice is told before anything runs.
         self.trackers: list[str] | str | None = (
             self.log_with or None
             if not self.log_with or self.log_with == "all"
             else parse_names(self.log_with, "--log-with")
         )  # Accelerate's log_with: a list of tracker names, "all" or None
-        _check_ints(self, ("batch_size", "grad_accum", "epochs", "checkpoint_every", "keep_checkpoints"), 1)
+        _check_ints(self, ("batch_size", "grad_accum", "epochs"), 1)
         _check_ints(self, ("log_every",) if self.max_steps is None else ("log_every", "max_steps"), 1)
         check_number("--learning-rate", self.learning_rate)
         check_number("--weight-decay", self.weight_decay, allow_zero=True)
         check_number("--warmup", self.warmup, allow_zero=True)
         if self.warmup >= 1 and not float(self.warmup).is_integer():
             raise ConfigError(f"--warmup {self.warmup} must be a fraction below 1 or a whole number of steps")
-        if self.resume is not None and self.overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other: pass one of them")
-
-    def signals(self) -> list[signal.Signals]:
-        """``--stop-signals`` as signals."""
-        return list(self._signals)
 
 
 @preset(

@@ -28,7 +28,8 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from mvmr_hf.config import FinetuneArguments, TrainingArguments
+from mvmr_hf.config import TrainingArguments
+from mvmr_hf.config.options import RunArguments
 from mvmr_hf.errors import ConfigError
 from mvmr_hf.release.export import RELEASE_DIR, TRAINING_ARGS, check_release_target
 from mvmr_hf.storage.checkpoint import (
@@ -103,7 +104,7 @@ def flat_defaults(*groups: Any) -> dict[str, Any]:
 
 def resume_point(
     output_dir: Path,
-    training_args: TrainingArguments | FinetuneArguments,
+    training_args: RunArguments,
     args: dict[str, Any],
     defaults: Mapping[str, Any] | None = None,
 ) -> Path | None:
@@ -193,7 +194,7 @@ def prepare_output_dir(
     accelerator: Accelerator,
     output_dir: Path,
     args: dict[str, Any],
-    training_args: TrainingArguments | FinetuneArguments,
+    training_args: RunArguments,
     resume_from: Path | None,
     *,
     release_dir: str = RELEASE_DIR,
