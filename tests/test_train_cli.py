@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import datasets
@@ -23,10 +25,13 @@ from mvmr_hf.cli.train import DISTILL_GROUPS, distill_main, pretrain_main
 from mvmr_hf.config import (
     DEFAULT_DISTILL_DATASET,
     DataArguments,
+    FinetuneArguments,
     LossArguments,
+    ModelArguments,
     PretrainModelArguments,
     TrainingArguments,
 )
+from mvmr_hf.config.options import RunArguments
 from mvmr_hf.models.representations.teacher import OUTPUT_KINDS
 from mvmr_hf.release.export import load_student
 from mvmr_hf.storage.checkpoint import TRAINER_STATE, checkpoint_path
@@ -340,6 +345,40 @@ def test_distill_without_flags_is_the_papers_schedule_with_the_measured_objectiv
     assert model.projector == "8192-8192-8192"  # L1 and L2 compare the projector's embeddings, as the paper's
     assert (loss.invariance_weight, loss.variance_weight, loss.view_weight) == (1.0, 1.0, 1.0)
     assert (data.augmentations, data.crop_scale) == ("crop,flip,color,grayscale,blur", "0.08,1")
+
+
+@pytest.mark.parametrize("preset", [*DISTILL_GROUPS[:1], *DISTILL_GROUPS[2:], PretrainModelArguments])
+def test_a_commands_defaults_are_a_preset_of_the_same_fields(preset):
+    """A preset changes defaults and extends help texts only: the fields, types and order are its base's."""
+    pairs = list(zip(fields(preset), fields(preset.__mro__[1]), strict=True))
+    assert all(
+        (ours.name, ours.type, ours.kw_only) == (its.name, its.type, its.kw_only) for ours, its in pairs
+    )
+    assert any(ours.default != its.default for ours, its in pairs)
+    assert all(ours.metadata["help"].startswith(its.metadata["help"]) for ours, its in pairs)
+
+
+def test_training_and_fine_tuning_share_their_run_options():
+    shared = {item.name for item in fields(RunArguments)}
+    assert shared <= {item.name for item in fields(TrainingArguments)} & {
+        item.name for item in fields(FinetuneArguments)
+    }
+    assert (TrainingArguments(output_dir="o").checkpoint_every, FinetuneArguments().checkpoint_every) == (
+        1000,
+        500,
+    )
+
+
+def test_comma_lists_are_parsed_once_and_saved_as_given():
+    """The typed attributes are no fields: training_args.json (asdict) keeps the comma lists as text."""
+    model = ModelArguments(handcrafted="hog, lsd")
+    loss = LossArguments(representation_weights="teacher=2,hog=0.5")
+    training = TrainingArguments(output_dir="o", log_with="tensorboard", stop_signals="SIGTERM")
+    assert (model.handcrafted_names, loss.weights) == (("hog", "lsd"), {"teacher": 2.0, "hog": 0.5})
+    assert (training.trackers, training.signals()) == (["tensorboard"], [signal.SIGTERM])
+    assert asdict(model)["handcrafted"] == "hog, lsd"
+    assert "handcrafted_names" not in asdict(model)
+    assert {*asdict(loss), *asdict(training)}.isdisjoint({"weights", "trackers", "_signals"})
 
 
 def test_the_command_users_type_offline_names_what_it_could_not_reach(tmp_path):
