@@ -39,7 +39,7 @@ from mvmr_hf.training import loop as training
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRETRAIN_GROUPS = [PretrainModelArguments, DataArguments, LossArguments, TrainingArguments]
 
 
