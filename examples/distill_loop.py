@@ -15,6 +15,7 @@ data shares end unevenly (here every process must get as many batches).
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,12 +33,20 @@ from mvmr_hf import (
     load_image_dataset,
     load_teacher,
 )
-from mvmr_hf.config import DEFAULT_FEATURE_MATCHING_WEIGHT as MATCHING_WEIGHT  # measured: README, "Quality"
+from mvmr_hf.config import (
+    DistillDataArguments,
+    DistillLossArguments,
+    DistillModelArguments,
+    DistillTrainingArguments,
+    TeacherArguments,
+)
+from mvmr_hf.data import parse_crop_scale
 from mvmr_hf.training import resolve_mixed_precision
 
-# Distillation's defaults (mvmr_hf.config's Distill* arguments, measured best: README, "Quality").
-AUGMENTATIONS, CROP_SCALE = "crop,flip", (0.5, 1.0)  # x̃: crops of 0.5-1 of the image, flips
-WEIGHT_DECAY, WARMUP, SHUFFLE_BUFFER = 1e-6, 0.05, 10_000
+# Distillation's defaults, read from the command's own presets (measured best: README, "Quality"): x̃ is
+# a crop of 0.5-1 of the image and a flip, λ = μ = α = 0, feature matching 4, no projector.
+MODEL, TEACHER, DATA = DistillModelArguments(), TeacherArguments(), DistillDataArguments()
+LOSS, TRAINING = DistillLossArguments(), DistillTrainingArguments()
 
 
 def training_function(args: argparse.Namespace) -> list[float]:
@@ -58,23 +67,28 @@ def training_function(args: argparse.Namespace) -> list[float]:
     # the same weights on every process. The feature-matching head (not in the paper) comes next from
     # the same random stream, as in the command; its width is the teacher's output's (one forward).
     set_seed(args.seed)
-    student = build_student(args.student, projector="none", image_size=args.image_size)
+    student = build_student(args.student, projector=MODEL.projector, image_size=args.image_size)
     width = teacher(torch.zeros(1, 3, args.image_size, args.image_size)).shape[1]
-    matching = FeatureMatching(student.feature_dim, {"teacher": width}, weight=MATCHING_WEIGHT)
+    matching = FeatureMatching(student.feature_dim, {"teacher": width}, TEACHER.feature_matching_weight)
 
     # This process's share of the stream, as batches of views (section 7): x̃'s random parameters are
     # drawn per image from the seed, so data order and views do not depend on the random state below.
     loader, _ = build_dataloader(
         dataset, image_size=args.image_size, batch_size=args.batch_size // world,
-        rank=accelerator.process_index, world_size=world, shuffle_buffer=SHUFFLE_BUFFER, seed=args.seed,
+        rank=accelerator.process_index, world_size=world, shuffle_buffer=DATA.shuffle_buffer, seed=args.seed,
         num_workers=default_num_workers() if args.num_workers is None else args.num_workers,
-        pin_memory=on_cuda, device_views=on_cuda, augmentations=AUGMENTATIONS, crop_scale=CROP_SCALE,
+        pin_memory=on_cuda, device_views=on_cuda, augmentations=DATA.augmentations,
+        crop_scale=parse_crop_scale(DATA.crop_scale),
     )  # fmt: skip
     set_seed(args.seed, device_specific=True)
 
     # Eq. 10 with λ = μ = α = 0 (eq. 4-8 off): the teacher's term 1 − dCor(Z̃, r(x̃)) of eq. 9 alone, on the
     # batch gathered from all processes (distance correlation, eq. 11-14, needs no common width).
-    criterion = MVMRLoss(invariance_weight=0.0, variance_weight=0.0, view_weight=0.0)
+    criterion = MVMRLoss(
+        invariance_weight=LOSS.invariance_weight,
+        variance_weight=LOSS.variance_weight,
+        view_weight=LOSS.view_weight,
+    )
 
     # On GPUs: batch norm over the global batch, and channels-last convolutions (as the command).
     if world > 1 and on_cuda:
@@ -83,10 +97,11 @@ def training_function(args: argparse.Namespace) -> list[float]:
         student.to_channels_last()
     # Adam (the paper's) over the student and the head, linear warm-up then cosine decay per step.
     optimizer = torch.optim.Adam(
-        [*student.parameters(), *matching.parameters()], lr=args.learning_rate, weight_decay=WEIGHT_DECAY,
-        fused=device.type in ("cpu", "cuda"),
+        [*student.parameters(), *matching.parameters()], lr=args.learning_rate,
+        weight_decay=TRAINING.weight_decay, fused=device.type in ("cpu", "cuda"),
     )  # fmt: skip
-    scheduler = get_cosine_schedule_with_warmup(optimizer, round(WARMUP * args.max_steps), args.max_steps)
+    warmup = round(TRAINING.warmup * args.max_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, args.max_steps)
     # Not the loader: build_dataloader has already split the data between processes.
     student, matching, optimizer, scheduler = accelerator.prepare(student, matching, optimizer, scheduler)
     teacher.to(device)
@@ -122,9 +137,8 @@ def training_function(args: argparse.Namespace) -> list[float]:
 
     # The release, as the command writes it in OUTPUT_DIR/student: timm's folder, the card, the settings.
     if accelerator.is_main_process:
-        settings = {**vars(args), "projector": "none", "augmentations": AUGMENTATIONS, "crop_scale": "0.5,1",
-                    "invariance_weight": 0.0, "variance_weight": 0.0, "view_weight": 0.0,
-                    "teacher_view": "augmented", "feature_matching_weight": MATCHING_WEIGHT}  # fmt: skip
+        defaults = [asdict(group) for group in (MODEL, TEACHER, DATA, LOSS, TRAINING)]
+        settings = {key: value for group in defaults for key, value in group.items()} | vars(args)
         release = Path(args.output_dir) / "student"
         export_student(accelerator.unwrap_model(student).eval(), release, training_args=settings)
     accelerator.wait_for_everyone()
@@ -134,14 +148,14 @@ def training_function(args: argparse.Namespace) -> list[float]:
 
 def main(argv: list[str] | None = None) -> list[float]:
     parser = argparse.ArgumentParser(description="mvmr-distill's loop written out, with its defaults.")
-    parser.add_argument("--dataset", default="tanganke/stl10", help="Hub data set id or local folder")
-    parser.add_argument("--teacher", default="openai/clip-vit-base-patch16", help="transformers model")
-    parser.add_argument("--student", default="resnet50", help="timm model name, trained from scratch")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=512, help="global, split over the processes")
+    parser.add_argument("--dataset", default=DATA.dataset, help="Hub data set id or local folder")
+    parser.add_argument("--teacher", default=TEACHER.teacher, help="transformers model")
+    parser.add_argument("--student", default=MODEL.student, help="timm model name, trained from scratch")
+    parser.add_argument("--image-size", type=int, default=DATA.image_size)
+    parser.add_argument("--batch-size", type=int, default=TRAINING.batch_size, help="global, all processes")
     parser.add_argument("--max-steps", type=int, default=1000)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--learning-rate", type=float, default=TRAINING.learning_rate)
+    parser.add_argument("--seed", type=int, default=TRAINING.seed)
     parser.add_argument("--num-workers", type=int, default=None, help="per process (default: the cores)")
     parser.add_argument("--output-dir", default="runs/distill-loop")
     return training_function(parser.parse_args(argv))

@@ -258,11 +258,13 @@ class FeatureMatching(nn.Module):
     ``b_k`` one ``nn.Linear`` per teacher in :attr:`heads`, trained with the student by the same
     optimizer; the heads are not part of the release (they live in the training checkpoints only).
 
-    It pairs the student's features of the NON-augmented view with the teacher's output of that same
-    view: the teacher only ever sees the non-augmented view, which keeps the teacher cache exact.
-    The term is per sample (the mean over the local batch), so data-parallel gradient averaging
-    makes it the global batch's mean. The heads run in float32 even under mixed precision: the
-    cosine of nearly aligned vectors is lost in bf16 rounding.
+    It pairs the student's features of the view the teachers see (``--teacher-view``: distillation's
+    default, the augmented view x̃; the non-augmented view x keeps the teacher cache exact) with the
+    teachers' outputs of that same view. ``weight`` is the term's own scale; distillation's default
+    weight (``mvmr_hf.config``) was measured (README, "Quality"). The term is per sample (the mean
+    over the local batch), so data-parallel gradient averaging makes it the global batch's mean.
+    The heads run in float32 even under mixed precision: the cosine of nearly aligned vectors is lost
+    in bf16 rounding.
 
     Shapes: ``features`` (B, F); each target (B, D_k), a pooled output (not a token grid).
     """
