@@ -125,7 +125,8 @@ def _align(argv: Sequence[str]) -> None:
     )
     folder = check_release(args.model)
     teacher = alignment_teacher(json.loads((folder / TRAINING_ARGS).read_text()), args.teacher)
-    split = load_image_dataset(data.dataset, config=data.dataset_config, split=args.split, streaming=False)
+    sources = {"config": data.dataset_config, "streaming": False, "image_column": data.image_column}
+    split = load_image_dataset(data.dataset, split=args.split, **sources)
     if args.max_images is not None:
         split = split.select(range(min(args.max_images, len(split))))
     options = {

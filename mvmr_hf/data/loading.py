@@ -91,6 +91,7 @@ def load_image_dataset(
     config: str | None = None,
     split: str = "train",
     streaming: bool = True,
+    image_column: str | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | None = None,
@@ -103,37 +104,40 @@ def load_image_dataset(
         config: the data set's configuration (subset), when it has several.
         split: the split to read; ``streaming=False`` also accepts slices such as ``train[:10%]``.
         streaming: stream the rows (default) instead of downloading and converting the split.
+        image_column: a column the caller will read the images from, checked here, before anything is
+            downloaded or converted (``None``: nothing to check yet; :func:`resolve_image_column` finds it).
         revision: a Hub branch, tag or commit.
         token: a Hub token for private or gated data sets (default: the logged-in one).
         cache_dir: where ``datasets`` caches downloads and converted files.
 
     Raises:
         ConfigError: a missing local path, an unreachable Hub id (offline, private, gated), an
-            unknown configuration or an unknown split; the message lists the valid choices.
+            unknown configuration, an unknown split or an unknown ``image_column``; the message lists the
+            valid choices.
     """
     local = is_local_path(name_or_path)
     if local and not Path(name_or_path).expanduser().exists():
         raise ConfigError(f"Local dataset folder {name_or_path!r} does not exist: check the path.")
     path = str(Path(name_or_path).expanduser()) if local else name_or_path
     hub = {"revision": revision, "token": token, "cache_dir": cache_dir}
+    if streaming and any(c in split for c in "[+"):
+        raise ConfigError(f"Split {split!r} is a slice or a sum, which needs streaming=False.")
     try:
-        if streaming:
-            if any(c in split for c in "[+"):
-                raise ConfigError(f"Split {split!r} is a slice or a sum, which needs streaming=False.")
-            # All splits of a stream are opened lazily, so this costs no more than opening one.
-            splits = datasets.load_dataset(path, config, streaming=True, **hub)
-            _check_choice("split", split, list(splits), name_or_path, _FOLDER_SPLITS if local else "")
-            stream = splits[split]
-            if local and _num_examples(stream) is None:
-                _count_local_rows(stream, path, config, split)
-            return stream
-        # Check the split before load_dataset downloads and converts every split.
-        available = datasets.get_dataset_split_names(path, config, **hub)
-        for part in split.split("+"):
-            _check_choice(
-                "split", part.split("[")[0].strip(), available, name_or_path, _FOLDER_SPLITS if local else ""
-            )
-        return datasets.load_dataset(path, config, split=split, **hub)
+        # Every split opened lazily (no more than opening one): the split and the image column are
+        # checked before load_dataset downloads and converts every split, and prints its progress bars.
+        splits = datasets.load_dataset(path, config, streaming=True, **hub)
+        parts = [part.split("[")[0].strip() for part in split.split("+")]
+        for part in parts:
+            _check_choice("split", part, list(splits), name_or_path, _FOLDER_SPLITS if local else "")
+        features = splits[parts[0]].features
+        if image_column is not None and features is not None:  # no declared types: told when read
+            resolve_image_column(features, image_column)
+        if not streaming:
+            return datasets.load_dataset(path, config, split=split, **hub)
+        stream = splits[split]
+        if local and _num_examples(stream) is None:
+            _count_local_rows(stream, path, config, split)
+        return stream
     except ConfigError:
         raise
     except ValueError as error:

@@ -321,8 +321,9 @@ class Finetuning:
             )
         self.share = args.finetune_batch_size // accelerator.num_processes
         source = _timm_source(model)
-        train = load_image_dataset(dataset, config=config, split=train_split, streaming=False)
-        self.test = load_image_dataset(dataset, config=config, split=test_split, streaming=False)
+        sources = {"config": config, "streaming": False, "image_column": image_column}
+        train = load_image_dataset(dataset, split=train_split, **sources)
+        self.test = load_image_dataset(dataset, split=test_split, **sources)
         self.image_column = resolve_image_column(train.features, image_column)
         self.label_column, self.test_split = label_column, test_split
         train_labels, self.names = _class_labels(train, self.test, label_column)

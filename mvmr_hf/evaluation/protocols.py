@@ -117,11 +117,12 @@ def evaluate(
             "zero-shot needs a CLIP-style teacher or a student release with an alignment head: "
             "fit one with `mvmr-align`."
         )
-    test_data = load_image_dataset(dataset, config=config, split=test_split, streaming=False)
+    sources = {"config": config, "streaming": False, "image_column": image_column}
+    test_data = load_image_dataset(dataset, split=test_split, **sources)
     fitted = any(protocol in protocols for protocol in ("linear", "knn", "multilabel"))
     splits = [test_data]
     if fitted:
-        train_data = load_image_dataset(dataset, config=config, split=train_split, streaming=False)
+        train_data = load_image_dataset(dataset, split=train_split, **sources)
         splits.append(train_data)
     targets = multi_hot_encoding(splits, label_column)  # reads the label column only, no image
     check_label_kind(protocols, targets, label_column)

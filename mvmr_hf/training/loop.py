@@ -152,6 +152,7 @@ def train(
         config=data_args.dataset_config,
         split=data_args.split,
         streaming=data_args.streaming,
+        image_column=data_args.image_column,
     )
     set_seed(training_args.seed)  # the same initial weights on every process
     student = build_student(

@@ -181,6 +181,32 @@ def test_unknown_split_lists_splits(digits, cache, streaming):
     assert "['train', 'test']" in message
 
 
+@pytest.mark.parametrize("fixture", ["digits", "digits_folder"])
+@pytest.mark.parametrize("streaming", [True, False])
+def test_unknown_image_column_is_told_before_anything_is_converted(
+    fixture, streaming, tmp_path, capfd, request
+):
+    """Parquet shards and an image folder alike: the columns are listed, and no split was converted
+    (an empty cache; no "Generating ... split" progress bar before the error)."""
+    cache = tmp_path / "fresh-cache"
+    with pytest.raises(ConfigError) as excinfo:
+        load_image_dataset(
+            str(request.getfixturevalue(fixture)),
+            streaming=streaming,
+            image_column="photo",
+            cache_dir=str(cache),
+        )
+    assert "'photo' is not in the dataset: choose one of ['image', 'label']" in _one_line_config_error(
+        excinfo
+    )
+    assert "Generating" not in capfd.readouterr().err
+    assert not list(cache.rglob("*.arrow"))
+    loaded = load_image_dataset(
+        str(request.getfixturevalue(fixture)), streaming=streaming, image_column="image"
+    )
+    assert "image" in loaded.features
+
+
 def test_unknown_config_lists_configs(digits):
     with pytest.raises(ConfigError) as excinfo:
         load_image_dataset(str(digits), config="small")
