@@ -117,6 +117,8 @@ MATCHING_CELLS = [
      [*ONE_MILD_VIEW, "--projector", "none"]),
     ("matching", "teacher dCor + feature matching 4 on that view, no projector", "distill",
      [*ONE_MILD_VIEW, "--feature-matching-weight", "4", "--projector", "none"]),
+    ("matching", "teacher dCor + feature matching 4 on that view, crops of 0.8-1, no projector", "distill",
+     [*ONE_MILD_VIEW, "--feature-matching-weight", "4", "--projector", "none", "--crop-scale", "0.8,1"]),
 ]  # fmt: skip
 # {lite0}, {lite2} and {random} are the teachers' folders.
 TEACHER_CELLS = [
