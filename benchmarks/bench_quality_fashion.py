@@ -104,9 +104,18 @@ MILDER_CROPS = ["--crop-scale", "0.8,1"]
 NO_DCOR = ["--representation-weights", "teacher=0"]
 NO_PROJECTOR = ["--projector", "none"]  # the teacher's dCor term on the probed features themselves
 BASELINE = "classic feature distillation (linear head, 1 - cosine)"
-# (cell, flags against the paper's objective: λ = μ = α = β = 1, no feature matching; None: the baseline)
-CELLS: list[tuple[str, list[str] | None]] = [
-    (BASELINE, None),
+
+
+@dataclass(frozen=True)
+class Classic:
+    """A cell of the reference, classic feature distillation: the area range of its crops."""
+
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+
+
+# (cell, flags against the paper's objective: λ = μ = α = β = 1, no feature matching; or the reference)
+CELLS: list[tuple[str, list[str] | Classic]] = [
+    (BASELINE, Classic()),
     ("paper objective (λ = μ = α = β = 1)", ["--feature-matching-weight", "0"]),
     ("teacher dCor term only (λ = μ = α = 0)", [*NO_L1_L2, "--feature-matching-weight", "0"]),
     ("paper objective + feature matching 1", ["--feature-matching-weight", "1"]),
@@ -157,6 +166,8 @@ CELLS: list[tuple[str, list[str] | None]] = [
         "teacher dCor + feature matching 4 on the augmented view, crops of 0.8-1 and flips, no projector",
         [*NO_L1_L2, "--feature-matching-weight", "4", *ON_AUGMENTED, *MILD, *MILDER_CROPS, *NO_PROJECTOR],
     ),
+    # the reference with the milder crops too: does what helps the dCor student help it as well?
+    (f"{BASELINE}, crops of 0.8-1 and flips", Classic((0.8, 1.0))),
 ]
 METRICS = ("linear", "few", "knn")
 
@@ -269,12 +280,12 @@ def _views(split: datasets.Dataset) -> torch.Tensor:
 
 
 def classic_distillation(teacher_folder: Path, split: datasets.Dataset, release: Path, *, epochs: int,
-                         seed: int) -> None:  # fmt: skip
+                         seed: int, crop_scale: tuple[float, float]) -> None:  # fmt: skip
     """Train the student the way a user would first try: a linear head into the teacher's space, 1 - cosine.
 
-    Both see the same mildly augmented view of each image, every step; the student and the head
-    are trained together with the distillation runs' optimizer, schedule, batch and epochs, and the
-    student alone (no head, no projector) is released.
+    Both see the same mildly augmented view of each image every step (a crop of ``crop_scale`` of its
+    area, a flip); the student and the head are trained together with the distillation runs'
+    optimizer, schedule, batch and epochs, and the student alone (no head, no projector) is released.
     """
     torch.manual_seed(seed)
     views = _views(split)
@@ -288,7 +299,7 @@ def classic_distillation(teacher_folder: Path, split: datasets.Dataset, release:
     steps_per_epoch = len(views) // BATCH
     total = steps_per_epoch * epochs
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(WARMUP * total), total)
-    augment = v2.Compose([v2.RandomResizedCrop(IMAGE_SIZE, scale=(0.5, 1.0), antialias=True),
+    augment = v2.Compose([v2.RandomResizedCrop(IMAGE_SIZE, scale=crop_scale, antialias=True),
                           v2.RandomHorizontalFlip()])  # fmt: skip
     student.train()
     for _ in range(epochs):
@@ -336,17 +347,16 @@ def _distill(setting: Setting, teacher: Path, changes: list[str], run: Path, see
     share_teacher_caches(pool, run, after=True)
 
 
-def cell_scores(setting: Setting, teacher: Path, changes: list[str] | None, run: Path, seed: int) -> dict:
+def cell_scores(setting: Setting, teacher: Path, changes: list[str] | Classic, run: Path, seed: int) -> dict:
     """One seed of a cell: train, release, probe; read from ``run/scores.json`` if an earlier call did it."""
     saved = run / "scores.json"
     if saved.is_file():
         return json.loads(saved.read_text())
     shutil.rmtree(run, ignore_errors=True)  # an earlier call stopped inside this run: start it again
     began = time.perf_counter()
-    if changes is None:
-        classic_distillation(
-            teacher, setting.splits["train"], run / "student", epochs=setting.epochs, seed=seed
-        )
+    if isinstance(changes, Classic):
+        classic_distillation(teacher, setting.splits["train"], run / "student", epochs=setting.epochs,
+                             seed=seed, crop_scale=changes.crop_scale)  # fmt: skip
     else:
         _distill(setting, teacher, changes, run, seed)
     seconds = time.perf_counter() - began
