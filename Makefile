@@ -62,7 +62,7 @@ bench-quality: $(STAMP)
 # The reference, the paper's objective and the defaults on both teachers (about 1 h 30 min on 2 cores); the
 # other cells: benchmarks/bench_quality_fashion.py --cells ...
 bench-quality-fashion: $(STAMP)
-	$(PY) benchmarks/bench_quality_fashion.py --cells 0,1,14
+	$(PY) benchmarks/bench_quality_fashion.py --cells 0,1,17
 
 # On a networked machine, for an offline GPU node: exactly the wheels the node lacks, in .whl/
 # (.ci/offline_wheels.py). The node is named by its Python, its platform tag and its packages

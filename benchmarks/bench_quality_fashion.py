@@ -26,7 +26,7 @@ fed the same mildly augmented view (random resized crop of scale 0.5-1 and horiz
 data, epochs, batch, optimizer and schedule. Numbers are means over seeds with the spread (half the
 range), and the wall time of one training run on this machine.
 
-    python benchmarks/bench_quality_fashion.py --cells 0,1,14  # reference, paper, defaults: ~1 h 30 min
+    python benchmarks/bench_quality_fashion.py --cells 0,1,17  # reference, paper, defaults: ~1 h 30 min
     python benchmarks/bench_quality_fashion.py --teachers lite0 --work-dir /tmp/fq   # keep and reuse runs
     python benchmarks/bench_quality_fashion.py --work-dir /tmp/fq --finished-only     # the table of those
 

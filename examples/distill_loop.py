@@ -44,7 +44,7 @@ from mvmr_hf.data import parse_crop_scale
 from mvmr_hf.training import resolve_mixed_precision
 
 # Distillation's defaults, read from the command's own presets (measured best: README, "Quality"): x̃ is
-# a crop of 0.5-1 of the image and a flip, λ = μ = α = 0, feature matching 4, no projector.
+# a crop of 0.8-1 of the image and a flip, λ = μ = α = 0, feature matching 4, no projector.
 MODEL, TEACHER, DATA = DistillModelArguments(), TeacherArguments(), DistillDataArguments()
 LOSS, TRAINING = DistillLossArguments(), DistillTrainingArguments()
 

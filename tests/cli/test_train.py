@@ -340,7 +340,7 @@ def test_distill_without_flags_is_the_papers_schedule_with_the_measured_objectiv
     # the paper's L1 and L2, its projector and its augmentation.
     assert (loss.invariance_weight, loss.variance_weight, loss.view_weight) == (0.0, 0.0, 0.0)
     assert (teacher.feature_matching_weight, teacher.teacher_view) == (4.0, "augmented")
-    assert (data.augmentations, data.crop_scale) == ("crop,flip", "0.5,1")
+    assert (data.augmentations, data.crop_scale) == ("crop,flip", "0.8,1")
     model, data, loss, _ = parse_arguments(PRETRAIN_GROUPS, ["--dataset", "d", "--output-dir", "o"], prog="t")
     assert model.projector == "8192-8192-8192"  # L1 and L2 compare the projector's embeddings, as the paper's
     assert (loss.invariance_weight, loss.variance_weight, loss.view_weight) == (1.0, 1.0, 1.0)
