@@ -55,6 +55,9 @@ def _worker(rank: int, init_file: str, out_dir: str, scope: str) -> None:
         shard = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
         ddp = DistributedDataParallel(model)
         result = _loss_and_grads(ddp, x[shard], x_aug[shard], teacher[shard], MVMRLoss(scope=scope))
+        # DDP's reducer holds the process group: freed after it, at the function's return, it aborted a
+        # worker once ("terminate called without an active exception", SIGABRT) after the results were in.
+        del ddp
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
         dist.barrier()  # neither process tears gloo down while the other may still be talking to it
     finally:
