@@ -216,6 +216,19 @@ def default_num_workers() -> int:
     return max(1, usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
+def check_enough_images(num_examples: int, batch_size: int, world_size: int) -> None:
+    """Refuse a split that cannot give every process one full batch of ``batch_size`` images an epoch.
+
+    :func:`build_dataloader` calls it; callers that know the count earlier (``load_image_dataset``'s
+    ``check_rows``, before a non-streamed split is converted) call it then.
+    """
+    if num_examples // world_size < batch_size:
+        raise ConfigError(
+            f"The split has {num_examples} images, fewer than {batch_size} per process for "
+            f"{world_size} process(es): lower the batch size or use more data."
+        )
+
+
 def build_dataloader(
     dataset: datasets.IterableDataset | datasets.Dataset,
     *,
@@ -304,11 +317,8 @@ def build_dataloader(
         streaming=isinstance(dataset, datasets.IterableDataset),
         num_examples=_num_examples(dataset),
     )
-    if stats.num_examples is not None and stats.num_examples // world_size < batch_size:
-        raise ConfigError(
-            f"The split has {stats.num_examples} images, fewer than {batch_size} per process for "
-            f"{world_size} process(es): lower the batch size or use more data."
-        )
+    if stats.num_examples is not None:
+        check_enough_images(stats.num_examples, batch_size, world_size)
     views = ViewsDataset(
         dataset,
         image_column=column,

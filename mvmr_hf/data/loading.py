@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,7 @@ def load_image_dataset(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | None = None,
+    check_rows: Callable[[int], None] | None = None,
 ) -> datasets.IterableDataset | datasets.Dataset:
     """Open one split of a Hub data set or a local folder with ``datasets.load_dataset``.
 
@@ -109,6 +110,10 @@ def load_image_dataset(
         revision: a Hub branch, tag or commit.
         token: a Hub token for private or gated data sets (default: the logged-in one).
         cache_dir: where ``datasets`` caches downloads and converted files.
+        check_rows: called with the split's number of images where it is known before reading (a
+            local folder's files or parquet footers, a Hub data set's declared sizes), before a
+            non-streamed split is downloaded or converted; it raises to refuse the split (for example
+            :func:`~mvmr_hf.data.loader.check_enough_images`). Not called for a slice.
 
     Raises:
         ConfigError: a missing local path, an unreachable Hub id (offline, private, gated), an
@@ -132,12 +137,16 @@ def load_image_dataset(
         features = splits[parts[0]].features
         if image_column is not None and features is not None:  # no declared types: told when read
             resolve_image_column(features, image_column)
+        lazy = splits[parts[0]]
+        whole = split == parts[0]
+        if local and whole and _num_examples(lazy) is None:
+            _count_local_rows(lazy, path, config, split)
+        rows = _num_examples(lazy) if whole else None
+        if check_rows is not None and rows is not None:
+            check_rows(rows)
         if not streaming:
             return datasets.load_dataset(path, config, split=split, **hub)
-        stream = splits[split]
-        if local and _num_examples(stream) is None:
-            _count_local_rows(stream, path, config, split)
-        return stream
+        return lazy
     except ConfigError:
         raise
     except ValueError as error:

@@ -60,7 +60,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from mvmr_hf.config import DataArguments, LossArguments, ModelArguments, TeacherArguments, TrainingArguments
 from mvmr_hf.data.augment import parse_crop_scale
-from mvmr_hf.data.loader import ViewsLoader, build_dataloader, default_num_workers
+from mvmr_hf.data.loader import ViewsLoader, build_dataloader, check_enough_images, default_num_workers
 from mvmr_hf.data.loading import DataStats, load_image_dataset
 from mvmr_hf.distributed import reduce_flag
 from mvmr_hf.errors import ConfigError, TrainingError
@@ -153,6 +153,8 @@ def train(
         split=data_args.split,
         streaming=data_args.streaming,
         image_column=data_args.image_column,
+        # too few images for the batch is told before --no-streaming converts the split
+        check_rows=lambda rows: check_enough_images(rows, batch_size, world),
     )
     set_seed(training_args.seed)  # the same initial weights on every process
     student = build_student(

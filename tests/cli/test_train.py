@@ -128,6 +128,20 @@ def test_the_data_is_checked_before_any_teacher_loads(digits, tmp_path, capsys, 
     assert "no-teacher" not in err
 
 
+def test_too_few_images_is_told_before_no_streaming_converts_the_split(
+    digits, tmp_path, tmp_path_factory, capsys, monkeypatch
+):
+    """--no-streaming with a fresh cache: the image count comes from the parquet footers, so the split is
+    refused before datasets converts it (no Arrow file, no conversion bars before the line)."""
+    cache = tmp_path_factory.mktemp("fresh-datasets-cache")  # datasets' lock files: outside the run's folder
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    argv = [*_tiny(digits, tmp_path / "run"), "--no-streaming", "--batch-size", "4096"]
+    err = _fails_cleanly(distill_main, argv, capsys, tmp_path, "fewer than 4096 per process")
+    assert "Generating" not in err
+    assert not list(cache.rglob("*.arrow"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [

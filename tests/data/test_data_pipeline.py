@@ -25,7 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from mvmr_hf.data.augment import ViewAugment
 from mvmr_hf.data.decode import decode_image, decode_on, jpeg_size
-from mvmr_hf.data.loader import build_dataloader, default_num_workers
+from mvmr_hf.data.loader import build_dataloader, check_enough_images, default_num_workers
 from mvmr_hf.data.loading import BadImageError, image_key, load_image_dataset, resolve_image_column
 from mvmr_hf.data.sample_data import write_digits, write_sample_images
 from mvmr_hf.data.views import default_source_size
@@ -205,6 +205,31 @@ def test_unknown_image_column_is_told_before_anything_is_converted(
         str(request.getfixturevalue(fixture)), streaming=streaming, image_column="image"
     )
     assert "image" in loaded.features
+
+
+@pytest.mark.parametrize("fixture", ["digits", "digits_folder"])
+@pytest.mark.parametrize("streaming", [True, False])
+def test_too_few_images_is_told_before_anything_is_converted(fixture, streaming, tmp_path, capfd, request):
+    """The count datasets' own conversion gives is known from the files alone, so check_rows refuses a
+    split before it is converted; one image fewer than the batch needs is refused, exactly enough passes."""
+    folder = str(request.getfixturevalue(fixture))
+    rows = len(datasets.load_dataset(folder, split="train", cache_dir=str(tmp_path / "reference")))
+    capfd.readouterr()
+    cache = tmp_path / "fresh-cache"
+    with pytest.raises(ConfigError) as excinfo:
+        load_image_dataset(
+            folder,
+            streaming=streaming,
+            cache_dir=str(cache),
+            check_rows=lambda n: check_enough_images(n, rows // 2 + 1, world_size=2),
+        )
+    message = _one_line_config_error(excinfo)
+    assert f"The split has {rows} images, fewer than {rows // 2 + 1} per process for 2 process(es)" in message
+    assert "Generating" not in capfd.readouterr().err
+    assert not list(cache.rglob("*.arrow"))
+    counted = []
+    load_image_dataset(folder, streaming=streaming, cache_dir=str(cache), check_rows=counted.append)
+    assert counted == [rows]
 
 
 def test_unknown_config_lists_configs(digits):
