@@ -337,8 +337,8 @@ class Finetuning:
         self.total_steps = args.finetune_max_steps or self.steps_per_epoch * args.finetune_epochs
         self.saved_args = {
             "model": model, "dataset": dataset, "dataset_config": config, "train_split": train_split,
-            "image_column": image_column, "label_column": label_column, "protocol": "finetune",
-            **asdict(args),
+            "test_split": test_split, "image_column": image_column, "label_column": label_column,
+            "protocol": "finetune", **asdict(args),
         }  # fmt: skip
         self.resume_from = find_resume_point(
             accelerator, self.output_dir, args, self.saved_args, flat_defaults(args)

@@ -156,9 +156,10 @@ def test_resumed_finetuning_ends_with_the_weights_of_an_uninterrupted_one(digits
     # Stopped after 4 steps (an epoch of 145 images is 4 steps: it continues in the second epoch).
     assert evaluate_main(_finetune_argv(release, digits, resumed, "--finetune-max-steps", "5",
                                         "--checkpoint-every", "2")) == 0  # fmt: skip
-    assert (
-        evaluate_main(_finetune_argv(release, digits, resumed, "--finetune-max-steps", "6", "--resume")) == 0
-    )
+    # Continued from its own record, as the README's `mvmr-distill runs/kd/training_args.json --resume` is.
+    saved = resumed / "training_args.json"
+    assert json.loads(saved.read_text())["test_split"] == "test"
+    assert evaluate_main([str(saved), "--finetune-max-steps", "6", "--resume"]) == 0
     one, two = (load_file(folder / "classifier" / "model.safetensors") for folder in (straight, resumed))
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
