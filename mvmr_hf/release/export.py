@@ -215,21 +215,28 @@ def _count_parameters(weights: Path) -> int:
         return sum(prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(skip))  # noqa: SIM118
 
 
+def stored_run_info(folder: str | os.PathLike) -> CardInfo | None:
+    """The run facts (step, hardware, time, command, Hub id) a release or a checkpoint keeps in
+    ``run_info.json``; None where it keeps none."""
+    path = Path(folder) / RUN_INFO
+    return CardInfo(**json.loads(path.read_text())) if path.is_file() else None
+
+
 def read_run_info(folder: str | os.PathLike) -> CardInfo:
-    """The run facts (step, hardware, time, command, Hub id) a student release keeps in ``run_info.json``.
+    """The run facts a student release keeps in ``run_info.json`` (:func:`stored_run_info`).
 
     Raises:
         ConfigError: the folder has none, so it is not a student release (a fine-tuned classifier
             folder, for one, has no run facts or student card to publish).
     """
-    path = Path(folder) / RUN_INFO
-    if not path.is_file():
+    info = stored_run_info(folder)
+    if info is None:
         raise ConfigError(
             f"{folder} has no {RUN_INFO}: it is not a student release written by mvmr-distill, mvmr-pretrain "
             f"or mvmr-export (a fine-tuned classifier folder is published as it is with `hf upload ORG/NAME "
             f"{folder}`)"
         )
-    return CardInfo(**json.loads(path.read_text()))
+    return info
 
 
 def release_card(folder: Path, results: Sequence[EvalResult] = (), *, info: CardInfo | None = None) -> str:
@@ -341,9 +348,7 @@ def export_run(
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}): pass the checkpoint of this run."
             )
         # Checkpoints written before they kept the run's facts give the step alone.
-        info = CardInfo(step=step, repo_id=args.get("push_to_hub"))
-        if (checkpoint / RUN_INFO).is_file():
-            info = read_run_info(checkpoint)
+        info = stored_run_info(checkpoint) or CardInfo(step=step, repo_id=args.get("push_to_hub"))
         return export_student(student.eval(), target, training_args=args, card_info=info)
 
 

@@ -70,7 +70,7 @@ from mvmr_hf.models.representations import build as build_representation
 from mvmr_hf.models.representations.teacher import Teacher, load_teacher
 from mvmr_hf.models.student import Student, build_student
 from mvmr_hf.release.card import CardInfo
-from mvmr_hf.release.export import RELEASE_DIR, export_student
+from mvmr_hf.release.export import RELEASE_DIR, export_student, stored_run_info
 from mvmr_hf.release.hub import push_to_hub
 from mvmr_hf.training.metrics import METRICS_FILE
 from mvmr_hf.training.run_folder import LOGS_DIR, check_outputs, flat_arguments, flat_defaults
@@ -242,6 +242,11 @@ def train(
         if training_args.log_with:
             accelerator.init_trackers("mvmr", config={k: v for k, v in args.items() if v is not None})
         resumed_epoch = epoch if resume_from is not None else None
+        release = output_dir / RELEASE_DIR
+        # Resumed with no step left: the release of that step stays, with what its card gained since
+        # (mvmr-evaluate --update-card, mvmr-align), which exporting it again would drop.
+        released = stored_run_info(release)
+        keep_release = step >= total_steps and released is not None and released.step == step
 
         def distil(batch: dict[str, Any]) -> LossOutput:
             """One micro-step: the student's passes, the representations, the loss (eq. 10), the update."""
@@ -303,8 +308,12 @@ def train(
         run.finish(step, epoch, scheduler.get_last_lr()[0])
 
         # The release: the student's folder, then the Hub.
-        release = output_dir / RELEASE_DIR
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and keep_release:
+            print(
+                f"the run had already reached its last step, {step}: {release} is kept as it is",
+                file=sys.stderr,
+            )
+        elif accelerator.is_main_process:
             print(f"skipped {run.meter.skipped} images", file=sys.stderr)  # undecodable or degenerate
             final = accelerator.unwrap_model(student).eval()
             export_student(final, release, training_args=args, card_info=run_facts(step, run.seconds()))

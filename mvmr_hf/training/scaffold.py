@@ -49,7 +49,7 @@ from torch import nn
 from mvmr_hf.config import FinetuneArguments, TrainingArguments, parse_signals
 from mvmr_hf.distributed import reduce_int
 from mvmr_hf.errors import PreemptedError
-from mvmr_hf.release.export import RELEASE_DIR
+from mvmr_hf.release.export import RELEASE_DIR, stored_run_info
 from mvmr_hf.storage.checkpoint import CHECKPOINTS_DIR, CheckpointState, load_checkpoint, save_checkpoint
 from mvmr_hf.training.metrics import MetricsLogger, truncate_metrics
 from mvmr_hf.training.run_folder import (
@@ -243,7 +243,10 @@ class RunScaffold:
         self.meter = MetricsLogger(
             self.accelerator, self.output_dir, images_per_step=self.images_per_step, step=self.start_step
         )
-        self.saved_step, self.started = self.start_step, time.perf_counter()
+        # the seconds of the steps before the checkpoint count too: the card reports the whole run's time
+        before = None if self.resume_from is None else stored_run_info(self.resume_from)
+        self.saved_step = self.start_step
+        self.started = time.perf_counter() - (before.training_seconds if before is not None else 0.0)
         return restored
 
     def __enter__(self) -> RunScaffold:
@@ -254,7 +257,7 @@ class RunScaffold:
         self.stop.__exit__(*exc)
 
     def seconds(self) -> float:
-        """The seconds since the run (re)started."""
+        """The run's training seconds: those its checkpoint recorded, then those since it resumed."""
         return time.perf_counter() - self.started
 
     def save(self, step: int, epoch: int) -> None:

@@ -221,6 +221,31 @@ def test_a_run_saved_before_an_option_existed_resumes_as_it_ran(digits, teacher,
     assert [m["step"] for m in read_metrics(run)] == [1, 2]
 
 
+def test_resuming_a_finished_run_keeps_its_release_and_a_longer_run_counts_the_whole_time(
+    digits, tmp_path, capsys
+):
+    """`mvmr-distill runs/kd/training_args.json --resume` on a run that has finished leaves its release
+    as it is (its card may hold evaluation results since); a resume that trains on re-exports it, with
+    the training seconds of the steps before the checkpoint included."""
+    run, release = tmp_path / "run", tmp_path / "run" / "student"
+    assert pretrain_main(tiny_args(digits, run, "--max-steps", "2")) == 0
+    with (release / "README.md").open("a") as card:
+        card.write("\nresults of an evaluation written after training\n")
+    before = snapshot(release)
+    capsys.readouterr()
+    reset_accelerate()
+    assert pretrain_main([str(run / "training_args.json"), "--resume"]) == 0
+    assert "already reached its last step, 2" in capsys.readouterr().err
+    assert snapshot(release) == before
+
+    reset_accelerate()
+    first = json.loads((checkpoint_path(run, 2) / "run_info.json").read_text())["training_seconds"]
+    assert pretrain_main([str(run / "training_args.json"), "--resume", "--max-steps", "3"]) == 0
+    facts = json.loads((release / "run_info.json").read_text())
+    assert facts["step"] == 3
+    assert facts["training_seconds"] > first
+
+
 def test_config_file_then_flags_override(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(
