@@ -207,13 +207,22 @@ def test_unknown_image_column_is_told_before_anything_is_converted(
     assert "image" in loaded.features
 
 
+@pytest.fixture(scope="module")
+def converted(digits, digits_folder, tmp_path_factory) -> dict[str, tuple[str, int, str]]:
+    """Each fixture's folder, its train split's length by datasets' own conversion, and that cache."""
+    cache = str(tmp_path_factory.mktemp("converted"))
+    return {
+        name: (str(folder), len(datasets.load_dataset(str(folder), split="train", cache_dir=cache)), cache)
+        for name, folder in (("digits", digits), ("digits_folder", digits_folder))
+    }
+
+
 @pytest.mark.parametrize("fixture", ["digits", "digits_folder"])
 @pytest.mark.parametrize("streaming", [True, False])
-def test_too_few_images_is_told_before_anything_is_converted(fixture, streaming, tmp_path, capfd, request):
+def test_too_few_images_is_told_before_anything_is_converted(fixture, streaming, converted, tmp_path, capfd):
     """The count datasets' own conversion gives is known from the files alone, so check_rows refuses a
     split before it is converted; one image fewer than the batch needs is refused, exactly enough passes."""
-    folder = str(request.getfixturevalue(fixture))
-    rows = len(datasets.load_dataset(folder, split="train", cache_dir=str(tmp_path / "reference")))
+    folder, rows, converted_cache = converted[fixture]
     capfd.readouterr()
     cache = tmp_path / "fresh-cache"
     with pytest.raises(ConfigError) as excinfo:
@@ -228,8 +237,12 @@ def test_too_few_images_is_told_before_anything_is_converted(fixture, streaming,
     assert "Generating" not in capfd.readouterr().err
     assert not list(cache.rglob("*.arrow"))
     counted = []
-    load_image_dataset(folder, streaming=streaming, cache_dir=str(cache), check_rows=counted.append)
+    split = load_image_dataset(
+        folder, streaming=streaming, cache_dir=converted_cache, check_rows=counted.append
+    )
     assert counted == [rows]
+    if not streaming:
+        assert len(split) == rows
 
 
 def test_unknown_config_lists_configs(digits):
