@@ -134,10 +134,9 @@ def load_image_dataset(
         parts = [part.split("[")[0].strip() for part in split.split("+")]
         for part in parts:
             _check_choice("split", part, list(splits), name_or_path, _FOLDER_SPLITS if local else "")
-        features = splits[parts[0]].features
-        if image_column is not None and features is not None:  # no declared types: told when read
-            resolve_image_column(features, image_column)
         lazy = splits[parts[0]]
+        if image_column is not None and lazy.features is not None:  # no declared types: told when read
+            resolve_image_column(lazy.features, image_column)
         whole = split == parts[0]
         if local and whole and _num_examples(lazy) is None:
             _count_local_rows(lazy, path, config, split)

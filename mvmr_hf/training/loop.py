@@ -245,8 +245,8 @@ def train(
         release = output_dir / RELEASE_DIR
         # Resumed with no step left: the release of that step stays, with what its card gained since
         # (mvmr-evaluate --update-card, mvmr-align), which exporting it again would drop.
-        released = stored_run_info(release)
-        keep_release = step >= total_steps and released is not None and released.step == step
+        released = stored_run_info(release) if step >= total_steps else None
+        keep_release = released is not None and released.step == step
 
         def distil(batch: dict[str, Any]) -> LossOutput:
             """One micro-step: the student's passes, the representations, the loss (eq. 10), the update."""
